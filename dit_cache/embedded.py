@@ -1,0 +1,29 @@
+"""Locations of the assets shipped inside the package: the embedded model and its router."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _existing(path: Path, what: str, how_to_build: str) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"The {what} is missing at {path}. Build it with: {how_to_build}")
+    return str(path)
+
+
+def embedded_model_path() -> str:
+    """Folder of the small text-to-image PixArt model trained on synthetic scenes (diffusers format)."""
+    return _existing(
+        ASSETS / "embedded_model",
+        "embedded model",
+        "dit-cache-train-embedded fit --config training/configs/embedded_model.yaml",
+    )
+
+
+def embedded_router_path() -> str:
+    """The HarmoniCa router trained for the embedded model at its default step count."""
+    return _existing(
+        ASSETS / "embedded_router.safetensors",
+        "embedded router",
+        "dit-cache-train fit --config training/configs/embedded.yaml",
+    )
