@@ -1,0 +1,347 @@
+"""Train the embedded default: a small PixArt-architecture text-to-image model on synthetic scenes.
+
+Two Lightning stages, each resumable from its own ``last.ckpt``:
+
+1. ``VaeModule``: a small ``AutoencoderKL`` (scale factor 8) trained on random 64x64 crops. It is fully
+   convolutional, so it is then used at 256x256; the crops make a step ~16x cheaper.
+2. ``TextToImageModule``: a ``PixArtTransformer2DModel`` and a 2-layer ``T5EncoderModel`` trained jointly on
+   latents encoded once, with caption dropout for classifier-free guidance and an EMA of the weights.
+
+The result is a stock ``PixArtAlphaPipeline`` folder (``save_pretrained``) plus ``provenance.json``.
+
+Run::
+
+    dit-cache-train-embedded --config training/configs/embedded_model.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+from diffusers import PixArtTransformer2DModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from dit_cache import shapes
+
+CAPTION_TOKENS = 16  # longest caption ("a red circle, a blue square and a green triangle") is 13 pieces + EOS
+
+
+def build_tokenizer() -> T5Tokenizer:
+    """A T5 (Unigram) tokenizer whose pieces are the caption vocabulary; unknown words fall back to letters."""
+    words = ["a", "and", *shapes.COLORS, *shapes.SHAPES]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0), (",", -1.0)]
+    vocab += [("▁" + word, -1.0) for word in words]
+    vocab += [(letter, -10.0) for letter in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+@dataclass
+class VaeStage:
+    steps: int = 800
+    batch_size: int = 32
+    crop: int = 64
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+    block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
+
+
+@dataclass
+class TextToImageStage:
+    steps: int = 2400
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    num_layers: int = 8
+    num_attention_heads: int = 3
+    attention_head_dim: int = 64
+    text_width: int = 128
+    text_layers: int = 2
+
+
+def build_vae(stage: VaeStage) -> AutoencoderKL:
+    depth = len(stage.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        block_out_channels=tuple(stage.block_out_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=shapes.IMAGE_SIZE,
+    )
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> float tensor in [-1, 1], NCHW."""
+    array = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class VaeModule(L.LightningModule):
+    def __init__(self, stage: VaeStage, seed: int):
+        super().__init__()
+        self.stage = stage
+        self.seed = seed
+        self.vae = build_vae(stage)
+
+    def training_step(self, batch, batch_index):
+        crops = batch
+        posterior = self.vae.encode(crops).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        reconstruction_loss = F.mse_loss(reconstruction, crops)
+        loss = reconstruction_loss + self.stage.kl_weight * posterior.kl().mean()
+        self.log("vae/mse", reconstruction_loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.stage.learning_rate)
+
+
+class RandomCrops(torch.utils.data.IterableDataset):
+    """Endless random crops of freshly rendered scenes; seeded per worker so a run is reproducible."""
+
+    def __init__(self, seed: int, crop: int, batch_size: int):
+        self.seed, self.crop, self.batch_size = seed, crop, batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            scenes = shapes.sample_scenes(int(rng.integers(2**31)), self.batch_size)
+            images = images_to_tensor([shapes.render(scene) for scene in scenes])
+            # Bias crops toward objects: a crop of pure background teaches nothing.
+            crops = []
+            for image, scene in zip(images, scenes):
+                obj = scene.objects[int(rng.integers(len(scene.objects)))]
+                jitter = rng.integers(-self.crop // 2, self.crop // 2 + 1, size=2)
+                left = int(np.clip(obj.center[0] - self.crop // 2 + jitter[0], 0, image.shape[-1] - self.crop))
+                top = int(np.clip(obj.center[1] - self.crop // 2 + jitter[1], 0, image.shape[-2] - self.crop))
+                crops.append(image[:, top : top + self.crop, left : left + self.crop])
+            yield torch.stack(crops)
+
+
+class TextToImageModule(L.LightningModule):
+    def __init__(self, stage: TextToImageStage, vocab_size: int):
+        super().__init__()
+        self.stage = stage
+        hidden = stage.num_attention_heads * stage.attention_head_dim
+        self.transformer = PixArtTransformer2DModel(
+            sample_size=shapes.IMAGE_SIZE // 8,
+            patch_size=4,
+            in_channels=4,
+            out_channels=4,
+            num_layers=stage.num_layers,
+            num_attention_heads=stage.num_attention_heads,
+            attention_head_dim=stage.attention_head_dim,
+            cross_attention_dim=hidden,
+            caption_channels=stage.text_width,
+            use_additional_conditions=False,
+        )
+        self.text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=vocab_size,
+                d_model=stage.text_width,
+                d_kv=stage.text_width // 4,
+                d_ff=stage.text_width * 2,
+                num_layers=stage.text_layers,
+                num_heads=4,
+                dropout_rate=0.0,
+                feed_forward_proj="gated-gelu",
+            )
+        )
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        # The EMA copy is what gets exported; it is not trained, only averaged.
+        self.ema = torch.nn.ModuleDict(
+            {"transformer": copy.deepcopy(self.transformer), "text_encoder": copy.deepcopy(self.text_encoder)}
+        ).requires_grad_(False)
+
+    def training_step(self, batch, batch_index):
+        latents, input_ids, attention_mask, empty_ids, empty_mask = batch
+        drop = torch.rand(latents.shape[0], device=latents.device) < self.stage.caption_dropout
+        input_ids = torch.where(drop[:, None], empty_ids, input_ids)
+        attention_mask = torch.where(drop[:, None], empty_mask, attention_mask)
+        text = self.text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.transformer(
+            noisy,
+            encoder_hidden_states=text,
+            encoder_attention_mask=attention_mask,
+            timestep=timesteps,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+        loss = F.mse_loss(prediction, noise)
+        self.log("t2i/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_index):
+        decay = min(self.stage.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        for name in ("transformer", "text_encoder"):
+            ema_params = list(self.ema[name].parameters())
+            live_params = [p.detach() for p in getattr(self, name).parameters()]
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+
+    def configure_optimizers(self):
+        params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate, weight_decay=0.0)
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / self.stage.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+class LatentBatches(torch.utils.data.IterableDataset):
+    """Endless shuffled batches of (latent, caption tokens), plus the empty caption for dropout."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int):
+        self.tensors, self.batch_size, self.seed = tensors, batch_size, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        count = self.tensors["latents"].shape[0]
+        batch_empty_ids = self.tensors["empty_ids"].expand(self.batch_size, -1)
+        batch_empty_mask = self.tensors["empty_mask"].expand(self.batch_size, -1)
+        while True:
+            order = torch.randperm(count, generator=generator)
+            for start in range(0, count - self.batch_size + 1, self.batch_size):
+                index = order[start : start + self.batch_size]
+                yield (
+                    self.tensors["latents"][index],
+                    self.tensors["input_ids"][index],
+                    self.tensors["attention_mask"][index],
+                    batch_empty_ids,
+                    batch_empty_mask,
+                )
+
+
+def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: int, path: Path) -> dict:
+    """Render and encode the training scenes once; cached as safetensors so a resumed run skips it."""
+    if path.exists():
+        return load_file(path)
+    scenes = shapes.sample_scenes(seed, num_scenes)
+    latents = []
+    with torch.no_grad():
+        for start in tqdm(range(0, num_scenes, 64), desc="encoding training scenes"):
+            images = images_to_tensor([shapes.render(s) for s in scenes[start : start + 64]])
+            latents.append(vae.encode(images).latent_dist.mean)
+    latents = torch.cat(latents)
+    scaling_factor = float(1.0 / latents.std())
+    tokens = tokenizer([s.caption for s in scenes], padding="max_length", max_length=CAPTION_TOKENS,
+                       truncation=True, return_tensors="pt")
+    empty = tokenizer([""], padding="max_length", max_length=CAPTION_TOKENS, return_tensors="pt")
+    tensors = {
+        "latents": (latents * scaling_factor).contiguous(),
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+        "empty_ids": empty.input_ids,
+        "empty_mask": empty.attention_mask,
+        "scaling_factor": torch.tensor(scaling_factor),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)
+    return tensors
+
+
+def _fit(module: L.LightningModule, data, steps: int, run_dir: Path, name: str) -> None:
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / name, save_last=True, every_n_train_steps=100, save_top_k=0
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="auto",
+        devices=1,
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name=name),
+        callbacks=[checkpoints],
+        log_every_n_steps=20,
+        enable_model_summary=False,
+    )
+    last = run_dir / name / "last.ckpt"
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    # Our own checkpoint from an earlier run of this command, so loading it in full is safe.
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=False)
+
+
+def train_embedded_model(
+    output_dir: str = "dit_cache/assets/embedded_model",
+    run_dir: str = "runs/embedded_model",
+    vae: VaeStage | None = None,
+    text_to_image: TextToImageStage | None = None,
+    num_scenes: int = 8000,
+    seed: int = 0,
+):
+    """Train the embedded model end to end and save it as a stock PixArtAlphaPipeline folder.
+
+    Args:
+        output_dir: where the diffusers pipeline folder is written.
+        run_dir: checkpoints, logs and the encoded training set; rerun the same command to resume.
+        vae: the autoencoder stage.
+        text_to_image: the transformer + text encoder stage.
+        num_scenes: rendered training scenes, encoded to latents once.
+        seed: seeds scene sampling, crops, initialization and batching.
+    """
+    vae = vae or VaeStage()
+    text_to_image = text_to_image or TextToImageStage()
+    run, output = Path(run_dir), Path(output_dir)
+    started = time.time()
+    L.seed_everything(seed)
+    tokenizer = build_tokenizer()
+
+    vae_folder = run / "vae_final"
+    if not vae_folder.exists():
+        vae_module = VaeModule(vae, seed)
+        _fit(vae_module, RandomCrops(seed, vae.crop, vae.batch_size), vae.steps, run, "vae")
+        vae_module.vae.save_pretrained(vae_folder)
+    autoencoder = AutoencoderKL.from_pretrained(vae_folder).eval()
+
+    tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, run / "training_latents.safetensors")
+    autoencoder.register_to_config(scaling_factor=float(tensors["scaling_factor"]))
+
+    t2i = TextToImageModule(text_to_image, vocab_size=len(tokenizer))
+    _fit(t2i, LatentBatches(tensors, text_to_image.batch_size, seed), text_to_image.steps, run, "text_to_image")
+
+    pipeline = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=t2i.ema["text_encoder"],
+        vae=autoencoder,
+        transformer=t2i.ema["transformer"],
+        scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+    )
+    pipeline.save_pretrained(output)
+    provenance = {
+        "what": "dit-cache embedded default: PixArt-architecture text-to-image model trained on synthetic scenes",
+        "vae": asdict(vae),
+        "text_to_image": asdict(text_to_image),
+        "num_scenes": num_scenes,
+        "seed": seed,
+        "transformer_parameters": sum(p.numel() for p in t2i.transformer.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in t2i.text_encoder.parameters()),
+        "wall_time_seconds_this_run": round(time.time() - started, 1),
+        "torch": torch.__version__,
+    }
+    (output / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    print(f"saved the embedded model to {output}")
+
+
+def main():
+    from jsonargparse import CLI
+
+    CLI(train_embedded_model, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()
