@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -185,3 +186,101 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
             raise ValueError(f"unknown shape {obj.shape!r}; expected one of {list(SHAPES)}")
     # BOX averages exactly, so colors never overshoot the palette as LANCZOS ringing would.
     return canvas.resize((size, size), Image.BOX)
+
+
+# A pixel counts toward a color only if it is this close (RGB distance) to its nearest palette
+# entry; palette entries are >= ~150 apart, so this tolerates generated-image color drift while
+# rejecting the half-blended pixels along anti-aliased or blurry edges.
+COLOR_TOLERANCE = 90.0
+_MIN_AREA_FRACTION = 0.012
+# Shape prototypes as (fill of the bounding box, share of the mass in the box's top half).
+_SHAPE_FEATURES = {"square": (1.0, 0.5), "circle": (np.pi / 4, 0.5), "triangle": (0.5, 0.25)}
+
+
+def _as_rgb_array(image: Image.Image) -> np.ndarray:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"cannot detect objects in an empty {image.width}x{image.height} image")
+    if "A" in image.mode or "transparency" in image.info:
+        # Transparent pixels carry arbitrary RGB; showing the background there is what a viewer sees.
+        backdrop = Image.new("RGBA", image.size, BACKGROUND + (255,))
+        image = Image.alpha_composite(backdrop, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def _classify_shape(mask: np.ndarray) -> str:
+    area = mask.sum()
+    fill = area / mask.size
+    top_share = mask[: mask.shape[0] // 2].sum() / area if mask.shape[0] > 1 else 0.5
+    def distance(shape: str) -> float:
+        proto_fill, proto_top = _SHAPE_FEATURES[shape]
+        return float(np.hypot(fill - proto_fill, top_share - proto_top))
+
+    return min(_SHAPE_FEATURES, key=distance)
+
+
+def detect_objects(image: Image.Image) -> list[Concept]:
+    """(color, shape) pairs of the objects in ``image``, sorted by center x; no learned weights."""
+    pixels = _as_rgb_array(image)
+    names = [None, *COLORS]
+    palette = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
+    # Squared distances via the expanded dot product: one small matmul instead of an HxWx6x3 array.
+    squared = (pixels**2).sum(-1, keepdims=True) - 2 * pixels @ palette.T + (palette**2).sum(-1)
+    nearest = squared.argmin(axis=-1)
+    close = np.take_along_axis(squared, nearest[..., None], -1)[..., 0] <= COLOR_TOLERANCE**2
+    min_area = _MIN_AREA_FRACTION * pixels.shape[0] * pixels.shape[1]
+    eight_connected = np.ones((3, 3), dtype=bool)
+    found = []
+    for index in range(1, len(names)):
+        mask = (nearest == index) & close
+        if mask.sum() < min_area:
+            continue
+        mask = ndimage.binary_opening(mask, structure=eight_connected)
+        labels, _ = ndimage.label(mask, structure=eight_connected)
+        for label, region in enumerate(ndimage.find_objects(labels), start=1):
+            component = labels[region] == label
+            if component.sum() < min_area:
+                continue
+            center_x = (region[1].start + region[1].stop) / 2
+            found.append((center_x, names[index], _classify_shape(component)))
+    return [(color, shape) for _, color, shape in sorted(found)]
+
+
+@dataclass
+class ConceptScore:
+    """Which of the expected concepts an image shows."""
+
+    expected: list[Concept]
+    found: list[Concept]
+    missing: list[Concept]
+    all_present: bool
+
+
+def score_image(image: Image.Image, caption_or_objects: str | Sequence[Concept]) -> ConceptScore:
+    """Compare the detected objects with a caption or a list of (color, shape) pairs."""
+    if isinstance(caption_or_objects, str):
+        expected = parse_caption(caption_or_objects)
+    else:
+        expected = [tuple(pair) for pair in caption_or_objects]
+        for color, shape in expected:
+            _check_concept(color, shape)
+    found = detect_objects(image)
+    available = Counter(found)
+    missing = []
+    for concept in expected:
+        if available[concept] > 0:
+            available[concept] -= 1
+        else:
+            missing.append(concept)
+    return ConceptScore(expected, found, missing, not missing)
+
+
+def concept_accuracy(images: Sequence[Image.Image], captions: Sequence[str | Sequence[Concept]]) -> float:
+    """Fraction of images that show every concept of their caption."""
+    images, captions = list(images), list(captions)
+    if len(images) != len(captions):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+    if not images:
+        raise ValueError("concept_accuracy needs at least one image")
+    return sum(score_image(im, cap).all_present for im, cap in zip(images, captions)) / len(images)
