@@ -1,7 +1,23 @@
 """dit-cache: learned feature caching for diffusers diffusion transformers."""
 
+from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
 from .embedded import embedded_model_path, embedded_router_path
+from .flops import unit_flops
+from .schedule import CacheSchedule
+from .units import CacheUnit, cache_units
 
 __version__ = "0.1.0"
 
-__all__ = ["embedded_model_path", "embedded_router_path"]
+__all__ = [
+    "CacheHandle",
+    "CacheSchedule",
+    "CacheStats",
+    "CacheUnit",
+    "apply_cache",
+    "cache_units",
+    "embedded_model_path",
+    "embedded_router_path",
+    "get_cache_handle",
+    "remove_cache",
+    "unit_flops",
+]
