@@ -1,0 +1,49 @@
+"""Speed of caching at PixArt-alpha block shapes, against the stock transformer measured in the same run.
+
+    python samples/benchmark_speed.py                       # CPU, 4 blocks, 10 steps
+    python samples/benchmark_speed.py --device cuda --num_layers 28 --dtype float16
+
+Random weights: speed does not depend on what the weights are.
+"""
+
+import torch
+from jsonargparse import CLI
+
+from dit_cache import CacheSchedule, cache_units
+from dit_cache.benchmark import compare_schedules, format_results
+from dit_cache.testing import pixart_alpha_shapes, step_inputs
+
+
+def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds: int = 5, batch: int = 2,
+         text_tokens: int = 120, device: str = "cpu", dtype: str = "float32"):
+    """Benchmark no cache, a full schedule (hook overhead) and uniform schedules (FORA) of interval 2 and 3.
+
+    Args:
+        num_layers: transformer blocks (PixArt-alpha has 28).
+        sample_size: latent side; 32 gives 256 image tokens (256x256 images).
+        num_steps: denoising steps per generation.
+        rounds: timed generations per schedule (the median is reported).
+        batch: 2 = one prompt with classifier-free guidance.
+        text_tokens: T5 tokens (PixArt-alpha pads prompts to 120).
+    """
+    transformer = pixart_alpha_shapes(num_layers, sample_size).to(device, getattr(torch, dtype))
+    inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    inputs["hidden_states"] = inputs["hidden_states"].to(getattr(torch, dtype))
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(getattr(torch, dtype))
+    num_units = len(cache_units(transformer))
+    schedules = {
+        "full (hooks, no reuse)": CacheSchedule.full(num_steps, num_units),
+        "uniform interval 2": CacheSchedule.uniform(num_steps, num_units, 2),
+        "uniform interval 3": CacheSchedule.uniform(num_steps, num_units, 3),
+    }
+    results = compare_schedules(transformer, schedules, inputs, rounds=rounds)
+    print(f"PixArt-alpha shapes: {num_layers} blocks, {(sample_size // 2) ** 2} image tokens, {text_tokens} text "
+          f"tokens, batch {batch}, {num_steps} steps, {device} {dtype}, torch threads {torch.get_num_threads()}")
+    print(format_results(results))
+    overhead = results[1].seconds / results[0].seconds - 1
+    print(f"hook overhead with the full schedule: {overhead:+.2%}")
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
