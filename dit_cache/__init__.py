@@ -3,6 +3,7 @@
 from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
 from .embedded import embedded_model_path, embedded_router_path
 from .flops import unit_flops
+from .router import CacheRouter
 from .schedule import CacheSchedule
 from .units import CacheUnit, cache_units
 
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheHandle",
+    "CacheRouter",
     "CacheSchedule",
     "CacheStats",
     "CacheUnit",

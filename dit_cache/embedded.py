@@ -27,3 +27,8 @@ def embedded_router_path() -> str:
         "embedded router",
         "dit-cache-train fit --config training/configs/embedded.yaml",
     )
+
+
+def resolve_model(model: str) -> str:
+    """``"embedded"`` names the embedded model; anything else is a diffusers folder or hub id, returned as is."""
+    return embedded_model_path() if model == "embedded" else model

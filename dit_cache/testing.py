@@ -14,7 +14,7 @@ def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size
     torch.manual_seed(seed)
     return DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-        num_layers=num_layers, sample_size=sample_size, patch_size=2, norm_num_groups=2, num_embeds_ada_norm=10,
+        num_layers=num_layers, sample_size=sample_size, patch_size=2, norm_num_groups=2, num_embeds_ada_norm=1000,
     ).eval()
 
 
@@ -69,3 +69,45 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
             outputs.append(output)
             inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]
     return outputs
+
+
+def tiny_tokenizer():
+    from transformers import T5Tokenizer
+
+    words = ["a", "and", "red", "green", "blue", "circle", "square", "triangle", "cat", "dog"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0)] + [("▁" + w, -1.0) for w in words]
+    vocab += [(letter, -10.0) for letter in "abcdefghijklmnopqrstuvwxyz,"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+
+
+def tiny_pixart_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A PixArt-alpha pipeline from tiny random components (text encoder included): no download."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                           dropout_rate=0.0)).eval()
+    return (pipeline_class or PixArtAlphaPipeline)(
+        tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=tiny_vae(),
+        transformer=tiny_pixart(num_layers=num_layers, caption_channels=16),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def tiny_dit_pipeline(num_layers: int = 2, pipeline_class=None):
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    return (pipeline_class or DiTPipeline)(
+        transformer=tiny_dit(num_layers=num_layers), vae=tiny_vae(), scheduler=DDIMScheduler(),
+        id2label={0: "cat", 1: "dog"},
+    )

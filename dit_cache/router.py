@@ -1,0 +1,123 @@
+"""``CacheRouter``: learned per-(step, unit) cache decisions (Learning-to-Cache / HarmoniCa)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schedule import CacheSchedule
+
+ROUTER_FORMAT = "dit-cache/router"
+LOGIT_LIMIT = 5.0
+DEFAULT_THRESHOLD = 0.1
+
+
+class CacheRouter(torch.nn.Module):
+    """Input-independent logits ``[num_steps, num_units]``; ``sigmoid(logit) > threshold`` computes the unit.
+
+    Rows in ``fixed_rows`` (always the first step, whose cache is empty) are pinned to +5 and get no gradient.
+
+    Example::
+
+        router = CacheRouter.load(dit_cache.embedded_router_path())
+        schedule = router.schedule()            # hard decisions at the trained threshold
+        print(schedule.cache_ratio)
+    """
+
+    def __init__(self, num_steps: int, num_units: int, *, threshold: float = DEFAULT_THRESHOLD,
+                 fixed_rows: torch.Tensor | None = None, metadata: dict | None = None, generator=None):
+        super().__init__()
+        if num_steps < 1 or num_units < 1:
+            raise ValueError(f"A router needs num_steps >= 1 and num_units >= 1, got {num_steps} and {num_units}.")
+        fixed = torch.zeros(num_steps, dtype=torch.bool) if fixed_rows is None else fixed_rows.clone().bool()
+        fixed[0] = True
+        self.register_buffer("fixed_rows", fixed)
+        self.logits = torch.nn.Parameter(torch.randn(num_steps, num_units, generator=generator))
+        self.threshold = threshold
+        self.metadata = dict(metadata or {})
+        self.clamp_()
+
+    @property
+    def num_steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_units(self) -> int:
+        return self.logits.shape[1]
+
+    def scores(self) -> torch.Tensor:
+        """Soft scores in (0, 1); fixed rows read as +5 whatever their stored value, so they get no gradient."""
+        pinned = torch.full_like(self.logits, LOGIT_LIMIT)
+        return torch.sigmoid(torch.where(self.fixed_rows[:, None], pinned, self.logits))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.logits.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+        self.logits[self.fixed_rows] = LOGIT_LIMIT
+
+    def schedule(self, threshold: float | None = None) -> CacheSchedule:
+        threshold = self.threshold if threshold is None else threshold
+        return CacheSchedule(self.scores().detach().cpu() > threshold)
+
+    def resample(self, num_steps: int) -> "CacheRouter":
+        """The same router mapped to another step count by relative position in the trajectory (opt-in)."""
+        source = torch.linspace(0, 1, self.num_steps)
+        target = torch.linspace(0, 1, num_steps)
+        nearest = (target[:, None] - source[None, :]).abs().argmin(dim=1)
+        resampled = CacheRouter(num_steps, self.num_units, threshold=self.threshold,
+                                metadata={**self.metadata, "resampled_from_steps": self.num_steps})
+        with torch.no_grad():
+            resampled.logits.copy_(self.logits.detach()[nearest])
+            resampled.clamp_()
+        return resampled
+
+    def save(self, path: str | Path, **metadata) -> None:
+        """Save logits and fixed rows as safetensors; metadata values are stored as JSON."""
+        self.metadata.update(metadata)
+        info = {**self.metadata, "threshold": self.threshold, "cache_ratio": self.schedule().cache_ratio}
+        header = {"format": ROUTER_FORMAT, **{key: json.dumps(value) for key, value in info.items()}}
+        tensors = {"logits": self.logits.detach().cpu().contiguous(), "fixed_rows": self.fixed_rows.cpu().to(torch.uint8)}
+        save_file(tensors, str(path), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CacheRouter":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No router file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                header = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except Exception as error:  # safetensors raises its own error types for non-safetensors input
+            raise ValueError(f"{path} is not a dit-cache router: it is not a safetensors file ({error}).") from None
+        if header.get("format") != ROUTER_FORMAT or "logits" not in tensors:
+            raise ValueError(f"{path} is not a dit-cache router (no '{ROUTER_FORMAT}' metadata).")
+        metadata = {key: json.loads(value) for key, value in header.items() if key != "format"}
+        threshold = metadata.pop("threshold", DEFAULT_THRESHOLD)
+        metadata.pop("cache_ratio", None)
+        logits = tensors["logits"].float()
+        router = cls(*logits.shape, threshold=threshold, fixed_rows=tensors["fixed_rows"].bool(), metadata=metadata)
+        with torch.no_grad():
+            router.logits.copy_(logits)
+        return router
+
+    def check_compatible(self, layout: str, num_steps: int) -> None:
+        """Raise a ValueError with the fix if this router was trained for another model or step count."""
+        trained_layout = self.metadata.get("unit_layout")
+        if trained_layout is not None and trained_layout != layout:
+            raise ValueError(
+                f"This router was trained for {trained_layout} but the transformer is {layout}. "
+                "Train a router for this model with dit-cache-train."
+            )
+        if num_steps != self.num_steps:
+            raise ValueError(
+                f"This router was trained for {self.num_steps} denoising steps but {num_steps} were requested. "
+                f"Use num_inference_steps={self.num_steps}, or router.resample({num_steps}) to map it by timestep."
+            )
+
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}, num_units={self.num_units}, threshold={self.threshold}"

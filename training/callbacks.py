@@ -1,0 +1,48 @@
+"""Callbacks of router training: export the router, report memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class ExportRouter(L.Callback):
+    """Writes ``router.safetensors`` (logits + metadata) when training ends.
+
+    Args:
+        path: output file; relative paths go under the trainer's log directory.
+    """
+
+    def __init__(self, path: str = "router.safetensors"):
+        self.path = path
+
+    def on_train_end(self, trainer, module) -> None:
+        path = Path(self.path)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or ".") / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:
+            module.router.save(path, **module.router_metadata())
+            schedule = module.router.schedule()
+            print(f"router saved to {path}: cache ratio {schedule.cache_ratio:.1%}, threshold {module.router.threshold}")
+
+
+class PeakMemory(L.Callback):
+    """Logs the peak memory of one training step next to one plain inference step of the same batch.
+
+    On CUDA both figures are ``torch.cuda.max_memory_allocated``. On the CPU there is no allocator counter, so
+    the figures are an estimate, labelled as such: weights + cache + the tensors autograd saves for backward.
+    """
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
+        if batch_index != 0 or getattr(module, "_memory_reported", False):
+            return
+        module._memory_reported = True
+        report = module.measure_step_memory(batch)
+        kind = "cuda max_memory_allocated" if module.device.type == "cuda" else "CPU estimate"
+        print(f"peak memory ({kind}): training step {report['train'] / 2**20:.1f} MiB, "
+              f"inference step {report['inference'] / 2**20:.1f} MiB")
+        for key, value in report.items():
+            module.log(f"memory/{key}_mib", value / 2**20)

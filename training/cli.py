@@ -1,0 +1,24 @@
+"""``dit-cache-train``: the Lightning CLI for cache routers.
+
+    dit-cache-train fit --config training/configs/embedded.yaml
+    dit-cache-train fit --config training/configs/pixart_alpha_256.yaml --trainer.devices 4
+"""
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import RouterDataModule
+from .router_module import RouterModule
+
+
+class RouterCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        # The data module encodes prompts with the same model the router is trained for.
+        parser.link_arguments("model.model", "data.model")
+
+
+def main(args=None):
+    RouterCLI(RouterModule, RouterDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""HarmoniCa's Image Error Proxy: how much caching at each step damages the final sample.
+
+Both variants take ``final_latents(schedule, conditioning, noise)``, a full sampling run under a hard schedule,
+and return one weight per step (step 0 always computes, so its weight is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dit_cache import CacheSchedule
+
+FinalLatents = Callable[[CacheSchedule, object, torch.Tensor], torch.Tensor]
+
+
+def _squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm per sample, averaged over the batch."""
+    return (a.float() - b.float()).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def paper_proxy(schedule: CacheSchedule, final_latents: FinalLatents, conditioning, noise) -> torch.Tensor:
+    """lambda_t = ||x0(router) - x0(router with caching disabled at step t only)||_F^2 (T + 1 sampling runs)."""
+    reference = final_latents(schedule, conditioning, noise)
+    weights = torch.zeros(schedule.num_steps)
+    for step in range(1, schedule.num_steps):
+        if bool(schedule.mask[step].all()):
+            continue  # nothing cached at this step: disabling caching there changes nothing
+        mask = schedule.mask.clone()
+        mask[step] = True
+        weights[step] = _squared_error(reference, final_latents(CacheSchedule(mask), conditioning, noise))
+    return weights
+
+
+def cumulative_proxy(schedule: CacheSchedule, final_latents: FinalLatents, conditioning, noise) -> torch.Tensor:
+    """Official-code variant: enable the router one step at a time from the noisiest step; lambda_t is the
+    mean squared change of the final latent that enabling step t causes."""
+    mask = torch.ones_like(schedule.mask)
+    previous = final_latents(CacheSchedule(mask), conditioning, noise)
+    weights = torch.zeros(schedule.num_steps)
+    for step in range(1, schedule.num_steps):
+        mask[step] = schedule.mask[step]
+        current = final_latents(CacheSchedule(mask.clone()), conditioning, noise)
+        weights[step] = (current.float() - previous.float()).pow(2).mean()
+        previous = current
+    return weights
+
+
+PROXIES = {"paper": paper_proxy, "cumulative": cumulative_proxy}
+
+
+def image_error_proxy(kind: str, schedule, final_latents: FinalLatents, conditioning, noise,
+                      floor: float = 0.01) -> torch.Tensor:
+    """The chosen proxy, floored at ``floor`` x its mean so no step's error term vanishes entirely."""
+    if kind not in PROXIES:
+        raise ValueError(f"Unknown proxy {kind!r}; choose one of {sorted(PROXIES)}.")
+    weights = PROXIES[kind](schedule, final_latents, conditioning, noise)
+    trained = weights[1:]
+    if trained.numel():
+        weights[1:] = trained.clamp_min(floor * float(trained.mean()) + 1e-12)
+    return weights

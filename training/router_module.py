@@ -1,0 +1,241 @@
+"""``RouterModule``: trains a ``CacheRouter`` on a frozen transformer (HarmoniCa SDT + IEPO, or L2C).
+
+One batch is one trajectory; one optimizer step is taken per denoising step (manual optimization).
+The teacher is the same transformer with the cache bypassed, under ``no_grad``: there is no second copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
+from dit_cache.units import unit_layout
+
+from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, load_denoising_components,
+                        sample_latents, text_conditioning)
+from .proxies import image_error_proxy
+
+
+class RouterModule(L.LightningModule):
+    """Learned cache router training.
+
+    Args:
+        model: diffusers pipeline folder or hub id (the transformer and scheduler are loaded from it).
+        num_steps: denoising steps of the router (= ``num_inference_steps`` at generation time).
+        guidance_scale: classifier-free guidance used along the training trajectories, as at inference.
+        objective: ``harmonica`` (SDT + image-error proxy), ``sdt`` (SDT, plain MSE), ``l2c`` (Learning-to-Cache
+            baseline: x0 = samples of the uncached model, noised to an even step; every other step computes).
+        proxy: ``paper`` (final-latent error with caching disabled at step t only) or ``cumulative`` (official code).
+        proxy_interval: trajectories between proxy refreshes (C).
+        beta: weight of the sparsity term (sum of scores); the start value when ``target_cache_ratio`` is set.
+        target_cache_ratio: adapt beta by dual ascent so the hard schedule's CUR reaches this value.
+        beta_rate: dual-ascent step on log(beta) per trajectory, per unit of CUR error.
+        threshold: hard-gate threshold tau used for cache writes in training and for the exported schedule.
+        learning_rate: AdamW learning rate of the router logits (weight decay 0).
+        seed: router initialisation.
+    """
+
+    def __init__(self, model: str, num_steps: int = 20, guidance_scale: float = 4.5,
+                 objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
+                 proxy: Literal["paper", "cumulative"] = "paper", proxy_interval: int = 50,
+                 beta: float = 1e-4, target_cache_ratio: float | None = None, beta_rate: float = 2.0,
+                 threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if target_cache_ratio is not None and not 0.0 <= target_cache_ratio < 1.0:
+            raise ValueError(f"target_cache_ratio must be in [0, 1), got {target_cache_ratio}.")
+        transformer, self.inference_scheduler = load_denoising_components(model)
+        self.transformer = transformer.requires_grad_(False).eval()
+        self.units = cache_units(self.transformer)
+        generator = torch.Generator().manual_seed(seed)
+        fixed = torch.arange(num_steps) % 2 == 0 if objective == "l2c" else None
+        self.router = CacheRouter(num_steps, len(self.units), threshold=threshold, fixed_rows=fixed,
+                                  generator=generator)
+        self.handle = apply_cache(self.transformer, CacheSchedule.full(num_steps, len(self.units)))
+        self.denoiser = GuidedDenoiser(self.transformer, guidance_scale)
+        self.register_buffer("log_beta", torch.tensor(math.log(beta)))
+        self.register_buffer("step_weights", torch.ones(num_steps))
+
+    # ---- conditioning -------------------------------------------------------------------------------------
+    def _conditioning(self, prompt_indices):
+        data = self.trainer.datamodule.conditioning
+        if "class_labels" in data:
+            null_class = self.transformer.config.num_embeds_ada_norm
+            return class_conditioning(data["class_labels"][prompt_indices], null_class).to(self.device)
+        count = len(prompt_indices)
+        return text_conditioning(
+            data["prompt_embeds"][prompt_indices], data["prompt_mask"][prompt_indices],
+            data["negative_embeds"].expand(count, -1, -1), data["negative_mask"].expand(count, -1),
+            self.transformer,
+        ).to(self.device)
+
+    def _noise(self, batch_size: int, seed: int) -> torch.Tensor:
+        config = self.transformer.config
+        generator = torch.Generator().manual_seed(seed)
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    # ---- training -----------------------------------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        return float(self.log_beta.exp())
+
+    def _router_step(self, step: int, teacher: torch.Tensor, student: torch.Tensor, scores: torch.Tensor):
+        optimizer = self.optimizers()
+        error = F.mse_loss(student.float(), teacher.float())
+        loss = self.step_weights[step] * error + self.beta * scores[step].sum()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.router.clamp_()
+        return error.detach()
+
+    def _gated_step(self, step: int, latents, t, conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher (bypassed cache, no grad) and student (soft gates) on the same latent, then one update."""
+        with torch.no_grad(), self.handle.bypassed():
+            teacher = self.denoiser(latents, t, conditioning)
+        scores = self.router.scores()
+        self.handle.set_gate(scores[step], self.hparams.threshold)
+        with self.handle.gated():
+            student = self.denoiser(latents, t, conditioning)
+        error = self._router_step(step, teacher, student, scores)
+        return student.detach(), error, scores.detach()
+
+    def training_step(self, batch, batch_index):
+        prompt_indices, seed = batch
+        conditioning = self._conditioning(prompt_indices)
+        noise = self._noise(len(prompt_indices), int(seed))
+        if self.hparams.objective == "harmonica" and batch_index % self.hparams.proxy_interval == 0:
+            self._refresh_proxy(conditioning, noise)
+        errors = self._l2c_trajectory(conditioning, noise) if self.hparams.objective == "l2c" else \
+            self._sdt_trajectory(conditioning, noise)
+        self._update_beta()
+        schedule = self.router.schedule()
+        self.log_dict({"train/mse": torch.stack(errors).mean(), "train/cache_ratio": schedule.cache_ratio,
+                       "train/beta": self.beta}, prog_bar=True, batch_size=len(prompt_indices))
+
+    def _sdt_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
+        """Step-Wise Denoising Training: follow the student's own cached trajectory from noise."""
+        scheduler = fresh_scheduler(self.inference_scheduler, self.hparams.num_steps, self.device)
+        latents = noise * scheduler.init_noise_sigma
+        self.handle.reset()
+        errors = []
+        for step, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(latents, t)
+            if step == 0:
+                with torch.no_grad():  # the first step computes everything and fills the cache
+                    output = self.denoiser(model_input, t, conditioning)
+            else:
+                output, error, _ = self._gated_step(step, model_input, t, conditioning)
+                errors.append(error)
+            latents = scheduler.step(output, t, latents).prev_sample.detach()
+        return errors
+
+    def _l2c_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
+        """Learning-to-Cache: from x0 of the uncached model, noise to step k-1, a full step, then train step k."""
+        steps = self.hparams.num_steps
+        x0 = sample_latents(self.denoiser, self.inference_scheduler, noise, conditioning, steps,
+                            self.handle, CacheSchedule.full(steps, len(self.units)))
+        errors = []
+        for step in range(1, steps, 2):
+            scheduler = fresh_scheduler(self.inference_scheduler, steps, self.device)
+            if hasattr(scheduler, "set_begin_index"):  # index-based solvers (DPM-Solver); DDIM is timestep-based
+                scheduler.set_begin_index(step - 1)
+            t_full, t_gated = scheduler.timesteps[step - 1], scheduler.timesteps[step]
+            latents = scheduler.add_noise(x0, torch.randn_like(x0), t_full[None])
+            self.handle.reset()  # the full step below is the cache's step 0: it computes and stores
+            with torch.no_grad():
+                output = self.denoiser(scheduler.scale_model_input(latents, t_full), t_full, conditioning)
+            latents = scheduler.step(output, t_full, latents).prev_sample
+            _, error, _ = self._gated_step(step, scheduler.scale_model_input(latents, t_gated), t_gated, conditioning)
+            errors.append(error)
+        return errors
+
+    @torch.no_grad()
+    def _refresh_proxy(self, conditioning, noise) -> None:
+        weights = image_error_proxy(self.hparams.proxy, self.router.schedule(), self._final_latents,
+                                    conditioning, noise)
+        weights = self.trainer.strategy.reduce(weights.to(self.device), reduce_op="mean")
+        # Normalized to mean 1 over the trained steps, so beta keeps its meaning whatever the proxy's scale.
+        trained = weights[1:]
+        self.step_weights.copy_(weights / trained.mean().clamp_min(1e-12))
+        self.log("train/proxy_max_over_min", float(trained.max() / trained.min().clamp_min(1e-12)))
+
+    def _final_latents(self, schedule: CacheSchedule, conditioning, noise) -> torch.Tensor:
+        return sample_latents(self.denoiser, self.inference_scheduler, noise, conditioning,
+                              self.hparams.num_steps, self.handle, schedule)
+
+    def _update_beta(self) -> None:
+        target = self.hparams.target_cache_ratio
+        if target is None:
+            return
+        current = self.router.schedule().cache_ratio
+        self.log_beta += self.hparams.beta_rate * (target - current)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([self.router.logits], lr=self.hparams.learning_rate, weight_decay=0.0)
+
+    # ---- memory -------------------------------------------------------------------------------------------
+    def measure_step_memory(self, batch) -> dict[str, int]:
+        """Peak bytes of one training step (teacher + gated student + backward) and one inference step."""
+        prompt_indices, seed = batch
+        conditioning = self._conditioning(prompt_indices)
+        noise = self._noise(len(prompt_indices), int(seed))
+        scheduler = fresh_scheduler(self.inference_scheduler, self.hparams.num_steps, self.device)
+        first, second = scheduler.timesteps[0], scheduler.timesteps[1]
+        weights = sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
+        saved = []
+
+        def train_step():
+            with torch.no_grad(), self.handle.bypassed():
+                teacher = self.denoiser(noise, second, conditioning)
+            scores = self.router.scores()
+            self.handle.set_gate(scores[1], self.hparams.threshold)
+            with self.handle.gated(), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+            ):
+                student = self.denoiser(noise, second, conditioning)
+            F.mse_loss(student, teacher).backward()
+            self.router.logits.grad = None
+
+        def inference_step():
+            with torch.no_grad():
+                self.denoiser(noise, second, conditioning)
+
+        report = {}
+        for name, run in (("inference", inference_step), ("train", train_step)):
+            self.handle.reset()
+            with torch.no_grad():
+                self.denoiser(noise, first, conditioning)  # fill the cache as a real generation would
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                report[name] = torch.cuda.max_memory_allocated()
+            else:
+                saved.clear()
+                run()
+                report[name] = weights + self.handle.cache_bytes + sum(saved)
+        self.handle.reset()
+        return report
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def router_metadata(self) -> dict:
+        scheduler = self.inference_scheduler
+        return {
+            "transformer_class": type(self.transformer).__name__,
+            "unit_layout": unit_layout(self.transformer),
+            "num_steps": self.hparams.num_steps,
+            "scheduler_class": type(scheduler).__name__,
+            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+            "guidance_scale": self.hparams.guidance_scale,
+            "objective": self.hparams.objective,
+            "proxy": self.hparams.proxy if self.hparams.objective == "harmonica" else None,
+            "model": self.hparams.model,
+        }
