@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry
 
-from .hooks import BYPASSED, GATED, SCHEDULE, STEP_HOOK, UNIT_HOOK, CacheState, DenoisingStepHook, UnitCacheHook
+from .hooks import BYPASSED, GATED, SCHEDULE, UNIT_HOOK, CacheState, DenoisingStepHook, UnitCacheHook
 from .schedule import CacheSchedule
 from .units import CacheUnit, _unwrap, cache_units
 
@@ -36,6 +36,7 @@ class CacheHandle:
         self.schedule = schedule
         self.state = CacheState(schedule.mask, history)
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []
+        self._step_hooks: list = []
 
     def set_schedule(self, schedule: CacheSchedule) -> None:
         """Swap the schedule (same unit count); starts a new generation."""
@@ -59,24 +60,30 @@ class CacheHandle:
         return self.state.cache_bytes
 
     @contextmanager
-    def bypassed(self):
-        """Run the stock computation: no cache reads or writes, the step counter does not move."""
+    def _mode(self, mode: str):
         previous = self.state.mode
-        self.state.mode = BYPASSED
+        self.state.mode = mode
         try:
-            yield
+            yield self
         finally:
             self.state.mode = previous
 
-    @contextmanager
+    def bypassed(self):
+        """Run the stock computation: no cache reads or writes, the step counter does not move."""
+        return self._mode(BYPASSED)
+
+    def scheduled(self):
+        """Follow the schedule (the default after ``apply_cache``; pipelines idle bypassed between calls)."""
+        return self._mode(SCHEDULE)
+
     def gated(self):
         """Training mode: every unit after the first step blends fresh and cached outputs (see ``set_gate``)."""
-        previous = self.state.mode
-        self.state.mode = GATED
-        try:
-            yield
-        finally:
-            self.state.mode = previous
+        return self._mode(GATED)
+
+    def idle_bypassed(self) -> None:
+        """Make bypass the mode outside ``scheduled()`` blocks: a transformer shared with a stock pipeline
+        then behaves exactly like the stock one there."""
+        self.state.mode = BYPASSED
 
     def set_gate(self, scores: torch.Tensor, threshold: float) -> None:
         """Soft scores ``[num_units]`` for the next step; units scoring above ``threshold`` refresh their cache."""
@@ -89,6 +96,9 @@ class CacheHandle:
         self._hooked.append((module, name, had_registry))
 
     def _unregister_all(self) -> None:
+        for hook in self._step_hooks:
+            hook.remove()
+        self._step_hooks.clear()
         for module, name, had_registry in reversed(self._hooked):
             registry = module._diffusers_hook
             registry.remove_hook(name, recurse=False)
@@ -135,7 +145,7 @@ def apply_cache(transformer: torch.nn.Module, schedule: CacheSchedule, *, histor
     try:
         for unit in units:
             handle._register(root.get_submodule(unit.path), UnitCacheHook(handle.state, unit.index), UNIT_HOOK)
-        handle._register(root, DenoisingStepHook(handle.state), STEP_HOOK)
+        handle._step_hooks = DenoisingStepHook(handle.state).attach(transformer)
     except Exception:
         handle._unregister_all()
         raise

@@ -20,7 +20,6 @@ GATE = 3  # training: blend fresh and cached outputs with the router's soft scor
 SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
 UNIT_HOOK = "dit_cache.unit"
-STEP_HOOK = "dit_cache.step"
 
 
 class CacheState:
@@ -108,17 +107,18 @@ class UnitCacheHook(ModelHook):
         return output
 
 
-class DenoisingStepHook(ModelHook):
-    """On the transformer: one forward call is one denoising step."""
+class DenoisingStepHook:
+    """On the transformer: one forward call is one denoising step.
+
+    Installed as plain torch forward (pre-)hooks rather than by replacing ``forward``: removal is then exact
+    whatever else wraps the transformer's forward later (accelerate's CPU offload does).
+    """
 
     def __init__(self, state: CacheState):
-        super().__init__()
         self.state = state
 
-    def pre_forward(self, module, *args, **kwargs):
-        self.state.begin_step()
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        self.state.end_step()
-        return output
+    def attach(self, transformer: torch.nn.Module) -> list:
+        return [
+            transformer.register_forward_pre_hook(lambda module, args: self.state.begin_step()),
+            transformer.register_forward_hook(lambda module, args, output: self.state.end_step()),
+        ]

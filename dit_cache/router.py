@@ -63,6 +63,20 @@ class CacheRouter(torch.nn.Module):
         threshold = self.threshold if threshold is None else threshold
         return CacheSchedule(self.scores().detach().cpu() > threshold)
 
+    @torch.no_grad()
+    def calibrate_threshold(self, target_cache_ratio: float) -> float:
+        """Move the threshold so the hard schedule's CUR is as close to the target as the scores allow."""
+        scores = self.scores()[~self.fixed_rows].flatten().sort().values
+        total = self.num_steps * self.num_units
+        cached = min(max(round(target_cache_ratio * total), 0), scores.numel())
+        if cached == 0:
+            self.threshold = float(scores[0]) / 2
+        elif cached == scores.numel():
+            self.threshold = (float(scores[-1]) + 1.0) / 2
+        else:
+            self.threshold = (float(scores[cached - 1]) + float(scores[cached])) / 2
+        return self.threshold
+
     def resample(self, num_steps: int) -> "CacheRouter":
         """The same router mapped to another step count by relative position in the trajectory (opt-in)."""
         source = torch.linspace(0, 1, self.num_steps)

@@ -13,18 +13,29 @@ class ExportRouter(L.Callback):
 
     Args:
         path: output file; relative paths go under the trainer's log directory.
+        tolerance: with ``target_cache_ratio``, the largest CUR miss accepted before the threshold is calibrated.
     """
 
-    def __init__(self, path: str = "router.safetensors"):
+    def __init__(self, path: str = "router.safetensors", tolerance: float = 0.02):
         self.path = path
+        self.tolerance = tolerance
 
     def on_train_end(self, trainer, module) -> None:
         path = Path(self.path)
         if not path.is_absolute():
             path = Path(trainer.log_dir or ".") / path
         path.parent.mkdir(parents=True, exist_ok=True)
+        router, target = module.router, module.hparams.target_cache_ratio
+        metadata = module.router_metadata()
+        reached = router.schedule().cache_ratio
+        metadata["cache_ratio_at_training_threshold"] = reached
+        if target is not None and abs(reached - target) > self.tolerance:
+            # Dual ascent on beta has not settled within tolerance (short runs): land on the target by moving
+            # the threshold over the learned scores, and record that this happened.
+            metadata["calibrated_from_threshold"] = router.threshold
+            router.calibrate_threshold(target)
         if trainer.is_global_zero:
-            module.router.save(path, **module.router_metadata())
+            router.save(path, **metadata)
             schedule = module.router.schedule()
             print(f"router saved to {path}: cache ratio {schedule.cache_ratio:.1%}, threshold {module.router.threshold}")
 
