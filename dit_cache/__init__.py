@@ -9,14 +9,25 @@ from .units import CacheUnit, cache_units
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The pipelines import diffusers' pipeline classes; load them only when asked for.
+    if name in ("accelerate", "decelerate"):
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'dit_cache' has no attribute {name!r}")
+
 __all__ = [
     "CacheHandle",
     "CacheRouter",
     "CacheSchedule",
     "CacheStats",
     "CacheUnit",
+    "accelerate",
     "apply_cache",
     "cache_units",
+    "decelerate",
     "embedded_model_path",
     "embedded_router_path",
     "get_cache_handle",

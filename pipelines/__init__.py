@@ -1,0 +1,16 @@
+"""Drop-in accelerated diffusers pipelines (``dit_cache.pipelines``)."""
+
+from .accelerated import (AcceleratedDiTPipeline, AcceleratedPixArtAlphaPipeline, AcceleratedPixArtSigmaPipeline,
+                          CachedPipelineMixin, PipelineCacheStats, accelerate, decelerate)
+from .multi_concept import MultiConceptConfig
+
+__all__ = [
+    "AcceleratedDiTPipeline",
+    "AcceleratedPixArtAlphaPipeline",
+    "AcceleratedPixArtSigmaPipeline",
+    "CachedPipelineMixin",
+    "MultiConceptConfig",
+    "PipelineCacheStats",
+    "accelerate",
+    "decelerate",
+]

@@ -1,0 +1,94 @@
+"""Multi-Concept T2I-Zero inside a PixArt pipeline call: corrected prompt embeddings + Cross-Token NMS."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from dit_cache.concepts import (apply_cross_token_nms, concept_token_indices, correct_by_similarities,
+                                remove_cross_token_nms)
+
+
+@dataclass(frozen=True)
+class MultiConceptConfig:
+    """Parameters of the two training-free fixes; ``correction_alpha=0`` and ``nms=False`` turn them off.
+
+    Args:
+        correction_alpha: strength of Correction by Similarities (0 = off).
+        correction_threshold: tau, similarity threshold after normalising by the maximum.
+        correction_window: gamma, how many tokens on each side of a concept may contribute.
+        nms: apply Cross-Token Non-Maximum Suppression in every cross-attention.
+        nms_suppression: scale of the losing concepts' attention (0 = the paper's hard suppression).
+        nms_step_fraction: NMS runs for this fraction of the first denoising steps.
+        nms_renormalize: rescale attention rows to sum to 1 after suppression.
+    """
+
+    correction_alpha: float = 0.25
+    correction_threshold: float = 0.5
+    correction_window: int = 2
+    nms: bool = True
+    nms_suppression: float = 0.0
+    nms_step_fraction: float = 0.5
+    nms_renormalize: bool = True
+
+
+def _prompt_argument(pipe, call, args, kwargs) -> str:
+    import inspect
+
+    bound = inspect.signature(call).bind_partial(*args, **kwargs)
+    prompt = bound.arguments.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError("concepts= needs a single text prompt (prompt='a cat and a dog'), not a list or embeddings.")
+    return prompt
+
+
+def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
+    """Wrap ``call`` (the pipeline's stock ``__call__``) so it runs with both fixes."""
+    if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "tokenizer"):
+        raise TypeError(f"concepts= needs a text-to-image pipeline with cross-attention, not {type(pipe).__name__}.")
+
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        prompt = _prompt_argument(pipe, call, args, kwargs)
+        indices = concept_token_indices(pipe.tokenizer, prompt, list(concepts))
+        guidance = kwargs.get("guidance_scale", 4.5)
+        with torch.no_grad():
+            embeds, mask, negative, negative_mask = pipe.encode_prompt(
+                prompt, do_classifier_free_guidance=guidance > 1.0, negative_prompt=kwargs.pop("negative_prompt", ""),
+                num_images_per_prompt=kwargs.get("num_images_per_prompt", 1), device=pipe._execution_device,
+                clean_caption=False, max_sequence_length=kwargs.get("max_sequence_length", 120),
+            )
+        if config.correction_alpha > 0:
+            embeds = correct_by_similarities(embeds, mask, indices, tau=config.correction_threshold,
+                                             gamma=config.correction_window, alpha=config.correction_alpha)
+        kwargs.update(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                      negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
+        args = ()
+        if not config.nms:
+            return call(**kwargs)
+        transformer = pipe.transformer
+        processors = apply_cross_token_nms(
+            transformer, indices, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
+            step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0,
+        )
+        num_steps = kwargs.get("num_inference_steps", 20)
+        step = {"index": 0}
+
+        def before_step(module, module_args, module_kwargs):
+            latents = module_kwargs.get("hidden_states", module_args[0] if module_args else None)
+            patch = transformer.config.patch_size
+            for processor in processors:
+                processor.height, processor.width = latents.shape[-2] // patch, latents.shape[-1] // patch
+                processor.set_step(step["index"], num_steps)
+            step["index"] += 1
+
+        hook = transformer.register_forward_pre_hook(before_step, with_kwargs=True)
+        try:
+            return call(**kwargs)
+        finally:
+            hook.remove()
+            remove_cross_token_nms(transformer)
+
+    return wrapped
