@@ -19,12 +19,12 @@ def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size
 
 
 def tiny_pixart(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8,
-                caption_channels: int = 16, seed: int = 0):
+                caption_channels: int = 16, seed: int = 0, patch_size: int = 2):
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-        num_layers=num_layers, cross_attention_dim=heads * head_dim, sample_size=sample_size, patch_size=2,
-        caption_channels=caption_channels, use_additional_conditions=False,
+        num_layers=num_layers, cross_attention_dim=heads * head_dim, sample_size=sample_size,
+        patch_size=patch_size, caption_channels=caption_channels, use_additional_conditions=False,
     ).eval()
 
 
@@ -81,12 +81,13 @@ def tiny_tokenizer():
 
 
 def tiny_vae():
+    """Scale factor 8, as real PixArt / DiT VAEs: the stock pipelines' resolution binning then works."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=256).eval()
 
 
 def tiny_pixart_pipeline(num_layers: int = 2, pipeline_class=None):
@@ -99,7 +100,8 @@ def tiny_pixart_pipeline(num_layers: int = 2, pipeline_class=None):
                                            dropout_rate=0.0)).eval()
     return (pipeline_class or PixArtAlphaPipeline)(
         tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=tiny_vae(),
-        transformer=tiny_pixart(num_layers=num_layers, caption_channels=16),
+        # sample_size 32 is one the stock pipeline's resolution binning accepts (256x256 images).
+        transformer=tiny_pixart(num_layers=num_layers, caption_channels=16, sample_size=32, patch_size=4),
         scheduler=DPMSolverMultistepScheduler(),
     )
 
