@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dit_cache import CacheRouter, cache_units
+from dit_cache.cli import main
+from dit_cache.testing import tiny_pixart_pipeline
+from dit_cache.units import unit_layout
+
+
+@pytest.fixture(scope="module")
+def model_and_router(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    pipe = tiny_pixart_pipeline()
+    pipe.save_pretrained(folder / "model")
+    router = CacheRouter(6, len(cache_units(pipe.transformer)),
+                         metadata={"unit_layout": unit_layout(pipe.transformer), "guidance_scale": 3.0})
+    with torch.no_grad():
+        router.logits[3:] = -5.0
+    router.save(folder / "router.safetensors")
+    return folder / "model", folder / "router.safetensors", router
+
+
+def test_generate_writes_images_and_sidecars(model_and_router, tmp_path, capsys):
+    model, router_path, router = model_and_router
+    code = main(["generate", "a red circle", "a blue square", "--model", str(model), "--router", str(router_path),
+                 "--num-images", "2", "--seed", "7", "--out", str(tmp_path), "--compare"])
+    assert code == 0
+    sidecars = sorted(tmp_path.glob("*.json"))
+    assert len(sidecars) == 4 and len(list(tmp_path.glob("*.png"))) == 4
+    record = json.loads((tmp_path / "a-blue-square-8.json").read_text())
+    assert record["prompt"] == "a blue square" and record["seed"] == 8
+    assert record["steps"] == 6 and record["guidance_scale"] == 3.0  # defaults come from the router
+    assert record["cache_ratio"] == pytest.approx(router.schedule().cache_ratio, abs=1e-4)
+    assert record["speedup"] > 0 and 0 < record["ssim"] <= 1
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_no_cache_runs_without_a_router(model_and_router, tmp_path):
+    model, _, _ = model_and_router
+    assert main(["generate", "a red circle", "--model", str(model), "--no-cache", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["router"] is None and record["cache_ratio"] is None
+
+
+@pytest.mark.parametrize("problem", ["missing", "not-a-router", "wrong-steps", "unknown-concept"])
+def test_bad_input_exits_non_zero_with_one_readable_line(model_and_router, tmp_path, capsys, problem):
+    model, router_path, _ = model_and_router
+    (tmp_path / "text.safetensors").write_text("hello")
+    router = {"missing": tmp_path / "nope.safetensors", "not-a-router": tmp_path / "text.safetensors"}.get(
+        problem, router_path)
+    extra = {"wrong-steps": ["--steps", "5"], "unknown-concept": ["--concepts", "dog"]}.get(problem, [])
+    code = main(["generate", "a red circle", "--model", str(model), "--router", str(router),
+                 "--out", str(tmp_path / "out"), *extra])
+    assert code == 2
+    errors = capsys.readouterr().err.splitlines()
+    errors = [line for line in errors if line.startswith("dit-cache: error:")]
+    expected = {"missing": "No router file", "not-a-router": "not a dit-cache router",
+                "wrong-steps": "num_inference_steps=6", "unknown-concept": "'dog'"}[problem]
+    assert len(errors) == 1 and expected in errors[0]
+
+
+def test_the_installed_command_prints_no_traceback(model_and_router, tmp_path):
+    model, _, _ = model_and_router
+    result = subprocess.run(
+        [sys.executable, "-m", "dit_cache.cli", "generate", "a red circle", "--model", str(model),
+         "--router", str(tmp_path / "nope.safetensors")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("dit-cache: error: No router file")
+
+
+def test_other_models_need_a_router_or_no_cache(model_and_router, tmp_path, capsys):
+    model, _, _ = model_and_router
+    assert main(["generate", "a red circle", "--model", str(model), "--out", str(tmp_path)]) == 2
+    assert "--router is required" in capsys.readouterr().err
