@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,16 @@ class MultiConceptConfig:
     nms_renormalize: bool = True
 
 
-def _prompt_argument(pipe, call, args, kwargs) -> str:
-    import inspect
-
-    bound = inspect.signature(call).bind_partial(*args, **kwargs)
-    prompt = bound.arguments.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError("concepts= needs a single text prompt (prompt='a cat and a dog'), not a list or embeddings.")
-    return prompt
+def _concept_indices(pipe, prompt, concepts) -> tuple[str | list[str], list[int]]:
+    """The prompt(s) and the concept token positions, which must be the same for every prompt of a batch."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("concepts= needs text prompts (prompt='a cat and a dog'), not prompt embeddings.")
+    positions = [concept_token_indices(pipe.tokenizer, p, list(concepts)) for p in prompts]
+    if any(p != positions[0] for p in positions):
+        raise ValueError("concepts= in a batch needs the concept words at the same token positions in every "
+                         f"prompt; got {positions}. Run those prompts in separate calls.")
+    return prompt, positions[0]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
@@ -51,21 +54,25 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
 
     @functools.wraps(call)
     def wrapped(*args, **kwargs):
-        prompt = _prompt_argument(pipe, call, args, kwargs)
-        indices = concept_token_indices(pipe.tokenizer, prompt, list(concepts))
-        guidance = kwargs.get("guidance_scale", 4.5)
+        signature = inspect.signature(call)
+        kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+
+        def argument(name):
+            return kwargs.get(name, signature.parameters[name].default)
+
+        prompt, indices = _concept_indices(pipe, kwargs.get("prompt"), concepts)
+        guidance = argument("guidance_scale")
         with torch.no_grad():
             embeds, mask, negative, negative_mask = pipe.encode_prompt(
-                prompt, do_classifier_free_guidance=guidance > 1.0, negative_prompt=kwargs.pop("negative_prompt", ""),
-                num_images_per_prompt=kwargs.get("num_images_per_prompt", 1), device=pipe._execution_device,
-                clean_caption=False, max_sequence_length=kwargs.get("max_sequence_length", 120),
+                prompt, do_classifier_free_guidance=guidance > 1.0, negative_prompt=argument("negative_prompt"),
+                num_images_per_prompt=argument("num_images_per_prompt"), device=pipe._execution_device,
+                clean_caption=False, max_sequence_length=argument("max_sequence_length"),
             )
         if config.correction_alpha > 0:
             embeds = correct_by_similarities(embeds, mask, indices, tau=config.correction_threshold,
                                              gamma=config.correction_window, alpha=config.correction_alpha)
         kwargs.update(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
                       negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
-        args = ()
         if not config.nms:
             return call(**kwargs)
         transformer = pipe.transformer
@@ -73,7 +80,7 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
             transformer, indices, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
             step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0,
         )
-        num_steps = kwargs.get("num_inference_steps", 20)
+        num_steps = argument("num_inference_steps")
         step = {"index": 0}
 
         def before_step(module, module_args, module_kwargs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel
 
@@ -66,12 +67,19 @@ class GuidedDenoiser:
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
 
-def load_denoising_components(model: str, torch_dtype=torch.float32):
-    """Transformer and scheduler of a diffusers pipeline folder or hub id, without its text encoder or VAE."""
+def load_denoising_components(model: str, scheduler: str | None = None, torch_dtype=torch.float32):
+    """Transformer and scheduler of a diffusers pipeline folder or hub id, without its text encoder or VAE.
+
+    ``scheduler`` names another diffusers scheduler class to sample with (built from the pipeline's config).
+    """
     model = resolve_model(model)
     config = DiffusionPipeline.load_config(model)
     skip = {name: None for name in ("text_encoder", "tokenizer", "vae") if name in config}
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, **skip)
+    if scheduler is not None:
+        if not hasattr(diffusers, scheduler):
+            raise ValueError(f"diffusers has no scheduler {scheduler!r} (e.g. DDIMScheduler, DPMSolverMultistepScheduler).")
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     return pipe.transformer, pipe.scheduler
 
 

@@ -25,7 +25,10 @@ class RouterModule(L.LightningModule):
     """Learned cache router training.
 
     Args:
-        model: diffusers pipeline folder or hub id (the transformer and scheduler are loaded from it).
+        model: diffusers pipeline folder or hub id (the transformer and scheduler are loaded from it), or
+            ``embedded`` for the embedded model.
+        scheduler: sample with this diffusers scheduler class instead of the pipeline's (e.g. ``DDIMScheduler``);
+            use the same one at inference.
         num_steps: denoising steps of the router (= ``num_inference_steps`` at generation time).
         guidance_scale: classifier-free guidance used along the training trajectories, as at inference.
         objective: ``harmonica`` (SDT + image-error proxy), ``sdt`` (SDT, plain MSE), ``l2c`` (Learning-to-Cache
@@ -40,7 +43,7 @@ class RouterModule(L.LightningModule):
         seed: router initialisation.
     """
 
-    def __init__(self, model: str, num_steps: int = 20, guidance_scale: float = 4.5,
+    def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
                  objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
                  proxy: Literal["paper", "cumulative"] = "paper", proxy_interval: int = 50,
                  beta: float = 1e-4, target_cache_ratio: float | None = None, beta_rate: float = 0.5,
@@ -50,7 +53,7 @@ class RouterModule(L.LightningModule):
         self.automatic_optimization = False
         if target_cache_ratio is not None and not 0.0 <= target_cache_ratio < 1.0:
             raise ValueError(f"target_cache_ratio must be in [0, 1), got {target_cache_ratio}.")
-        transformer, self.inference_scheduler = load_denoising_components(model)
+        transformer, self.inference_scheduler = load_denoising_components(model, scheduler)
         self.transformer = transformer.requires_grad_(False).eval()
         self.units = cache_units(self.transformer)
         generator = torch.Generator().manual_seed(seed)

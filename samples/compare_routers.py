@@ -1,0 +1,60 @@
+"""HarmoniCa vs Learning-to-Cache vs a uniform (FORA) schedule on the embedded model, at matched cache ratio.
+
+    dit-cache-train fit --config training/configs/embedded.yaml       # -> runs/router/embedded/router.safetensors
+    dit-cache-train fit --config training/configs/embedded_l2c.yaml   # -> runs/router/embedded_l2c/router.safetensors
+    python samples/compare_routers.py
+
+Error is measured on the final images against the uncached pipeline with the same seeds.
+"""
+
+import json
+
+from diffusers import PixArtAlphaPipeline
+from jsonargparse import CLI
+
+from dit_cache import CacheRouter, CacheSchedule, cache_units, embedded_model_path
+from dit_cache.evaluation import concept_rate, generate, image_error, prompt_set
+from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
+
+
+def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
+                                    "l2c": "runs/router/embedded_l2c/router.safetensors"},
+         uniform_interval: int = 2, count: int = 100, steps: int = 20, guidance_scale: float = 4.5,
+         seed: int = 20_000, output: str = "samples/results/router_comparison.json"):
+    """Args:
+        routers: name -> router file.
+        uniform_interval: the FORA baseline recomputes everything every this many steps.
+        count: prompts (half one-object, half two-object), each with its own seed.
+    """
+    pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
+    seeds = list(range(seed, seed + count))
+    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    reference = generate(pipe, prompts, seeds, desc="uncached", **call)
+    candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}
+    num_units = len(cache_units(pipe.transformer))
+    candidates[f"uniform (interval {uniform_interval})"] = {
+        "schedule": CacheSchedule.uniform(steps, num_units, uniform_interval)}
+    rows = {"uncached": {"cache_ratio": 0.0, "concept_accuracy": concept_rate(reference.images, prompts),
+                         "mse": 0.0, "psnr": float("inf"), "seconds": reference.seconds}}
+    for name, source in candidates.items():
+        cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, **source)
+        run = generate(cached, prompts, seeds, desc=name, **call)
+        rows[name] = {"cache_ratio": cached.cache_stats.cache_ratio,
+                      "concept_accuracy": concept_rate(run.images, prompts),
+                      **image_error(run, reference), "seconds": run.seconds}
+    print(f"{count} prompts x seeds, {steps} DPM-Solver steps, cfg {guidance_scale}")
+    print("| schedule | CUR | image MSE vs uncached | PSNR (dB) | concept accuracy | speedup |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        speedup = rows["uncached"]["seconds"] / row["seconds"]
+        print(f"| {name} | {row['cache_ratio']:.1%} | {row['mse']:.5f} | {row['psnr']:.2f} | "
+              f"{row['concept_accuracy']:.1%} | {speedup:.2f}x |")
+    with open(output, "w") as file:
+        json.dump({"command": "python samples/compare_routers.py", "count": count, "steps": steps,
+                   "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
