@@ -194,13 +194,14 @@ def apply_cross_token_nms(transformer, concept_indices: Sequence[int], height: i
     processors = []
     for block in transformer.transformer_blocks:
         proc = CrossTokenNMSProcessor(concept_indices, height, width, **kwargs)
+        proc.previous = block.attn2.processor  # restored by remove_cross_token_nms
         block.attn2.set_processor(proc)
         processors.append(proc)
     return processors
 
 
 def remove_cross_token_nms(transformer) -> None:
-    """Put the stock :class:`AttnProcessor2_0` back on every ``attn2`` that has Cross-Token NMS."""
+    """Put back the processor each ``attn2`` had before Cross-Token NMS was applied."""
     for block in transformer.transformer_blocks:
         if isinstance(block.attn2.processor, CrossTokenNMSProcessor):
-            block.attn2.set_processor(AttnProcessor2_0())
+            block.attn2.set_processor(getattr(block.attn2.processor, "previous", None) or AttnProcessor2_0())

@@ -47,6 +47,7 @@ def test_full_schedule_is_bitwise_equal_to_the_stock_model(build):
     assert all(torch.equal(a, b) for a, b in zip(stock, restored))
     # Nothing of ours is left on the model.
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in transformer.modules())
+    assert not transformer._forward_pre_hooks and not transformer._forward_hooks
 
 
 def _count_calls(transformer):
