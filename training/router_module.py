@@ -168,7 +168,7 @@ class RouterModule(L.LightningModule):
         # Normalized to mean 1 over the trained steps, so beta keeps its meaning whatever the proxy's scale.
         trained = weights[1:]
         self.step_weights.copy_(weights / trained.mean().clamp_min(1e-12))
-        self.log("train/proxy_max_over_min", float(trained.max() / trained.min().clamp_min(1e-12)))
+        self.log_dict({f"proxy/lambda_{step:02d}": float(w) for step, w in enumerate(self.step_weights) if step})
 
     def _final_latents(self, schedule: CacheSchedule, conditioning, noise) -> torch.Tensor:
         return sample_latents(self.denoiser, self.inference_scheduler, noise, conditioning,
