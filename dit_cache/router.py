@@ -61,7 +61,9 @@ class CacheRouter(torch.nn.Module):
 
     def schedule(self, threshold: float | None = None) -> CacheSchedule:
         threshold = self.threshold if threshold is None else threshold
-        return CacheSchedule(self.scores().detach().cpu() > threshold)
+        mask = self.scores().detach().cpu() > threshold
+        mask[self.fixed_rows.cpu()] = True  # pinned rows compute whatever the threshold
+        return CacheSchedule(mask)
 
     @torch.no_grad()
     def calibrate_threshold(self, target_cache_ratio: float) -> float:
@@ -83,6 +85,7 @@ class CacheRouter(torch.nn.Module):
         target = torch.linspace(0, 1, num_steps)
         nearest = (target[:, None] - source[None, :]).abs().argmin(dim=1)
         resampled = CacheRouter(num_steps, self.num_units, threshold=self.threshold,
+                                fixed_rows=self.fixed_rows.cpu()[nearest],
                                 metadata={**self.metadata, "resampled_from_steps": self.num_steps})
         with torch.no_grad():
             resampled.logits.copy_(self.logits.detach()[nearest])
@@ -91,8 +94,9 @@ class CacheRouter(torch.nn.Module):
 
     def save(self, path: str | Path, **metadata) -> None:
         """Save logits and fixed rows as safetensors; metadata values are stored as JSON."""
-        self.metadata.update(metadata)
-        info = {**self.metadata, "threshold": self.threshold, "cache_ratio": self.schedule().cache_ratio}
+        if "format" in metadata:
+            raise ValueError("'format' is reserved in router metadata; use another key.")
+        info = {**self.metadata, **metadata, "threshold": self.threshold, "cache_ratio": self.schedule().cache_ratio}
         header = {"format": ROUTER_FORMAT, **{key: json.dumps(value) for key, value in info.items()}}
         tensors = {"logits": self.logits.detach().cpu().contiguous(), "fixed_rows": self.fixed_rows.cpu().to(torch.uint8)}
         save_file(tensors, str(path), metadata=header)
@@ -108,7 +112,7 @@ class CacheRouter(torch.nn.Module):
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
         except Exception as error:  # safetensors raises its own error types for non-safetensors input
             raise ValueError(f"{path} is not a dit-cache router: it is not a safetensors file ({error}).") from None
-        if header.get("format") != ROUTER_FORMAT or "logits" not in tensors:
+        if header.get("format") != ROUTER_FORMAT or {"logits", "fixed_rows"} - set(tensors):
             raise ValueError(f"{path} is not a dit-cache router (no '{ROUTER_FORMAT}' metadata).")
         metadata = {key: json.loads(value) for key, value in header.items() if key != "format"}
         threshold = metadata.pop("threshold", DEFAULT_THRESHOLD)

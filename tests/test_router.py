@@ -151,9 +151,6 @@ def test_loading_other_files_is_refused_without_unpickling(tmp_path, no_unpickli
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "library bug: CacheRouter.load reads tensors['fixed_rows'] unchecked, so a file with the router format marker "
-    "but no fixed_rows tensor raises KeyError instead of the ValueError"))
 def test_router_file_without_fixed_rows_is_refused(tmp_path):
     save_file({"logits": torch.zeros(3, 2)}, str(tmp_path / "r.safetensors"), metadata={"format": "dit-cache/router"})
     with pytest.raises(ValueError, match="not a dit-cache router"):
@@ -226,9 +223,6 @@ def test_calibrate_threshold_counts_only_trainable_rows():
         assert bool(schedule.mask[::2].all())
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug: calibrate_threshold can return a threshold >= sigmoid(5), the pinned score of the fixed rows, "
-    "so the router's own schedule() then fails ('The first step must compute every unit')"))
 def test_calibrated_threshold_keeps_the_first_step_computing():
     router = _router(num_steps=10, num_units=6)
     with torch.no_grad():

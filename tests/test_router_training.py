@@ -135,9 +135,6 @@ def test_beta_sets_the_cache_ratio(pixart_folder, beta):
         assert final == pytest.approx(5 / 6)  # every unit of every step but the first reuses
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug: RouterModule stores log(beta) (router_module.py: math.log(beta)), so beta=0 "
-    "(no sparsity term) raises 'math domain error'"))
 def test_beta_zero_is_accepted(pixart_folder):
     module = RouterModule(pixart_folder, num_steps=6, beta=0.0)
     assert module.beta == 0.0
@@ -345,9 +342,6 @@ def test_a_killed_run_resumes_from_the_last_checkpoint(resumed_run):
     assert CacheRouter.load(folder / "router.safetensors").num_steps == 6
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: RouterDataModule.train_dataloader is a plain DataLoader over TrajectorySeeds (not resumable); "
-    "after a mid-epoch resume Lightning restarts it, so batches 3..5 replay trajectories 0..2 and 3..5 are never seen"))
 def test_a_resumed_run_trains_the_trajectories_it_had_not_seen(resumed_run):
     folder, first, checkpoint, second, final = resumed_run
     seeds = TrajectorySeeds(num_prompts=len(PROMPTS), batch_size=2, num_trajectories=6, seed=0)

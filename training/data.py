@@ -40,16 +40,20 @@ def _is_embedded_model(model: str) -> bool:
 
 
 class TrajectorySeeds(torch.utils.data.Dataset):
-    """Item i = (indices of the prompts of trajectory i, its noise seed): a run is reproducible by seed."""
+    """Item i = (indices of the prompts of trajectory ``offset + i``, its noise seed): reproducible by seed.
 
-    def __init__(self, num_prompts: int, batch_size: int, num_trajectories: int, seed: int):
-        self.num_prompts, self.batch_size, self.num_trajectories, self.seed = num_prompts, batch_size, num_trajectories, seed
+    ``offset`` lets a resumed run continue with the trajectories it had not reached yet.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, num_trajectories: int, seed: int, offset: int = 0):
+        self.num_prompts, self.batch_size, self.num_trajectories = num_prompts, batch_size, num_trajectories
+        self.seed, self.offset = seed, offset
 
     def __len__(self):
         return self.num_trajectories
 
     def __getitem__(self, index):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
         prompts = torch.randint(0, self.num_prompts, (self.batch_size,), generator=generator)
         return prompts, torch.randint(0, 2**62, (1,), generator=generator)
 
@@ -81,6 +85,7 @@ class RouterDataModule(L.LightningDataModule):
             if not self.prompts:
                 raise ValueError(f"{prompt_file} holds no prompts (one per line expected).")
         self.conditioning: dict[str, torch.Tensor] = {}
+        self._resume_offset = 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.conditioning:
@@ -102,12 +107,24 @@ class RouterDataModule(L.LightningDataModule):
         del pipe
         gc.collect()
 
+    def state_dict(self) -> dict:
+        # Checkpoints are written at the end of a batch, before Lightning counts it as completed.
+        return {"trajectories_done_in_epoch": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_offset = int(state.get("trajectories_done_in_epoch", 0))
+
     @property
     def num_conditions(self) -> int:
         key = "class_labels" if "class_labels" in self.conditioning else "prompt_embeds"
         return self.conditioning[key].shape[0]
 
     def train_dataloader(self):
+        # After a mid-epoch resume Lightning goes on counting batches but restarts the loader: shift the loader
+        # to where the interrupted run stopped (see state_dict). Every epoch also gets trajectories of its own.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        offset = epoch * self.hparams.num_trajectories + self._resume_offset
+        self._resume_offset = 0
         dataset = TrajectorySeeds(self.num_conditions, self.hparams.batch_size, self.hparams.num_trajectories,
-                                  self.hparams.seed)
+                                  self.hparams.seed, offset)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False)

@@ -53,6 +53,8 @@ class RouterModule(L.LightningModule):
         self.automatic_optimization = False
         if target_cache_ratio is not None and not 0.0 <= target_cache_ratio < 1.0:
             raise ValueError(f"target_cache_ratio must be in [0, 1), got {target_cache_ratio}.")
+        if beta < 0 or (beta == 0 and target_cache_ratio is not None):
+            raise ValueError(f"beta must be >= 0, and > 0 with target_cache_ratio (its start value); got {beta}.")
         transformer, self.inference_scheduler = load_denoising_components(model, scheduler)
         self.transformer = transformer.requires_grad_(False).eval()
         self.units = cache_units(self.transformer)
@@ -62,7 +64,8 @@ class RouterModule(L.LightningModule):
                                   generator=generator)
         self.handle = apply_cache(self.transformer, CacheSchedule.full(num_steps, len(self.units)))
         self.denoiser = GuidedDenoiser(self.transformer, guidance_scale)
-        self.register_buffer("log_beta", torch.tensor(math.log(beta)))
+        # Dual ascent works on log(beta) so beta can move across orders of magnitude; beta = 0 is log 0 = -inf.
+        self.register_buffer("log_beta", torch.tensor(math.log(beta) if beta > 0 else -math.inf))
         self.register_buffer("step_weights", torch.ones(num_steps))
 
     # ---- conditioning -------------------------------------------------------------------------------------
@@ -239,6 +242,7 @@ class RouterModule(L.LightningModule):
             "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
             "guidance_scale": self.hparams.guidance_scale,
             "objective": self.hparams.objective,
+            "beta": self.beta,
             "proxy": self.hparams.proxy if self.hparams.objective == "harmonica" else None,
             "model": self.hparams.model,
         }
