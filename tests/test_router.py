@@ -17,15 +17,6 @@ from dit_cache.testing import step_inputs, tiny_pixart
 PINNED = 1 / (1 + math.exp(-LOGIT_LIMIT))  # sigmoid(5): the score of a fixed row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two busy cores make tiny models much slower, not faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _router(num_steps=10, num_units=6, seed=0, **kwargs):
     return CacheRouter(num_steps, num_units, generator=torch.Generator().manual_seed(seed), **kwargs)
 

@@ -21,15 +21,6 @@ QUIET = ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer
          "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two busy cores make these tiny models many times slower, not faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pixart_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "pixart"
