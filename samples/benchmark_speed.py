@@ -26,11 +26,14 @@ def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds
         batch: 2 = one prompt with classifier-free guidance.
         text_tokens: T5 tokens (PixArt-alpha pads prompts to 120).
     """
-    transformer = pixart_alpha_shapes(num_layers, sample_size).to(device, getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype)
+    transformer = pixart_alpha_shapes(num_layers, sample_size).to(device)
+    if torch_dtype != torch.float32:
+        transformer = transformer.to(torch_dtype)
     inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    inputs["hidden_states"] = inputs["hidden_states"].to(getattr(torch, dtype))
-    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(getattr(torch, dtype))
+    for key in ("hidden_states", "encoder_hidden_states"):
+        inputs[key] = inputs[key].to(torch_dtype)
     num_units = len(cache_units(transformer))
     schedules = {
         "full (hooks, no reuse)": CacheSchedule.full(num_steps, num_units),
