@@ -17,9 +17,12 @@ _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
 @dataclass(frozen=True)
 class CacheStats:
+    """Unit evaluations of one generation, and the memory its cache held."""
+
     steps: int
     computed: int
     reused: int
+    cache_bytes: int
 
     @property
     def cache_ratio(self) -> float:
@@ -53,7 +56,8 @@ class CacheHandle:
         """Computed / reused unit counts of the current generation (the last one, once it has finished)."""
         steps = min(self.state.step, self.schedule.num_steps)
         computed = int(self.schedule.mask[:steps].sum())
-        return CacheStats(steps=steps, computed=computed, reused=steps * len(self.units) - computed)
+        reused = steps * len(self.units) - computed
+        return CacheStats(steps=steps, computed=computed, reused=reused, cache_bytes=self.cache_bytes)
 
     @property
     def cache_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Drop-in accelerated diffusers pipelines (``dit_cache.pipelines``)."""
 
 from .accelerated import (AcceleratedDiTPipeline, AcceleratedPixArtAlphaPipeline, AcceleratedPixArtSigmaPipeline,
-                          CachedPipelineMixin, PipelineCacheStats, accelerate, decelerate)
+                          CachedPipelineMixin, accelerate, decelerate)
 from .multi_concept import MultiConceptConfig
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "AcceleratedPixArtSigmaPipeline",
     "CachedPipelineMixin",
     "MultiConceptConfig",
-    "PipelineCacheStats",
     "accelerate",
     "decelerate",
 ]

@@ -10,32 +10,16 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
-from dit_cache.cache import apply_cache, get_cache_handle, remove_cache
+from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
 from dit_cache.router import CacheRouter
 from dit_cache.schedule import CacheSchedule
 from dit_cache.units import cache_units, unit_layout
 
 from .multi_concept import MultiConceptConfig, multi_concept_call
-
-
-@dataclass(frozen=True)
-class PipelineCacheStats:
-    """Caching of the last pipeline call."""
-
-    steps: int
-    computed: int
-    reused: int
-    cache_bytes: int  # memory the cache held during the call
-
-    @property
-    def cache_ratio(self) -> float:
-        total = self.computed + self.reused
-        return self.reused / total if total else 0.0
 
 
 def _resolve_schedule(pipe, router, schedule, threshold) -> tuple[CacheSchedule, CacheRouter | None]:
@@ -69,7 +53,7 @@ class CachedPipelineMixin:
 
     _dit_cache_schedule: CacheSchedule | None = None
     _dit_cache_router: CacheRouter | None = None
-    cache_stats: PipelineCacheStats | None = None
+    cache_stats: CacheStats | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, threshold=None,
@@ -113,9 +97,8 @@ class CachedPipelineMixin:
         with handle.scheduled() if cached else nullcontext():
             output = call(*args, **kwargs)
         if cached:
-            stats = handle.stats
             # Every unit holds one output from the first step on, so the end of the call is the cache's peak.
-            self.cache_stats = PipelineCacheStats(stats.steps, stats.computed, stats.reused, handle.cache_bytes)
+            self.cache_stats = handle.stats
             handle.reset()  # free the cached tensors between calls
         else:
             self.cache_stats = None
