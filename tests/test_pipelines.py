@@ -179,3 +179,14 @@ def test_concepts_with_everything_off_reproduce_the_baseline(pixart):
         pixart(prompt, concepts=["dog"], **PIXART_CALL)
     # The NMS processors are gone after the call.
     assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in pixart.transformer.transformer_blocks)
+
+
+def test_bfloat16_pipeline_caches_in_its_own_dtype():
+    pipe = tiny_pixart_pipeline().to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    accelerate(pipe, router=_router(pipe))
+    latents = pipe("a red circle", generator=_generator(), num_inference_steps=STEPS, output_type="latent").images
+    assert latents.dtype == torch.bfloat16 and torch.isfinite(latents.float()).all()
+    assert pipe.cache_stats.reused > 0
+    units = pipe.transformer._dit_cache_handle.units
+    assert pipe.cache_stats.cache_bytes == len(units) * 2 * 64 * 16 * 2  # units x CFG batch x tokens x width x 2 B
