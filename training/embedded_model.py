@@ -1,10 +1,12 @@
 """Train the embedded default: a small PixArt-architecture text-to-image model on synthetic scenes.
 
-Two Lightning stages, each resumable from its own ``last.ckpt``:
+Three Lightning stages, each resumable from its own ``last.ckpt``:
 
 1. ``VaeModule``: a small ``AutoencoderKL`` (scale factor 8) trained on random 64x64 crops. It is fully
    convolutional, so it is then used at 256x256; the crops make a step ~16x cheaper.
-2. ``TextToImageModule``: a ``PixArtTransformer2DModel`` and a 2-layer ``T5EncoderModel`` trained jointly on
+2. ``DecoderModule``: the decoder alone tuned on whole 256x256 images (the training set is encoded between
+   stages 1 and 2, so the latents do not change).
+3. ``TextToImageModule``: a ``PixArtTransformer2DModel`` and a 2-layer ``T5EncoderModel`` trained jointly on
    latents encoded once, with caption dropout for classifier-free guidance and an EMA of the weights.
 
 The result is a stock ``PixArtAlphaPipeline`` folder (``save_pretrained``) plus ``provenance.json``.
@@ -54,6 +56,19 @@ class VaeStage:
     learning_rate: float = 5e-4
     kl_weight: float = 1e-6
     block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
+
+
+@dataclass
+class DecoderStage:
+    """Full-resolution fine-tuning of the decoder alone (the encoder, hence the latents, stay fixed).
+
+    GroupNorm statistics of a 64x64 crop differ from those of a mostly-background 256x256 image: a VAE trained
+    on crops alone shifts colors at full size (purple came out brown). Tuning the decoder at 256 fixes it.
+    """
+
+    steps: int = 300
+    batch_size: int = 4
+    learning_rate: float = 2e-4
 
 
 @dataclass
@@ -111,6 +126,28 @@ class VaeModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.stage.learning_rate)
         # Cosine decay: at a constant rate this small VAE diverged late in training (MSE 0.006 -> 0.3).
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.stage.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+class DecoderModule(L.LightningModule):
+    def __init__(self, vae: AutoencoderKL, stage: DecoderStage):
+        super().__init__()
+        self.stage = stage
+        self.vae = vae.requires_grad_(False)
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+
+    def training_step(self, batch, batch_index):
+        with torch.no_grad():
+            latents = self.vae.encode(batch).latent_dist.mean
+        reconstruction_loss = F.mse_loss(self.vae.decode(latents).sample, batch)
+        self.log("decoder/mse", reconstruction_loss, prog_bar=True)
+        return reconstruction_loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.vae.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate)
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.stage.steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
@@ -285,6 +322,7 @@ def train_embedded_model(
     output_dir: str = "dit_cache/assets/embedded_model",
     run_dir: str = "runs/embedded_model",
     vae: VaeStage | None = None,
+    decoder: DecoderStage | None = None,
     text_to_image: TextToImageStage | None = None,
     num_scenes: int = 8000,
     seed: int = 0,
@@ -294,12 +332,14 @@ def train_embedded_model(
     Args:
         output_dir: where the diffusers pipeline folder is written.
         run_dir: checkpoints, logs and the encoded training set; rerun the same command to resume.
-        vae: the autoencoder stage.
+        vae: the autoencoder stage (random crops).
+        decoder: the decoder's full-resolution stage.
         text_to_image: the transformer + text encoder stage.
         num_scenes: rendered training scenes, encoded to latents once.
         seed: seeds scene sampling, crops, initialization and batching.
     """
     vae = vae or VaeStage()
+    decoder = decoder or DecoderStage()
     text_to_image = text_to_image or TextToImageStage()
     run, output = Path(run_dir), Path(output_dir)
     started = time.time()
@@ -314,6 +354,14 @@ def train_embedded_model(
     autoencoder = AutoencoderKL.from_pretrained(vae_folder).eval()
 
     tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, run / "training_latents.safetensors")
+
+    decoder_folder = run / "vae_decoder_final"
+    if not decoder_folder.exists():
+        decoder_module = DecoderModule(autoencoder, decoder)
+        crops = RandomCrops(seed + 2, shapes.IMAGE_SIZE, decoder.batch_size)  # a full-size "crop": whole images
+        _fit(decoder_module, crops, decoder.steps, run, "decoder")
+        decoder_module.vae.save_pretrained(decoder_folder)
+    autoencoder = AutoencoderKL.from_pretrained(decoder_folder).eval()
     autoencoder.register_to_config(scaling_factor=float(tensors["scaling_factor"]))
 
     t2i = TextToImageModule(text_to_image, vocab_size=len(tokenizer))
@@ -330,6 +378,7 @@ def train_embedded_model(
     provenance = {
         "what": "dit-cache embedded default: PixArt-architecture text-to-image model trained on synthetic scenes",
         "vae": asdict(vae),
+        "decoder": asdict(decoder),
         "text_to_image": asdict(text_to_image),
         "num_scenes": num_scenes,
         "seed": seed,
