@@ -102,7 +102,7 @@ class RouterModule(L.LightningModule):
         self.router.clamp_()
         return error.detach()
 
-    def _gated_step(self, step: int, latents, t, conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gated_step(self, step: int, latents, t, conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher (bypassed cache, no grad) and student (soft gates) on the same latent, then one update."""
         with torch.no_grad(), self.handle.bypassed():
             teacher = self.denoiser(latents, t, conditioning)
@@ -111,7 +111,7 @@ class RouterModule(L.LightningModule):
         with self.handle.gated():
             student = self.denoiser(latents, t, conditioning)
         error = self._router_step(step, teacher, student, scores)
-        return student.detach(), error, scores.detach()
+        return student.detach(), error
 
     def training_step(self, batch, batch_index):
         prompt_indices, seed = batch
@@ -138,7 +138,7 @@ class RouterModule(L.LightningModule):
                 with torch.no_grad():  # the first step computes everything and fills the cache
                     output = self.denoiser(model_input, t, conditioning)
             else:
-                output, error, _ = self._gated_step(step, model_input, t, conditioning)
+                output, error = self._gated_step(step, model_input, t, conditioning)
                 errors.append(error)
             latents = scheduler.step(output, t, latents).prev_sample.detach()
         return errors
@@ -159,7 +159,7 @@ class RouterModule(L.LightningModule):
             with torch.no_grad():
                 output = self.denoiser(scheduler.scale_model_input(latents, t_full), t_full, conditioning)
             latents = scheduler.step(output, t_full, latents).prev_sample
-            _, error, _ = self._gated_step(step, scheduler.scale_model_input(latents, t_gated), t_gated, conditioning)
+            _, error = self._gated_step(step, scheduler.scale_model_input(latents, t_gated), t_gated, conditioning)
             errors.append(error)
         return errors
 
