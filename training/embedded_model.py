@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,9 +74,9 @@ class DecoderStage:
 
 @dataclass
 class TextToImageStage:
-    steps: int = 2400
+    steps: int = 2000
     batch_size: int = 64
-    learning_rate: float = 5e-4
+    learning_rate: float = 6e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
@@ -239,10 +240,15 @@ class TextToImageModule(L.LightningModule):
     def configure_optimizers(self):
         params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=self.stage.learning_rate, weight_decay=0.0)
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / self.stage.warmup_steps)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        warmup, total = self.stage.warmup_steps, self.stage.steps
+
+        def schedule(step):  # linear warmup, then cosine decay to 10%
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
 class LatentBatches(torch.utils.data.IterableDataset):
@@ -270,7 +276,11 @@ class LatentBatches(torch.utils.data.IterableDataset):
 
 
 def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: int, path: Path) -> dict:
-    """Render and encode the training scenes once; cached as safetensors so a resumed run skips it."""
+    """Render and encode the training scenes once; cached as safetensors so a resumed run skips it.
+
+    The latents are standardized per channel (see ``standardize_latent_space``); their mean and standard
+    deviation are stored with them.
+    """
     if path.exists():
         return load_file(path)
     scenes = shapes.sample_scenes(seed, num_scenes)
@@ -280,21 +290,42 @@ def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: in
             images = images_to_tensor([shapes.render(s) for s in scenes[start : start + 64]])
             latents.append(vae.encode(images).latent_dist.mean)
     latents = torch.cat(latents)
-    scaling_factor = float(1.0 / latents.std())
+    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
     tokens = tokenizer([s.caption for s in scenes], padding="max_length", max_length=CAPTION_TOKENS,
                        truncation=True, return_tensors="pt")
     empty = tokenizer([""], padding="max_length", max_length=CAPTION_TOKENS, return_tensors="pt")
     tensors = {
-        "latents": (latents * scaling_factor).contiguous(),
+        "latents": ((latents - mean[:, None, None]) / std[:, None, None]).contiguous(),
+        "latent_mean": mean,
+        "latent_std": std,
         "input_ids": tokens.input_ids,
         "attention_mask": tokens.attention_mask,
         "empty_ids": empty.input_ids,
         "empty_mask": empty.attention_mask,
-        "scaling_factor": torch.tensor(scaling_factor),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path)
     return tensors
+
+
+@torch.no_grad()
+def standardize_latent_space(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> AutoencoderKL:
+    """Fold a per-channel standardization of the latents into the VAE's 1x1 quant convolutions.
+
+    The stock pipelines only divide latents by one ``scaling_factor``. Our latents have channel means of up to
+    1.3 standard deviations, which a small diffusion model learns slowly (its high-noise predictions drifted).
+    Rewriting ``quant_conv`` / ``post_quant_conv`` makes the encoder emit standardized latents and the decoder
+    accept them, exactly, so ``scaling_factor`` becomes 1 and any stock pipeline samples in the normal space.
+    """
+    channels = mean.numel()
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    quant.weight[:channels] /= std[:, None, None, None]
+    quant.bias[:channels] = (quant.bias[:channels] - mean) / std
+    quant.bias[channels:] -= 2 * std.log()  # log-variance of the rescaled posterior
+    post.bias += (post.weight[:, :, 0, 0] @ mean)
+    post.weight *= std[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
+    return vae
 
 
 def _fit(module: L.LightningModule, data, steps: int, run_dir: Path, name: str) -> None:
@@ -362,7 +393,7 @@ def train_embedded_model(
         _fit(decoder_module, crops, decoder.steps, run, "decoder")
         decoder_module.vae.save_pretrained(decoder_folder)
     autoencoder = AutoencoderKL.from_pretrained(decoder_folder).eval()
-    autoencoder.register_to_config(scaling_factor=float(tensors["scaling_factor"]))
+    standardize_latent_space(autoencoder, tensors["latent_mean"], tensors["latent_std"])
 
     t2i = TextToImageModule(text_to_image, vocab_size=len(tokenizer))
     _fit(t2i, LatentBatches(tensors, text_to_image.batch_size, seed), text_to_image.steps, run, "text_to_image")
