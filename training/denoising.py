@@ -61,8 +61,8 @@ class GuidedDenoiser:
         model_input = torch.cat([latents, latents])
         timesteps = timestep.expand(model_input.shape[0]).to(latents.device)
         output = self.transformer(model_input, timestep=timesteps, **conditioning.kwargs).sample
-        eps = output[:, :channels]  # learned-sigma models also predict a variance; samplers use eps only
-        first, second = eps.chunk(2)
+        prediction = output[:, :channels]  # learned-sigma models also predict a variance; samplers drop it
+        first, second = prediction.chunk(2)
         conditional, unconditional = (first, second) if self.conditional_first else (second, first)
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
