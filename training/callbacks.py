@@ -12,7 +12,7 @@ class ExportRouter(L.Callback):
     """Writes ``router.safetensors`` (logits + metadata) when training ends.
 
     Args:
-        path: output file; relative paths go under the trainer's log directory.
+        path: output file (relative paths are relative to the working directory).
         tolerance: with ``target_cache_ratio``, the largest CUR miss accepted before the threshold is calibrated.
     """
 
@@ -22,8 +22,6 @@ class ExportRouter(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         path = Path(self.path)
-        if not path.is_absolute():
-            path = Path(trainer.log_dir or ".") / path
         path.parent.mkdir(parents=True, exist_ok=True)
         router, target = module.router, module.hparams.target_cache_ratio
         metadata = module.router_metadata()
