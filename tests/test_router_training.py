@@ -308,12 +308,12 @@ def resumed_run(pixart_folder, tmp_path_factory):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _cli([*common, "--trainer.callbacks.path", str(folder / "first.jsonl"),
               f"--trainer.callbacks+={__name__}.KillAt", "--trainer.callbacks.batch", "3"])
-    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     _cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"),
           "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
           "--trainer.callbacks.path", str(folder / "router.safetensors"),
           "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
-    final = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return folder, _records(folder / "first.jsonl"), checkpoint, _records(folder / "second.jsonl"), final
 
 
