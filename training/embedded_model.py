@@ -353,8 +353,7 @@ def _fit(module: L.LightningModule, data, steps: int, run_dir: Path, name: str) 
     )
     last = run_dir / name / "last.ckpt"
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    # Our own checkpoint from an earlier run of this command, so loading it in full is safe.
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=False)
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
 
 
 def train_embedded_model(
