@@ -39,7 +39,6 @@ class CacheState:
         self.set_mask(mask)
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        self.mask = mask
         self.rows = [tuple(COMPUTE if c else REUSE for c in row) for row in mask.tolist()]
         self.num_steps = len(self.rows)
         self.reset()

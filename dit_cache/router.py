@@ -123,7 +123,7 @@ class CacheRouter(torch.nn.Module):
             router.logits.copy_(logits)
         return router
 
-    def check_compatible(self, layout: str, num_steps: int) -> None:
+    def check_compatible(self, layout: str, num_steps: int | None = None) -> None:
         """Raise a ValueError with the fix if this router was trained for another model or step count."""
         trained_layout = self.metadata.get("unit_layout")
         if trained_layout is not None and trained_layout != layout:
@@ -131,7 +131,7 @@ class CacheRouter(torch.nn.Module):
                 f"This router was trained for {trained_layout} but the transformer is {layout}. "
                 "Train a router for this model with dit-cache-train."
             )
-        if num_steps != self.num_steps:
+        if num_steps is not None and num_steps != self.num_steps:
             raise ValueError(
                 f"This router was trained for {self.num_steps} denoising steps but {num_steps} were requested. "
                 f"Use num_inference_steps={self.num_steps}, or router.resample({num_steps}) to map it by timestep."

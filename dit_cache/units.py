@@ -62,11 +62,6 @@ def cache_units(transformer: torch.nn.Module) -> list[CacheUnit]:
     return units
 
 
-def unit_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    root = _unwrap(transformer)
-    return [root.get_submodule(unit.path) for unit in cache_units(transformer)]
-
-
 def unit_layout(transformer: torch.nn.Module) -> str:
     """A compact signature of the unit layout, stored with routers to catch a mismatched model."""
     units = cache_units(transformer)

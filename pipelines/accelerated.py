@@ -35,7 +35,7 @@ def _resolve_schedule(pipe, router, schedule, threshold) -> tuple[CacheSchedule,
         router = CacheRouter.load(router)
     if not isinstance(router, CacheRouter):
         raise TypeError(f"router must be a CacheRouter or a path to router.safetensors, got {type(router).__name__}.")
-    router.check_compatible(unit_layout(pipe.transformer), router.num_steps)
+    router.check_compatible(unit_layout(pipe.transformer))
     if router.num_units != num_units:
         raise ValueError(f"This router has {router.num_units} units but the transformer has {num_units}.")
     trained_with = router.metadata.get("scheduler_class")
@@ -87,7 +87,8 @@ class CachedPipelineMixin:
             steps = self._requested_steps(args, kwargs)
             if self._dit_cache_router is not None:
                 self._dit_cache_router.check_compatible(unit_layout(self.transformer), steps)
-            schedule.check_compatible(num_steps=steps)
+            else:
+                schedule.check_compatible(num_steps=steps)
             if handle.schedule is not schedule:
                 handle.set_schedule(schedule)
             handle.reset()
