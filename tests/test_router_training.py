@@ -13,7 +13,7 @@ from dit_cache import CacheRouter, CacheSchedule
 from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline
 from dit_cache.training.cli import main
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
-from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy
+from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
 from dit_cache.training.router_module import RouterModule
 
 PROMPTS = ["a red circle", "a blue square and a cat"]
@@ -189,11 +189,29 @@ def test_cumulative_proxy_matches_its_definition():
     assert not torch.allclose(ratios, ratios[0].expand(3), rtol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["paper", "cumulative"])
+def test_sensitivity_proxy_matches_its_definition():
+    schedule, unit_weights, noise, latent, final_latents, calls = _toy_trajectory()
+    weights = sensitivity_proxy(schedule, final_latents, "cond", noise)
+    reused = unit_weights * (~schedule.mask).float()
+    expected = torch.zeros(5)
+    for step in range(1, 5):
+        # step t fully computed (its reused weights drop out) versus fully cached (all of its units reused)
+        others = float(reused.sum() - reused[step].sum())
+        computed, cached = latent(others), latent(others + float(unit_weights[step].sum()))
+        expected[step] = (computed - cached).pow(2).flatten(1).sum(dim=1).mean()
+    assert torch.allclose(weights, expected, rtol=1e-5)
+    # Rows that are all-compute (3) or all-cache (4) reuse the router's own run: 1 + 2 + 2 + 1 + 1 runs.
+    assert len(calls) == 1 + 6
+    # Unlike the paper proxy, a step the router computes in full (step 3) still gets its weight.
+    assert bool((weights[1:] > 0).all()) and paper_proxy(schedule, final_latents, "cond", noise)[3] == 0
+
+
+@pytest.mark.parametrize("kind", ["paper", "cumulative", "sensitivity"])
 def test_image_error_proxy_floors_small_weights(kind):
     schedule, unit_weights, noise, latent, final_latents, calls = _toy_trajectory()
-    raw = {"paper": paper_proxy, "cumulative": cumulative_proxy}[kind](schedule, final_latents, "cond", noise)
-    floor = 0.2
+    raw = {"paper": paper_proxy, "cumulative": cumulative_proxy,
+           "sensitivity": sensitivity_proxy}[kind](schedule, final_latents, "cond", noise)
+    floor = 1.5 * float(raw[1:].min() / raw[1:].mean())  # puts the smallest weight below the floor
     floored = image_error_proxy(kind, schedule, final_latents, "cond", noise, floor=floor)
     lowest = floor * float(raw[1:].mean()) + 1e-12
     assert floored[0] == 0
@@ -204,9 +222,24 @@ def test_image_error_proxy_floors_small_weights(kind):
     assert torch.equal(floored[1:][~small], raw[1:][~small])
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_step_weights_follow_the_latest_proxy_or_the_mean_of_all(pixart_folder, monkeypatch, average):
+    # Alternating proxies, as the real ones do when the router flips between caching early and late steps.
+    proxies = [torch.tensor([0.0, 4.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 10.0]),
+               torch.tensor([0.0, 2.0, 2.0, 2.0])]
+    served = iter(proxies)
+    monkeypatch.setattr("dit_cache.training.router_module.image_error_proxy", lambda *args: next(served))
+    module = RouterModule(pixart_folder, num_steps=4, proxy_interval=1, proxy_average=average)
+    _fit(module, pixart_folder, num_trajectories=3)
+    normalized = [w / w[1:].mean() for w in proxies]
+    expected = torch.stack(normalized).mean(0) if average else normalized[-1]
+    assert int(module.proxy_refreshes) == 3
+    assert torch.allclose(module.step_weights, expected)
+
+
 def test_image_error_proxy_rejects_an_unknown_kind():
     schedule, unit_weights, noise, latent, final_latents, calls = _toy_trajectory()
-    with pytest.raises(ValueError, match="'paperz'.*cumulative.*paper"):
+    with pytest.raises(ValueError, match="'paperz'.*cumulative.*paper.*sensitivity"):
         image_error_proxy("paperz", schedule, final_latents, "cond", noise)
     assert not calls
 

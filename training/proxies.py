@@ -47,7 +47,31 @@ def cumulative_proxy(schedule: CacheSchedule, final_latents: FinalLatents, condi
     return weights
 
 
-PROXIES = {"paper": paper_proxy, "cumulative": cumulative_proxy}
+def sensitivity_proxy(schedule: CacheSchedule, final_latents: FinalLatents, conditioning, noise) -> torch.Tensor:
+    """lambda_t = ||x0(router, step t fully computed) - x0(router, step t fully cached)||_F^2 (up to 2T runs).
+
+    Our variant. The paper's proxy is 0 at a step the current schedule computes in full, so at the next
+    refresh the sparsity term alone decides that step and the router caches it, however much the image
+    depends on it (on the embedded model it cached steps 1-2, among the most sensitive). Contrasting both
+    settings of step t, with every other step as the router has it, measures the step whatever its row is.
+    """
+    reference = final_latents(schedule, conditioning, noise)
+    weights = torch.zeros(schedule.num_steps)
+    for step in range(1, schedule.num_steps):
+        row = schedule.mask[step]
+        settings = []
+        for compute in (True, False):
+            if bool((row == compute).all()):
+                settings.append(reference)  # the router's own run already has this setting
+                continue
+            mask = schedule.mask.clone()
+            mask[step] = compute
+            settings.append(final_latents(CacheSchedule(mask), conditioning, noise))
+        weights[step] = _squared_error(*settings)
+    return weights
+
+
+PROXIES = {"paper": paper_proxy, "cumulative": cumulative_proxy, "sensitivity": sensitivity_proxy}
 
 
 def image_error_proxy(kind: str, schedule, final_latents: FinalLatents, conditioning, noise,

@@ -33,8 +33,13 @@ class RouterModule(L.LightningModule):
         guidance_scale: classifier-free guidance used along the training trajectories, as at inference.
         objective: ``harmonica`` (SDT + image-error proxy), ``sdt`` (SDT, plain MSE), ``l2c`` (Learning-to-Cache
             baseline: x0 = samples of the uncached model, noised to an even step; every other step computes).
-        proxy: ``paper`` (final-latent error with caching disabled at step t only) or ``cumulative`` (official code).
+        proxy: ``paper`` (final-latent error with caching disabled at step t only), ``cumulative`` (official code)
+            or ``sensitivity`` (ours: final-latent change between step t fully computed and fully cached).
         proxy_interval: trajectories between proxy refreshes (C).
+        proxy_average: weight the steps by the mean of all refreshes so far (ours) instead of the latest one.
+            Every proxy is measured under the router's current schedule, so one refresh alone makes the router
+            cache the steps it just protected: on the embedded model the weights flipped between the early
+            and the late steps from one refresh to the next.
         beta: weight of the sparsity term (sum of scores); the start value when ``target_cache_ratio`` is set.
         target_cache_ratio: adapt beta by dual ascent so the hard schedule's CUR reaches this value.
         beta_rate: dual-ascent step on log(beta) per trajectory, per unit of CUR error.
@@ -45,8 +50,8 @@ class RouterModule(L.LightningModule):
 
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
                  objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
-                 proxy: Literal["paper", "cumulative"] = "paper", proxy_interval: int = 50,
-                 beta: float = 1e-4, target_cache_ratio: float | None = None, beta_rate: float = 0.5,
+                 proxy: Literal["paper", "cumulative", "sensitivity"] = "paper", proxy_interval: int = 50,
+                 proxy_average: bool = False, beta: float = 1e-4, target_cache_ratio: float | None = None, beta_rate: float = 0.5,
                  threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +72,7 @@ class RouterModule(L.LightningModule):
         # Dual ascent works on log(beta) so beta can move across orders of magnitude; beta = 0 is log 0 = -inf.
         self.register_buffer("log_beta", torch.tensor(math.log(beta) if beta > 0 else -math.inf))
         self.register_buffer("step_weights", torch.ones(num_steps))
+        self.register_buffer("proxy_refreshes", torch.zeros((), dtype=torch.long))
 
     # ---- conditioning -------------------------------------------------------------------------------------
     def _conditioning(self, prompt_indices):
@@ -169,8 +175,11 @@ class RouterModule(L.LightningModule):
                                     conditioning, noise)
         weights = self.trainer.strategy.reduce(weights.to(self.device), reduce_op="mean")
         # Normalized to mean 1 over the trained steps, so beta keeps its meaning whatever the proxy's scale.
-        trained = weights[1:]
-        self.step_weights.copy_(weights / trained.mean().clamp_min(1e-12))
+        weights = weights / weights[1:].mean().clamp_min(1e-12)
+        self.proxy_refreshes += 1
+        if self.hparams.proxy_average:  # running mean; the first refresh replaces the initial ones
+            weights = self.step_weights + (weights - self.step_weights) / self.proxy_refreshes
+        self.step_weights.copy_(weights)
         self.log_dict({f"proxy/lambda_{step:02d}": float(w) for step, w in enumerate(self.step_weights) if step})
 
     def _final_latents(self, schedule: CacheSchedule, conditioning, noise) -> torch.Tensor:
