@@ -40,6 +40,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
                          "mse": 0.0, "psnr": float("inf"), "seconds": reference.seconds}}
     for name, source in candidates.items():
         cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, **source)
+        cached.set_progress_bar_config(disable=True)
         run = generate(cached, prompts, seeds, desc=name, **call)
         rows[name] = {"cache_ratio": cached.cache_stats.cache_ratio,
                       "concept_accuracy": concept_rate(run.images, prompts),
