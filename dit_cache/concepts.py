@@ -189,10 +189,17 @@ class CrossTokenNMSProcessor:
 
 
 def apply_cross_token_nms(transformer, concept_indices: Sequence[int], height: int, width: int,
-                          **kwargs) -> list[CrossTokenNMSProcessor]:
-    """Install a :class:`CrossTokenNMSProcessor` on every ``transformer.transformer_blocks[*].attn2``."""
+                          blocks: Sequence[int] | None = None, **kwargs) -> list[CrossTokenNMSProcessor]:
+    """Install a :class:`CrossTokenNMSProcessor` on ``transformer.transformer_blocks[i].attn2`` for every block
+    ``i`` in ``blocks`` (default: all blocks)."""
+    all_blocks = transformer.transformer_blocks
+    chosen = range(len(all_blocks)) if blocks is None else list(blocks)
+    invalid = [i for i in chosen if not isinstance(i, int) or not 0 <= i < len(all_blocks)]
+    if invalid or (blocks is not None and not chosen):
+        raise ValueError(f"NMS blocks must be a non-empty list of block indices in [0, {len(all_blocks) - 1}]; "
+                         f"got {list(blocks)}.")
     processors = []
-    for block in transformer.transformer_blocks:
+    for block in (all_blocks[i] for i in chosen):
         proc = CrossTokenNMSProcessor(concept_indices, height, width, **kwargs)
         proc.previous = block.attn2.processor  # restored by remove_cross_token_nms
         block.attn2.set_processor(proc)

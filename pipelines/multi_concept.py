@@ -24,6 +24,7 @@ class MultiConceptConfig:
         nms_suppression: scale of the losing concepts' attention (0 = the paper's hard suppression).
         nms_step_fraction: NMS runs for this fraction of the first denoising steps.
         nms_renormalize: rescale attention rows to sum to 1 after suppression.
+        nms_blocks: indices of the transformer blocks whose cross-attention gets NMS (None = every block).
     """
 
     correction_alpha: float = 0.25
@@ -33,6 +34,7 @@ class MultiConceptConfig:
     nms_suppression: float = 0.0
     nms_step_fraction: float = 0.5
     nms_renormalize: bool = True
+    nms_blocks: tuple[int, ...] | None = None
 
 
 def _concept_indices(pipe, prompt, concepts) -> tuple[str | list[str], list[int]]:
@@ -78,7 +80,7 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
         transformer = pipe.transformer
         processors = apply_cross_token_nms(
             transformer, indices, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
-            step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0,
+            step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0, blocks=config.nms_blocks,
         )
         num_steps = argument("num_inference_steps")
         step = {"index": 0}

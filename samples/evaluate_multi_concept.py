@@ -7,6 +7,7 @@ Similarities vs Cross-Token NMS vs both, with and without caching, and the time 
 """
 
 import json
+from typing import Literal
 
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
@@ -21,12 +22,14 @@ METHODS = ("baseline", "correction by similarities", "cross-token NMS", "both")
 
 def main(count: int = 200, steps: int = 20, guidance_scale: float = 4.5, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
-         nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, with_cache: bool = True,
+         nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
+         concept_words: Literal["shapes", "colors"] = "shapes", with_cache: bool = True,
          methods: list[str] = list(METHODS), output: str = "samples/results/multi_concept.json"):
     """Args:
         count: two-object prompts, each with its own seed.
         correction_alpha / correction_threshold / correction_window: Correction by Similarities.
-        nms_suppression / nms_step_fraction: Cross-Token NMS.
+        nms_suppression / nms_step_fraction / nms_blocks: Cross-Token NMS (blocks: None = every block).
+        concept_words: which words of "a red circle and a blue square" are the concepts.
         with_cache: also evaluate with the embedded router's caching (off for quick parameter sweeps).
         methods: which of the four rows to run (the time ratio needs ``baseline`` among them).
     """
@@ -42,7 +45,8 @@ def main(count: int = 200, steps: int = 20, guidance_scale: float = 4.5, seed: i
     seeds = list(range(seed, seed + count))
     correction = dict(correction_alpha=correction_alpha, correction_threshold=correction_threshold,
                       correction_window=correction_window)
-    nms = dict(nms_suppression=nms_suppression, nms_step_fraction=nms_step_fraction)
+    nms = dict(nms_suppression=nms_suppression, nms_step_fraction=nms_step_fraction,
+               nms_blocks=None if nms_blocks is None else tuple(nms_blocks))
     configs = {
         "baseline": None,
         "correction by similarities": MultiConceptConfig(nms=False, **correction),
@@ -51,26 +55,27 @@ def main(count: int = 200, steps: int = 20, guidance_scale: float = 4.5, seed: i
     }
     configs = {name: configs[name] for name in METHODS if name in methods}
     rows = {}
-    # Batches share their concept token positions: group the prompts by their shape words.
+    # Batches share their concept token positions: group the prompts by their concept words.
+    word = 1 if concept_words == "shapes" else 0
     groups = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(tuple(shape for _, shape in shapes.parse_caption(prompt)), []).append(i)
+        groups.setdefault(tuple(concept[word] for concept in shapes.parse_caption(prompt)), []).append(i)
     for cache_name, pipe in (("no cache", uncached), ("cached", cached))[: 2 if with_cache else 1]:
         for method, config in configs.items():
             call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
             if config is not None:
                 call.update(concept_config=config)
 
-            def concepts(shape_words):  # the shape words of the prompt are its concepts
-                return {} if config is None else {"concepts": sorted(set(shape_words))}
+            def concepts(words):
+                return {} if config is None else {"concepts": sorted(set(words))}
 
             # One untimed call first, so no row pays for first-call allocations.
-            shape_words, index = next(iter(groups.items()))
-            generate(pipe, [prompts[index[0]]], [seed], desc="warm-up", **concepts(shape_words), **call)
+            words, index = next(iter(groups.items()))
+            generate(pipe, [prompts[index[0]]], [seed], desc="warm-up", **concepts(words), **call)
             images, seconds = [None] * count, 0.0
-            for shape_words, index in groups.items():
+            for words, index in groups.items():
                 run = generate(pipe, [prompts[i] for i in index], [seeds[i] for i in index],
-                               desc=f"{cache_name}, {method}", **concepts(shape_words), **call)
+                               desc=f"{cache_name}, {method}", **concepts(words), **call)
                 seconds += run.seconds
                 for i, image in zip(index, run.images):
                     images[i] = image
@@ -84,7 +89,7 @@ def main(count: int = 200, steps: int = 20, guidance_scale: float = 4.5, seed: i
         print(f"| {cache_name} | {method} | {row['both_present']:.1%} | {overhead} |")
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
-                   "parameters": {**correction, **nms},
+                   "parameters": {**correction, **nms, "concept_words": concept_words},
                    "rows": [{"caching": c, "method": m, **r} for (c, m), r in rows.items()]}, file, indent=2)
 
 

@@ -185,6 +185,28 @@ def test_processor_inactive_is_bitwise_stock_and_remove_restores(pixart):
     assert torch.equal(_run(model, inputs), stock)
 
 
+def test_nms_on_chosen_blocks_only(pixart):
+    model, inputs = pixart
+    stock = _run(model, inputs)
+    procs = apply_cross_token_nms(model, [1, 3], 4, 4, blocks=[1])
+    try:
+        first, second = model.transformer_blocks
+        assert len(procs) == 1 and second.attn2.processor is procs[0]
+        assert isinstance(first.attn2.processor, AttnProcessor2_0)
+        assert not torch.allclose(_run(model, inputs)[1], stock[1], atol=1e-3)
+    finally:
+        remove_cross_token_nms(model)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("blocks", [[2], [-1], [], [0.5]])
+def test_nms_bad_blocks_raise_and_apply_nothing(pixart, blocks):
+    model, _ = pixart
+    with pytest.raises(ValueError, match=r"block indices in \[0, 1\]"):
+        apply_cross_token_nms(model, [1, 3], 4, 4, blocks=blocks)
+    assert all(isinstance(b.attn2.processor, AttnProcessor2_0) for b in model.transformer_blocks)
+
+
 def test_processor_probabilities(pixart):
     model, _ = pixart
     attn = model.transformer_blocks[0].attn2
