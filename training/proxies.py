@@ -52,8 +52,9 @@ def sensitivity_proxy(schedule: CacheSchedule, final_latents: FinalLatents, cond
 
     Our variant. The paper's proxy is 0 at a step the current schedule computes in full, so at the next
     refresh the sparsity term alone decides that step and the router caches it, however much the image
-    depends on it (on the embedded model it cached steps 1-2, among the most sensitive). Contrasting both
-    settings of step t, with every other step as the router has it, measures the step whatever its row is.
+    depends on it (on the embedded model the router then had twice the error of a uniform schedule).
+    Contrasting both settings of step t, with every other step as the router has it, measures the step
+    whatever its row is.
     """
     reference = final_latents(schedule, conditioning, noise)
     weights = torch.zeros(schedule.num_steps)

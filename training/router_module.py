@@ -51,8 +51,8 @@ class RouterModule(L.LightningModule):
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
                  objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
                  proxy: Literal["paper", "cumulative", "sensitivity"] = "paper", proxy_interval: int = 50,
-                 proxy_average: bool = False, beta: float = 1e-4, target_cache_ratio: float | None = None, beta_rate: float = 0.5,
-                 threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
+                 proxy_average: bool = False, beta: float = 1e-4, target_cache_ratio: float | None = None,
+                 beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
