@@ -4,6 +4,8 @@
     dit-cache-train fit --config training/configs/pixart_alpha_256.yaml --trainer.devices 4
 """
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from .data import RouterDataModule
@@ -17,6 +19,10 @@ class RouterCLI(LightningCLI):
 
 
 def main(args=None):
+    # Both describe what router training does on purpose: the frozen transformer stays in eval mode, and a
+    # checkpoint holds the router after its last optimizer step (what a resumed run continues from).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     RouterCLI(RouterModule, RouterDataModule, save_config_kwargs={"overwrite": True}, args=args)
 
 
