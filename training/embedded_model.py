@@ -74,7 +74,7 @@ class DecoderStage:
 
 @dataclass
 class TextToImageStage:
-    steps: int = 1800
+    steps: int = 3600
     batch_size: int = 64
     learning_rate: float = 6e-4
     warmup_steps: int = 100
