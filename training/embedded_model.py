@@ -85,6 +85,11 @@ class TextToImageStage:
     attention_head_dim: int = 64
     text_width: int = 128
     text_layers: int = 2
+    # Latent pixels per token side; sample_size 32 is fixed by the stock pipeline's resolution binning.
+    patch_size: int = 4
+    # A pipeline folder (or hub id) whose transformer and text encoder start this stage, e.g. the shipped model;
+    # a different patch size is bridged by ``transfer_weights``.
+    init_from: str | None = None
     # v-prediction: with epsilon-prediction, the tiny model's ~0.006 eps error at t ~ 999 becomes an x0 error
     # of ~10 standard deviations under the linear schedule (SNR 4e-5), and DPM-Solver samples diverged.
     prediction_type: str = "v_prediction"
@@ -178,6 +183,36 @@ class RandomCrops(torch.utils.data.IterableDataset):
             yield torch.stack(crops)
 
 
+@torch.no_grad()
+def transfer_weights(source: str, transformer: PixArtTransformer2DModel, text_encoder: T5EncoderModel) -> None:
+    """Start from another pipeline's transformer and text encoder, also across patch sizes.
+
+    Everything but the patch embedding and the output projection is per token, so it copies unchanged. A smaller
+    patch keeps what the larger one computed on locally constant latents: the new patch kernel sums the old
+    kernel over the sub-blocks it replaces, and the new output averages the old outputs over them. Both models
+    are checked before either is written, so a mismatch leaves the targets untouched.
+    """
+    old = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer")
+    old_patch, new_patch = old.config.patch_size, transformer.config.patch_size
+    if old_patch % new_patch:
+        raise ValueError(f"cannot transfer {source}'s patch size {old_patch} to {new_patch}: it must divide it")
+    k, channels = old_patch // new_patch, old.out_channels
+    state = old.state_dict()
+    kernel = state["pos_embed.proj.weight"]  # (hidden, in, p, p)
+    state["pos_embed.proj.weight"] = kernel.unflatten(2, (new_patch, k)).unflatten(4, (new_patch, k)).sum((3, 5))
+    for name in ("proj_out.weight", "proj_out.bias"):  # rows ordered (p, q, channel)
+        rows = state[name].unflatten(0, (new_patch, k, new_patch, k, channels))
+        state[name] = rows.mean((1, 3)).flatten(0, 2)
+    text_state = T5EncoderModel.from_pretrained(source, subfolder="text_encoder").state_dict()
+    for name, target, weights in (("transformer", transformer, state), ("text_encoder", text_encoder, text_state)):
+        expected = {key: value.shape for key, value in target.state_dict().items()}
+        if {key: value.shape for key, value in weights.items()} != expected:
+            raise ValueError(f"{source}'s {name} has another architecture than this stage; set num_layers, "
+                             "num_attention_heads, attention_head_dim, text_width and text_layers to its values")
+    transformer.load_state_dict(state)
+    text_encoder.load_state_dict(text_state)
+
+
 class TextToImageModule(L.LightningModule):
     def __init__(self, stage: TextToImageStage, vocab_size: int):
         super().__init__()
@@ -185,7 +220,7 @@ class TextToImageModule(L.LightningModule):
         hidden = stage.num_attention_heads * stage.attention_head_dim
         self.transformer = PixArtTransformer2DModel(
             sample_size=shapes.IMAGE_SIZE // 8,
-            patch_size=4,
+            patch_size=stage.patch_size,
             in_channels=4,
             out_channels=4,
             num_layers=stage.num_layers,
@@ -194,6 +229,8 @@ class TextToImageModule(L.LightningModule):
             cross_attention_dim=hidden,
             caption_channels=stage.text_width,
             use_additional_conditions=False,
+            # Token positions in units of 4 latent pixels whatever the patch size, so weights transfer across sizes.
+            interpolation_scale=4 // stage.patch_size,
         )
         self.text_encoder = T5EncoderModel(
             T5Config(
@@ -207,6 +244,8 @@ class TextToImageModule(L.LightningModule):
                 feed_forward_proj="gated-gelu",
             )
         )
+        if stage.init_from:
+            transfer_weights(stage.init_from, self.transformer, self.text_encoder)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                              prediction_type=stage.prediction_type)
         # The EMA copy is what gets exported; it is not trained, only averaged.
@@ -356,6 +395,27 @@ def _fit(module: L.LightningModule, data, steps: int, run_dir: Path, name: str) 
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
 
 
+def _train_autoencoder(vae: VaeStage, decoder: DecoderStage, tokenizer, num_scenes: int, seed: int, run: Path,
+                       latents_path: Path) -> tuple[AutoencoderKL, dict]:
+    """Stages 1 and 2; the training set is encoded in between, so the decoder stage cannot move the latents."""
+    vae_folder = run / "vae_final"
+    if not vae_folder.exists():
+        vae_module = VaeModule(vae, seed)
+        _fit(vae_module, RandomCrops(seed, vae.crop, vae.batch_size), vae.steps, run, "vae")
+        vae_module.vae.save_pretrained(vae_folder)
+    autoencoder = AutoencoderKL.from_pretrained(vae_folder).eval()
+
+    tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path)
+
+    decoder_folder = run / "vae_decoder_final"
+    if not decoder_folder.exists():
+        decoder_module = DecoderModule(autoencoder, decoder)
+        crops = RandomCrops(seed + 2, shapes.IMAGE_SIZE, decoder.batch_size)  # a full-size "crop": whole images
+        _fit(decoder_module, crops, decoder.steps, run, "decoder")
+        decoder_module.vae.save_pretrained(decoder_folder)
+    return AutoencoderKL.from_pretrained(decoder_folder).eval(), tensors
+
+
 def train_embedded_model(
     output_dir: str = "dit_cache/assets/embedded_model",
     run_dir: str = "runs/embedded_model",
@@ -364,6 +424,7 @@ def train_embedded_model(
     text_to_image: TextToImageStage | None = None,
     num_scenes: int = 8000,
     seed: int = 0,
+    vae_from: str | None = None,
 ):
     """Train the embedded model end to end and save it as a stock PixArtAlphaPipeline folder.
 
@@ -375,6 +436,8 @@ def train_embedded_model(
         text_to_image: the transformer + text encoder stage.
         num_scenes: rendered training scenes, encoded to latents once.
         seed: seeds scene sampling, crops, initialization and batching.
+        vae_from: a pipeline folder or hub id whose ``vae`` is reused instead of training one (skips the
+            autoencoder and decoder stages), e.g. to retrain only the text-to-image stage of the shipped model.
     """
     vae = vae or VaeStage()
     decoder = decoder or DecoderStage()
@@ -384,22 +447,13 @@ def train_embedded_model(
     L.seed_everything(seed)
     tokenizer = build_tokenizer()
 
-    vae_folder = run / "vae_final"
-    if not vae_folder.exists():
-        vae_module = VaeModule(vae, seed)
-        _fit(vae_module, RandomCrops(seed, vae.crop, vae.batch_size), vae.steps, run, "vae")
-        vae_module.vae.save_pretrained(vae_folder)
-    autoencoder = AutoencoderKL.from_pretrained(vae_folder).eval()
-
-    tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, run / "training_latents.safetensors")
-
-    decoder_folder = run / "vae_decoder_final"
-    if not decoder_folder.exists():
-        decoder_module = DecoderModule(autoencoder, decoder)
-        crops = RandomCrops(seed + 2, shapes.IMAGE_SIZE, decoder.batch_size)  # a full-size "crop": whole images
-        _fit(decoder_module, crops, decoder.steps, run, "decoder")
-        decoder_module.vae.save_pretrained(decoder_folder)
-    autoencoder = AutoencoderKL.from_pretrained(decoder_folder).eval()
+    latents_path = run / "training_latents.safetensors"
+    if vae_from:
+        # Latents of a reused VAE are standardized again below: an already standardized VAE folds to ~identity.
+        autoencoder = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval()
+        tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path)
+    else:
+        autoencoder, tensors = _train_autoencoder(vae, decoder, tokenizer, num_scenes, seed, run, latents_path)
     standardize_latent_space(autoencoder, tensors["latent_mean"], tensors["latent_std"])
 
     t2i = TextToImageModule(text_to_image, vocab_size=len(tokenizer))
@@ -416,8 +470,7 @@ def train_embedded_model(
     pipeline.save_pretrained(output)
     provenance = {
         "what": "dit-cache embedded default: PixArt-architecture text-to-image model trained on synthetic scenes",
-        "vae": asdict(vae),
-        "decoder": asdict(decoder),
+        **({"vae_from": vae_from} if vae_from else {"vae": asdict(vae), "decoder": asdict(decoder)}),
         "text_to_image": asdict(text_to_image),
         "num_scenes": num_scenes,
         "seed": seed,

@@ -1,0 +1,76 @@
+"""Starting the embedded model's text-to-image stage from another pipeline (``transfer_weights``)."""
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+from transformers import T5EncoderModel
+
+from dit_cache.testing import tiny_pixart_pipeline
+from dit_cache.training.embedded_model import transfer_weights
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("source")
+    pipe = tiny_pixart_pipeline()  # patch size 4
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def targets(pipe, patch_size: int, **overrides):
+    torch.manual_seed(123)  # weights unlike the source's
+    config = {**pipe.transformer.config, "patch_size": patch_size, "interpolation_scale": 4 // patch_size,
+              **overrides}
+    return PixArtTransformer2DModel.from_config(config).eval(), T5EncoderModel(pipe.text_encoder.config).eval()
+
+
+def run(transformer, latents):
+    text = torch.randn(1, 5, transformer.config.caption_channels, generator=torch.Generator().manual_seed(1))
+    return transformer(latents, encoder_hidden_states=text, timestep=torch.tensor([500]),
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+def test_same_patch_size_copies_the_source_exactly(source):
+    folder, pipe = source
+    transformer, text_encoder = targets(pipe, patch_size=4, interpolation_scale=None)
+    transfer_weights(str(folder), transformer, text_encoder)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(run(transformer, latents), run(pipe.transformer, latents))
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.equal(text_encoder(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state)
+
+
+def test_smaller_patch_keeps_what_the_source_computes_on_locally_constant_latents(source):
+    folder, pipe = source
+    transformer, text_encoder = targets(pipe, patch_size=2)
+    transfer_weights(str(folder), transformer, text_encoder)
+    with torch.no_grad():
+        # Constant within each 4x4 block: every 2x2 token of a block embeds like the block's 4x4 token.
+        blocks = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        latents = blocks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+        old_tokens = pipe.transformer.pos_embed.proj(latents)  # (1, hidden, 8, 8)
+        new_tokens = transformer.pos_embed.proj(latents)  # (1, hidden, 16, 16)
+        expected = old_tokens.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        torch.testing.assert_close(new_tokens, expected, rtol=1e-5, atol=1e-5)
+        # A token's output patch is the source's output averaged over each 2x2 sub-block.
+        hidden = torch.randn(3, transformer.inner_dim)
+        channels = transformer.out_channels
+        old_patches = pipe.transformer.proj_out(hidden).view(3, 4, 4, channels)
+        new_patches = transformer.proj_out(hidden).view(3, 2, 2, channels)
+        pooled = old_patches.view(3, 2, 2, 2, 2, channels).mean((2, 4))
+        torch.testing.assert_close(new_patches, pooled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch_size, overrides, message", [
+    (3, {"interpolation_scale": 1}, "must divide"),
+    (2, {"num_layers": 3}, "another architecture"),
+])
+def test_mismatch_is_refused_and_leaves_the_targets_untouched(source, patch_size, overrides, message):
+    folder, pipe = source
+    transformer, text_encoder = targets(pipe, patch_size, **overrides)
+    before = [p.clone() for p in [*transformer.parameters(), *text_encoder.parameters()]]
+    with pytest.raises(ValueError, match=message):
+        transfer_weights(str(folder), transformer, text_encoder)
+    after = [*transformer.parameters(), *text_encoder.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
