@@ -1,7 +1,7 @@
 """dit-cache: learned feature caching for diffusers diffusion transformers."""
 
 from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
-from .embedded import embedded_model_path, embedded_router_path
+from .embedded import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path
 from .flops import unit_flops
 from .router import CacheRouter
 from .schedule import CacheSchedule
@@ -19,6 +19,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'dit_cache' has no attribute {name!r}")
 
 __all__ = [
+    "EMBEDDED_GUIDANCE_SCALE",
     "CacheHandle",
     "CacheRouter",
     "CacheSchedule",

@@ -63,7 +63,8 @@ def _load(args):
 
 def _call_arguments(pipe, args, router, prompt: str) -> dict:
     steps = args.steps or (router.num_steps if router else 20)
-    guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or 4.5
+    default = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
+    guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or default
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):
         call["prompt"] = prompt

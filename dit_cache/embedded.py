@@ -4,6 +4,10 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 
+# Classifier-free guidance the embedded model is evaluated and its router trained at: the scale with the best
+# concept accuracy in `samples/evaluate_embedded_model.py --guidance_scales` (provenance.json has the sweep).
+EMBEDDED_GUIDANCE_SCALE = 4.5
+
 
 def _existing(path: Path, what: str, how_to_build: str) -> str:
     if not path.exists():

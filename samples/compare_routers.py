@@ -12,14 +12,14 @@ import json
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
-from dit_cache import CacheRouter, CacheSchedule, cache_units, embedded_model_path
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, cache_units, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, image_error, prompt_set
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 
 
 def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
-         uniform_interval: int = 2, count: int = 100, steps: int = 20, guidance_scale: float = 4.5,
+         uniform_interval: int = 2, count: int = 100, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
          seed: int = 20_000, output: str = "samples/results/router_comparison.json"):
     """Args:
         routers: name -> router file.

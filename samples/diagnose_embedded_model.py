@@ -10,7 +10,7 @@ from collections import Counter
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
-from dit_cache import embedded_model_path
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
 from dit_cache.evaluation import generate, prompt_set
 from dit_cache.shapes import detect_objects, parse_caption
 
@@ -30,7 +30,7 @@ def outcome(image, prompt: str) -> str:
     return "both wrong"
 
 
-def main(count: int = 50, step_counts: list[int] = [20, 50], guidance_scale: float = 4.5, seed: int = 10_000):
+def main(count: int = 50, step_counts: list[int] = [20, 50], guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 10_000):
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = prompt_set(1, count, seed), list(range(seed, seed + count))

@@ -12,7 +12,7 @@ from typing import Literal
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
-from dit_cache import embedded_model_path, embedded_router_path, shapes
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path, shapes
 from dit_cache.evaluation import concept_rate, generate, prompt_set
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConfig
 
@@ -20,7 +20,7 @@ from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConf
 METHODS = ("baseline", "correction by similarities", "cross-token NMS", "both")
 
 
-def main(count: int = 200, steps: int = 20, guidance_scale: float = 4.5, seed: int = 30_000,
+def main(count: int = 200, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
          concept_words: Literal["shapes", "colors"] = "shapes", with_cache: bool = True,

@@ -9,13 +9,14 @@ from jsonargparse import CLI
 from PIL import Image, ImageDraw
 
 import dit_cache
+from dit_cache import EMBEDDED_GUIDANCE_SCALE
 from dit_cache.evaluation import generate
 
 DEFAULT_PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a purple circle and a green square",
                    "a green triangle", "a red square and a blue circle"]
 
 
-def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20, guidance_scale: float = 4.5, seed: int = 0,
+def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 0,
          repeats: int = 3, out: str = "samples/side_by_side.png"):
     """Args:
         prompts: one image per prompt, seeds seed, seed + 1, ...

@@ -52,3 +52,12 @@ def test_embedded_model_config_matches_the_training_function():
     assert set(config) <= _parameters(train_embedded_model)
     assert set(config["vae"]) <= _parameters(VaeStage)
     assert set(config["text_to_image"]) <= _parameters(TextToImageStage)
+
+
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded_l2c.yaml"])
+def test_embedded_router_configs_use_the_embedded_guidance_scale(name):
+    from dit_cache import EMBEDDED_GUIDANCE_SCALE
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "training/configs" / name).read_text())
+    assert config["model"]["model"] == "embedded"
+    assert config["model"]["guidance_scale"] == EMBEDDED_GUIDANCE_SCALE
