@@ -6,7 +6,7 @@ ASSETS = Path(__file__).parent / "assets"
 
 # Classifier-free guidance the embedded model is evaluated and its router trained at: the scale with the best
 # concept accuracy in `samples/evaluate_embedded_model.py --guidance_scales` (provenance.json has the sweep).
-EMBEDDED_GUIDANCE_SCALE = 4.5
+EMBEDDED_GUIDANCE_SCALE = 2.0
 
 
 def _existing(path: Path, what: str, how_to_build: str) -> str:
