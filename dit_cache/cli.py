@@ -62,8 +62,10 @@ def _load(args):
 
 
 def _call_arguments(pipe, args, router, prompt: str) -> dict:
+    from .embedded import EMBEDDED_GUIDANCE_SCALE
+
     steps = args.steps or (router.num_steps if router else 20)
-    default = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
+    default = EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
     guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or default
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):

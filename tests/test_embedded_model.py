@@ -8,7 +8,7 @@ import torch
 from diffusers import PixArtAlphaPipeline
 
 import dit_cache
-from dit_cache import CacheRouter, cache_units, shapes
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, cache_units, shapes
 from dit_cache.cli import main
 from dit_cache.units import unit_layout
 
@@ -45,3 +45,4 @@ def test_cli_default_runs_on_the_embedded_model(tmp_path):
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["model"] == "embedded" and record["router"] == "embedded"
     assert record["cache_ratio"] > 0.3 and record["steps"] == 20
+    assert record["guidance_scale"] == EMBEDDED_GUIDANCE_SCALE
