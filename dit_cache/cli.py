@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import embedded
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-cache", description=__doc__.splitlines()[0])
@@ -39,7 +41,6 @@ def _load(args):
     import torch
     from diffusers import DiffusionPipeline
 
-    from . import embedded
     from .pipelines import accelerate
     from .router import CacheRouter
 
@@ -62,10 +63,8 @@ def _load(args):
 
 
 def _call_arguments(pipe, args, router, prompt: str) -> dict:
-    from .embedded import EMBEDDED_GUIDANCE_SCALE
-
     steps = args.steps or (router.num_steps if router else 20)
-    default = EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
+    default = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
     guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or default
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):

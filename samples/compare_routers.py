@@ -19,7 +19,8 @@ from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 
 def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
-         uniform_interval: int = 2, count: int = 100, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
+         uniform_interval: int = 2, count: int = 100, steps: int = 20,
+         guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
          seed: int = 20_000, output: str = "samples/results/router_comparison.json"):
     """Args:
         routers: name -> router file.

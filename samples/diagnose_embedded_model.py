@@ -30,7 +30,8 @@ def outcome(image, prompt: str) -> str:
     return "both wrong"
 
 
-def main(count: int = 50, step_counts: list[int] = [20, 50], guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 10_000):
+def main(count: int = 50, step_counts: list[int] = [20, 50],
+         guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 10_000):
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = prompt_set(1, count, seed), list(range(seed, seed + count))

@@ -20,7 +20,8 @@ from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConf
 METHODS = ("baseline", "correction by similarities", "cross-token NMS", "both")
 
 
-def main(count: int = 200, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
+def main(count: int = 200, steps: int = 20,
+         guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
          concept_words: Literal["shapes", "colors"] = "shapes", with_cache: bool = True,

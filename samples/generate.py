@@ -16,7 +16,8 @@ DEFAULT_PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a purp
                    "a green triangle", "a red square and a blue circle"]
 
 
-def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 0,
+def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20,
+         guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 0,
          repeats: int = 3, out: str = "samples/side_by_side.png"):
     """Args:
         prompts: one image per prompt, seeds seed, seed + 1, ...

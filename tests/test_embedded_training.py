@@ -6,7 +6,7 @@ from diffusers import PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
 from dit_cache.testing import tiny_pixart_pipeline
-from dit_cache.training.embedded_model import transfer_weights
+from dit_cache.training.embedded_model import POSITION_UNIT, TextToImageStage, transfer_weights
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def source(tmp_path_factory):
 
 def targets(pipe, patch_size: int, **overrides):
     torch.manual_seed(123)  # weights unlike the source's
-    config = {**pipe.transformer.config, "patch_size": patch_size, "interpolation_scale": 4 // patch_size,
+    config = {**pipe.transformer.config, "patch_size": patch_size, "interpolation_scale": POSITION_UNIT // patch_size,
               **overrides}
     return PixArtTransformer2DModel.from_config(config).eval(), T5EncoderModel(pipe.text_encoder.config).eval()
 
@@ -74,3 +74,9 @@ def test_mismatch_is_refused_and_leaves_the_targets_untouched(source, patch_size
         transfer_weights(str(folder), transformer, text_encoder)
     after = [*transformer.parameters(), *text_encoder.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("patch_size", [0, 3, 8])
+def test_stage_refuses_a_patch_size_that_does_not_divide_the_position_unit(patch_size):
+    with pytest.raises(ValueError, match=f"patch_size must divide {POSITION_UNIT}"):
+        TextToImageStage(patch_size=patch_size)

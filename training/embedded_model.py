@@ -37,6 +37,9 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from dit_cache import shapes
 
+# Token positions are measured in patches of this many latent pixels whatever the patch size, so weights
+# transfer across patch sizes (``transfer_weights``).
+POSITION_UNIT = 4
 CAPTION_TOKENS = 16  # longest caption ("a red circle, a blue square and a green triangle") is 13 pieces + EOS
 
 
@@ -93,6 +96,10 @@ class TextToImageStage:
     # v-prediction: with epsilon-prediction, the tiny model's ~0.006 eps error at t ~ 999 becomes an x0 error
     # of ~10 standard deviations under the linear schedule (SNR 4e-5), and DPM-Solver samples diverged.
     prediction_type: str = "v_prediction"
+
+    def __post_init__(self):
+        if self.patch_size < 1 or POSITION_UNIT % self.patch_size:
+            raise ValueError(f"patch_size must divide {POSITION_UNIT}, got {self.patch_size}")
 
 
 def build_vae(stage: VaeStage) -> AutoencoderKL:
@@ -229,8 +236,7 @@ class TextToImageModule(L.LightningModule):
             cross_attention_dim=hidden,
             caption_channels=stage.text_width,
             use_additional_conditions=False,
-            # Token positions in units of 4 latent pixels whatever the patch size, so weights transfer across sizes.
-            interpolation_scale=4 // stage.patch_size,
+            interpolation_scale=POSITION_UNIT // stage.patch_size,
         )
         self.text_encoder = T5EncoderModel(
             T5Config(
@@ -447,6 +453,11 @@ def train_embedded_model(
     L.seed_everything(seed)
     tokenizer = build_tokenizer()
 
+    # Read before training: the output folder may be the source (refining the shipped model in place).
+    source = text_to_image.init_from or vae_from
+    source_provenance = Path(source or "", "provenance.json")
+    initialized_from = json.loads(source_provenance.read_text()) if source and source_provenance.exists() else None
+
     latents_path = run / "training_latents.safetensors"
     if vae_from:
         # Latents of a reused VAE are standardized again below: an already standardized VAE folds to ~identity.
@@ -478,6 +489,7 @@ def train_embedded_model(
         "text_encoder_parameters": sum(p.numel() for p in t2i.text_encoder.parameters()),
         "wall_time_seconds_this_run": round(time.time() - started, 1),
         "torch": torch.__version__,
+        **({"initialized_from": initialized_from} if initialized_from else {}),
     }
     (output / "provenance.json").write_text(json.dumps(provenance, indent=2))
     print(f"saved the embedded model to {output}")
