@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the router's)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     generate.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    generate.add_argument("--concepts", nargs="+", default=None, help="concept words for multi-concept fixes")
+    generate.add_argument("--concepts", nargs="+", default=None,
+                          help='concept words or quoted phrases ("red circle") for the multi-concept fixes')
     generate.add_argument("--compare", action="store_true", help="also run uncached; print speedup, PSNR, SSIM")
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

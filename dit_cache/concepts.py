@@ -1,7 +1,7 @@
 """Multi-Concept T2I-Zero for PixArt-style DiTs that cross-attend to T5 tokens.
 
 * :func:`correct_by_similarities` - Correction by Similarities (CbS) on the text-encoder output.
-* :func:`concept_token_indices` - concept words -> token positions of a prompt.
+* :func:`concept_token_groups` / :func:`concept_token_indices` - concept words or phrases -> token positions.
 * :class:`CrossTokenNMSProcessor` / :func:`apply_cross_token_nms` - Cross-Token NMS inside ``attn2``.
 """
 
@@ -14,9 +14,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .kernels import cross_token_nms
+from .kernels.cross_token_nms import Concepts, concept_groups
 
 __all__ = [
     "correct_by_similarities",
+    "concept_token_groups",
     "concept_token_indices",
     "CrossTokenNMSProcessor",
     "apply_cross_token_nms",
@@ -96,26 +98,39 @@ def correct_by_similarities(prompt_embeds: torch.Tensor, attention_mask: torch.T
 
 
 # --------------------------------------------------------------------------- tokens
-def concept_token_indices(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
-    """Token positions of each concept word in ``tokenizer(prompt)``.
+def concept_token_groups(tokenizer, prompt: str, concepts: Sequence[str]) -> list[list[int]]:
+    """Token positions of each concept of ``prompt``: one list per concept, for Cross-Token NMS.
 
-    Words match whole words case-insensitively; every occurrence counts, and a word split into
-    several pieces contributes all of them (including a bare ``"▁"`` piece the tokenizer
-    attributes to the word). Positions come word by word, ascending, without duplicates.
+    A concept is a word ("circle") or a phrase ("red circle"); it matches whole words,
+    case-insensitively, with any whitespace between the words of a phrase. Every occurrence counts,
+    and a word split into several pieces contributes all of them (including a bare ``"▁"`` piece the
+    tokenizer attributes to the word). Positions are ascending within a concept. Two concepts may not
+    share a token (e.g. "red" and "red circle").
     """
     enc = tokenizer(prompt, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
-    result: list[int] = []
-    for word in words:
-        spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt, re.IGNORECASE)]
-        hits = [t for t, (s, e) in enumerate(offsets)
-                if e > s and any(s < we and e > ws for ws, we in spans)] if word.strip() else []
+    groups: list[list[int]] = []
+    for concept in concepts:
+        words = concept.split()
+        pattern = r"\s+".join(re.escape(word) for word in words)
+        spans = [m.span() for m in re.finditer(rf"(?<!\w){pattern}(?!\w)", prompt, re.IGNORECASE)] if words else []
+        hits = [t for t, (s, e) in enumerate(offsets) if e > s and any(s < we and e > ws for ws, we in spans)]
         if not hits:
             tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
-            raise ValueError(f"concept word {word!r} is not a whole word of the prompt {prompt!r}; "
+            raise ValueError(f"concept {concept!r} is not a whole word or phrase of the prompt {prompt!r}; "
                              f"prompt tokens: {tokens}")
-        result += [t for t in hits if t not in result]
-    return result
+        shared = sorted({t for group in groups for t in group} & set(hits))
+        if shared:
+            raise ValueError(f"concepts {list(concepts)} overlap in the prompt {prompt!r} (tokens {shared}); "
+                             "give each concept its own words")
+        groups.append(hits)
+    return groups
+
+
+def concept_token_indices(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
+    """Token positions of all concept words or phrases of ``prompt`` (see :func:`concept_token_groups`),
+    concept by concept, for Correction by Similarities."""
+    return [t for group in concept_token_groups(tokenizer, prompt, words) for t in group]
 
 
 # --------------------------------------------------------------------------- Cross-Token NMS
@@ -123,16 +138,17 @@ class CrossTokenNMSProcessor:
     """Attention processor for PixArt ``attn2`` that applies Cross-Token NMS to the probabilities.
 
     With ``cfg_batch=True`` the batch is ``[uncond, cond]`` (diffusers PixArt pipelines put the
-    negative prompt first) and NMS only touches the second half. ``concept_indices`` are text-token
-    positions shared by all conditional rows; ``height`` x ``width`` is the image-token grid.
+    negative prompt first) and NMS only touches the second half. ``concepts`` are text-token
+    positions shared by all conditional rows, one int or list of ints per concept (see
+    :func:`~dit_cache.kernels.cross_token_nms`); ``height`` x ``width`` is the image-token grid.
     Padded text tokens get probability 0 from the softmax (PixArt passes a -10000 bias) and NMS only
     scales entries, so they stay 0. ``active`` starts True; :meth:`set_step` switches it per step.
     While inactive the call is delegated to the stock :class:`AttnProcessor2_0`, bitwise.
     """
 
-    def __init__(self, concept_indices: Sequence[int], height: int, width: int, suppression: float = 0.0,
+    def __init__(self, concepts: Concepts, height: int, width: int, suppression: float = 0.0,
                  renormalize: bool = True, step_fraction: float = 0.5, cfg_batch: bool = True):
-        self.concept_indices = [int(c) for c in concept_indices]
+        self.concepts = concept_groups(concepts)
         self.height, self.width = int(height), int(width)
         self.suppression, self.renormalize = float(suppression), bool(renormalize)
         self.step_fraction, self.cfg_batch = float(step_fraction), bool(cfg_batch)
@@ -167,7 +183,7 @@ class CrossTokenNMSProcessor:
             raise ValueError(f"cfg_batch=True needs an even batch [uncond, cond], got {batch}; "
                              "pass cfg_batch=False when running without classifier-free guidance")
         start = (batch // 2) * attn.heads if self.cfg_batch else 0
-        nms = cross_token_nms(probs[start:], self.concept_indices, self.height, self.width,
+        nms = cross_token_nms(probs[start:], self.concepts, self.height, self.width,
                               suppression=self.suppression, renormalize=self.renormalize)
         return torch.cat([probs[:start], nms]), value
 
@@ -188,7 +204,7 @@ class CrossTokenNMSProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def apply_cross_token_nms(transformer, concept_indices: Sequence[int], height: int, width: int,
+def apply_cross_token_nms(transformer, concepts: Concepts, height: int, width: int,
                           blocks: Sequence[int] | None = None, **kwargs) -> list[CrossTokenNMSProcessor]:
     """Install a :class:`CrossTokenNMSProcessor` on ``transformer.transformer_blocks[i].attn2`` for every block
     ``i`` in ``blocks`` (default: all blocks)."""
@@ -200,7 +216,7 @@ def apply_cross_token_nms(transformer, concept_indices: Sequence[int], height: i
                          f"got {list(blocks)}.")
     processors = []
     for block in (all_blocks[i] for i in chosen):
-        proc = CrossTokenNMSProcessor(concept_indices, height, width, **kwargs)
+        proc = CrossTokenNMSProcessor(concepts, height, width, **kwargs)
         proc.previous = block.attn2.processor  # restored by remove_cross_token_nms
         block.attn2.set_processor(proc)
         processors.append(proc)

@@ -1,16 +1,18 @@
 """Cross-Token Non-Maximum Suppression (Multi-Concept T2I-Zero) on cross-attention probabilities.
 
 ``probs`` has shape ``(batch*heads, height*width, n_text)`` (post-softmax, rows indexed by the
-row-major token grid). For the concept columns ``C``:
+row-major token grid). ``concepts`` lists the concepts; each is one text-token column (an int) or
+several (a list of ints: a word split into pieces, or a phrase such as "red circle").
 
-1. each concept column is reshaped to an ``(height, width)`` map and smoothed with a normalized
-   3x3 Gaussian (sigma 1) using **zero padding** (border pixels see fewer neighbours);
-2. every pixel picks the winning concept ``argmax_k smoothed_k(p)`` (ties: the first concept in
-   ``concept_indices``);
-3. the losing concept columns of that pixel are multiplied by ``suppression`` (0 = the paper's
-   hard NMS, values in (0, 1] give a soft variant); non-concept columns are untouched;
+1. a concept's map is the mean of its columns, reshaped to ``(height, width)`` and smoothed with a
+   normalized 3x3 Gaussian (sigma 1) using **zero padding** (border pixels see fewer neighbours);
+2. every pixel picks the winning concept ``argmax_k smoothed_k(p)`` (ties: the first concept);
+3. the columns of the losing concepts at that pixel are multiplied by ``suppression`` (0 = the
+   paper's hard NMS, values in (0, 1] give a soft variant); non-concept columns are untouched;
 4. with ``renormalize=True`` every row is rescaled to sum 1 (a row summing to 0 stays 0).
 
+With one column per concept this is the paper's NMS. Averaging a multi-column concept keeps its
+pieces from suppressing one another, and keeps a long phrase from winning by its length alone.
 Entries are only ever scaled, so a probability that is 0 (e.g. a padded text token) stays 0.
 Smoothing, argmax and renormalization run in float32; the result has the dtype of ``probs``.
 """
@@ -40,24 +42,36 @@ GAUSSIAN_3X3 = [[_G2 / _GSUM, _G1 / _GSUM, _G2 / _GSUM],
                 [_G2 / _GSUM, _G1 / _GSUM, _G2 / _GSUM]]
 
 
-def _check(probs: torch.Tensor, concept_indices: Sequence[int], height: int, width: int,
-           suppression: float) -> list[int]:
+Concepts = Sequence[int | Sequence[int]]
+
+
+def concept_groups(concepts: Concepts) -> list[list[int]]:
+    """``concepts`` as one list of text-token columns per concept."""
+    groups = [[int(concept)] if isinstance(concept, int) else [int(c) for c in concept] for concept in concepts]
+    if not groups or not all(groups):
+        raise ValueError(f"concepts {list(concepts)} is empty or has an empty concept; pass at least one "
+                         "text-token index per concept")
+    return groups
+
+
+def _check(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
+           suppression: float) -> list[list[int]]:
     if probs.ndim != 3:
         raise ValueError(f"probs must have shape (batch*heads, height*width, n_text), got {tuple(probs.shape)}")
     if probs.shape[1] != height * width:
         raise ValueError(f"probs has {probs.shape[1]} image tokens but height*width = {height}*{width} = "
                          f"{height * width}; pass the token-grid size (latent size / patch size)")
-    idx = [int(c) for c in concept_indices]
+    groups = concept_groups(concepts)
+    columns = [c for group in groups for c in group]
     n_text = probs.shape[2]
-    if not idx:
-        raise ValueError("concept_indices is empty; pass at least one text-token index")
-    if any(c < 0 or c >= n_text for c in idx):
-        raise ValueError(f"concept_indices {idx} out of range for {n_text} text tokens; use 0 <= index < {n_text}")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"concept_indices {idx} contains duplicates; list each text token once")
+    if any(c < 0 or c >= n_text for c in columns):
+        raise ValueError(f"concept columns {groups} out of range for {n_text} text tokens; "
+                         f"use 0 <= index < {n_text}")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"concepts {groups} list a text token twice; each token may belong to one concept only")
     if not 0.0 <= suppression <= 1.0:
         raise ValueError(f"suppression must be in [0, 1] (0 = hard NMS), got {suppression}")
-    return idx
+    return groups
 
 
 def _smooth(maps: torch.Tensor) -> torch.Tensor:
@@ -71,20 +85,23 @@ def _smooth(maps: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cross_token_nms_reference(probs: torch.Tensor, concept_indices: Sequence[int], height: int, width: int,
+def cross_token_nms_reference(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                               suppression: float = 0.0, renormalize: bool = False) -> torch.Tensor:
     """Plain-torch Cross-Token NMS; returns a new tensor shaped like ``probs``."""
-    idx = _check(probs, concept_indices, height, width, suppression)
+    groups = _check(probs, concepts, height, width, suppression)
     bh, hw, _ = probs.shape
     p32 = probs.float()
-    cols = torch.tensor(idx, device=probs.device)
-    concept = p32[:, :, cols]  # (bh, hw, k)
-    smoothed = _smooth(concept.permute(0, 2, 1).reshape(bh, len(idx), height, width))
-    winner = smoothed.reshape(bh, len(idx), hw).argmax(dim=1)  # (bh, hw)
-    is_winner = torch.nn.functional.one_hot(winner, len(idx)).bool()
-    factor = torch.where(is_winner, torch.ones_like(concept), torch.full_like(concept, suppression))
+    cols = torch.tensor([c for group in groups for c in group], device=probs.device)
+    owner = torch.tensor([k for k, group in enumerate(groups) for _ in group], device=probs.device)
+    # (columns, concepts) matrix of 1/len(group) entries: column maps -> mean map of each concept
+    mean = torch.nn.functional.one_hot(owner, len(groups)).float()
+    mean = mean / mean.sum(dim=0)
+    maps = (_smooth(p32[:, :, cols].permute(0, 2, 1).reshape(bh, len(cols), height, width))
+            .reshape(bh, len(cols), hw).transpose(1, 2) @ mean)  # (bh, hw, concepts)
+    winner = maps.argmax(dim=-1)  # (bh, hw)
+    keep = winner[..., None] == owner  # (bh, hw, columns)
     out = p32.clone()
-    out[:, :, cols] = concept * factor
+    out[:, :, cols] = torch.where(keep, p32[:, :, cols], p32[:, :, cols] * suppression)
     if renormalize:
         total = out.sum(dim=-1, keepdim=True)
         out = out / torch.where(total > 0, total, torch.ones_like(total))
@@ -95,10 +112,13 @@ if triton is not None:
 
     @triton.jit
     def _cross_token_nms_kernel(
-        in_ptr, out_ptr, cidx_ptr, slot_ptr, gauss_ptr,  # concept columns (K,), column -> slot (N,), 3x3 weights
-        HW, N, K, H, W, suppression,
+        in_ptr, out_ptr, cidx_ptr, owner_ptr, weight_ptr, slot_ptr, gauss_ptr,
+        HW, N, K, G, H, W, suppression,
         RENORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,
     ):
+        # K concept columns cidx (K,), each owned by concept owner (K,) with weight 1/len(concept);
+        # slot (N,) maps every text column to its concept or -1; G concepts; 3x3 Gaussian weights.
         bh = tl.program_id(0)
         pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         pix_ok = pix < HW
@@ -120,9 +140,14 @@ if triton is not None:
                 v = tl.load(ptrs, mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
                 smooth += tl.load(gauss_ptr + dy * 3 + dx) * v
 
-        # 2) winning concept slot per pixel (padding slots can never win)
-        smooth = tl.where(k_ok[None, :], smooth, -float("inf"))
-        winner = tl.argmax(smooth, axis=1)  # (BLOCK_P,)
+        # 2) mean map of each concept, winning concept per pixel (padding concepts can never win)
+        owner = tl.load(owner_ptr + ks, mask=k_ok, other=-1)
+        weight = tl.load(weight_ptr + ks, mask=k_ok, other=0.0)
+        gs = tl.arange(0, BLOCK_G)
+        member = (owner[:, None] == gs[None, :]).to(tl.float32) * weight[:, None]  # (BLOCK_K, BLOCK_G)
+        score = tl.sum(smooth[:, :, None] * member[None, :, :], axis=1)  # (BLOCK_P, BLOCK_G)
+        score = tl.where((gs < G)[None, :], score, -float("inf"))
+        winner = tl.argmax(score, axis=1)  # (BLOCK_P,)
 
         # 3) scale the losing concept columns of the full rows, 4) optional renormalization
         cols = tl.arange(0, BLOCK_N)
@@ -155,30 +180,35 @@ def _kernel():
     return _cross_token_nms_kernel
 
 
-def cross_token_nms_triton(probs: torch.Tensor, concept_indices: Sequence[int], height: int, width: int,
+def cross_token_nms_triton(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                            suppression: float = 0.0, renormalize: bool = False) -> torch.Tensor:
     """Fused Triton Cross-Token NMS (same semantics as :func:`cross_token_nms_reference`)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use cross_token_nms_reference or `pip install triton`")
-    idx = _check(probs, concept_indices, height, width, suppression)
+    groups = _check(probs, concepts, height, width, suppression)
     probs = probs.contiguous()
     bh, hw, n = probs.shape
     out = torch.empty_like(probs)
+    idx = [c for group in groups for c in group]
+    owner = [k for k, group in enumerate(groups) for _ in group]
     cidx = torch.tensor(idx, dtype=torch.int32, device=probs.device)
+    owner_t = torch.tensor(owner, dtype=torch.int32, device=probs.device)
+    weight = torch.tensor([1.0 / len(groups[k]) for k in owner], dtype=torch.float32, device=probs.device)
     slot = torch.full((n,), -1, dtype=torch.int32)
-    slot[idx] = torch.arange(len(idx), dtype=torch.int32)
+    slot[idx] = owner_t.cpu()
     slot = slot.to(probs.device)
     block_n = triton.next_power_of_2(n)
     block_p = max(1, min(64, 4096 // block_n))
     gauss = torch.tensor(GAUSSIAN_3X3, dtype=torch.float32, device=probs.device)
     grid = (bh, triton.cdiv(hw, block_p))
-    _kernel()[grid](probs, out, cidx, slot, gauss, hw, n, len(idx), height, width, float(suppression),
-                    RENORMALIZE=bool(renormalize), BLOCK_P=block_p,
-                    BLOCK_N=block_n, BLOCK_K=max(2, triton.next_power_of_2(len(idx))))
+    _kernel()[grid](probs, out, cidx, owner_t, weight, slot, gauss, hw, n, len(idx), len(groups), height, width,
+                    float(suppression), RENORMALIZE=bool(renormalize), BLOCK_P=block_p, BLOCK_N=block_n,
+                    BLOCK_K=max(2, triton.next_power_of_2(len(idx))),
+                    BLOCK_G=max(2, triton.next_power_of_2(len(groups))))
     return out
 
 
-def cross_token_nms(probs: torch.Tensor, concept_indices: Sequence[int], height: int, width: int,
+def cross_token_nms(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                     suppression: float = 0.0, renormalize: bool = False, force_triton: bool = False) -> torch.Tensor:
     """Cross-Token NMS: the Triton kernel for CUDA tensors, the torch reference otherwise.
 
@@ -191,4 +221,4 @@ def cross_token_nms(probs: torch.Tensor, concept_indices: Sequence[int], height:
                                "variable TRITON_INTERPRET=1 (to run the kernel on the CPU)")
         use_triton = True
     fn = cross_token_nms_triton if use_triton else cross_token_nms_reference
-    return fn(probs, concept_indices, height, width, suppression=suppression, renormalize=renormalize)
+    return fn(probs, concepts, height, width, suppression=suppression, renormalize=renormalize)

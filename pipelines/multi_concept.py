@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_cache.concepts import (apply_cross_token_nms, concept_token_indices, correct_by_similarities,
+from dit_cache.concepts import (apply_cross_token_nms, concept_token_groups, correct_by_similarities,
                                 remove_cross_token_nms)
 
 
@@ -37,16 +37,16 @@ class MultiConceptConfig:
     nms_blocks: tuple[int, ...] | None = None
 
 
-def _concept_indices(pipe, prompt, concepts) -> tuple[str | list[str], list[int]]:
-    """The prompt(s) and the concept token positions, which must be the same for every prompt of a batch."""
+def _concept_positions(pipe, prompt, concepts) -> list[list[int]]:
+    """The token positions of each concept, which must be the same for every prompt of a batch."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("concepts= needs text prompts (prompt='a cat and a dog'), not prompt embeddings.")
-    positions = [concept_token_indices(pipe.tokenizer, p, list(concepts)) for p in prompts]
+    positions = [concept_token_groups(pipe.tokenizer, p, list(concepts)) for p in prompts]
     if any(p != positions[0] for p in positions):
         raise ValueError("concepts= in a batch needs the concept words at the same token positions in every "
                          f"prompt; got {positions}. Run those prompts in separate calls.")
-    return prompt, positions[0]
+    return positions[0]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
@@ -62,7 +62,8 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
         def argument(name):
             return kwargs.get(name, signature.parameters[name].default)
 
-        prompt, indices = _concept_indices(pipe, kwargs.get("prompt"), concepts)
+        prompt = kwargs.get("prompt")
+        groups = _concept_positions(pipe, prompt, concepts)
         guidance = argument("guidance_scale")
         with torch.no_grad():
             embeds, mask, negative, negative_mask = pipe.encode_prompt(
@@ -71,6 +72,7 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
                 clean_caption=False, max_sequence_length=argument("max_sequence_length"),
             )
         if config.correction_alpha > 0:
+            indices = [t for group in groups for t in group]
             embeds = correct_by_similarities(embeds, mask, indices, tau=config.correction_threshold,
                                              gamma=config.correction_window, alpha=config.correction_alpha)
         kwargs.update(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
@@ -79,7 +81,7 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
             return call(**kwargs)
         transformer = pipe.transformer
         processors = apply_cross_token_nms(
-            transformer, indices, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
+            transformer, groups, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
             step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0, blocks=config.nms_blocks,
         )
         num_steps = argument("num_inference_steps")

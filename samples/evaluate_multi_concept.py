@@ -20,17 +20,26 @@ from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConf
 METHODS = ("baseline", "correction by similarities", "cross-token NMS", "both")
 
 
+def prompt_concepts(prompt: str, kind: str) -> tuple[str, ...]:
+    """The concepts of a two-object caption: its shape words, its color words, or its object phrases."""
+    objects = shapes.parse_caption(prompt)
+    if kind == "objects":
+        return tuple(f"{color} {shape}" for color, shape in objects)
+    return tuple(sorted({color if kind == "colors" else shape for color, shape in objects}))
+
+
 def main(count: int = 200, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
-         concept_words: Literal["shapes", "colors"] = "shapes", with_cache: bool = True,
+         concept_words: Literal["shapes", "colors", "objects"] = "shapes", with_cache: bool = True,
          methods: list[str] = list(METHODS), output: str = "samples/results/multi_concept.json"):
     """Args:
         count: two-object prompts, each with its own seed.
         correction_alpha / correction_threshold / correction_window: Correction by Similarities.
         nms_suppression / nms_step_fraction / nms_blocks: Cross-Token NMS (blocks: None = every block).
-        concept_words: which words of "a red circle and a blue square" are the concepts.
+        concept_words: the concepts of "a red circle and a blue square": the shape words, the color words, or
+            the objects' phrases ("red circle", "blue square"; each phrase's tokens win or lose NMS together).
         with_cache: also evaluate with the embedded router's caching (off for quick parameter sweeps).
         methods: which of the four rows to run (the time ratio needs ``baseline`` among them).
     """
@@ -56,11 +65,10 @@ def main(count: int = 200, steps: int = 20,
     }
     configs = {name: configs[name] for name in METHODS if name in methods}
     rows = {}
-    # Batches share their concept token positions: group the prompts by their concept words.
-    word = 1 if concept_words == "shapes" else 0
+    # A batch shares its concepts: group the prompts by their concept words.
     groups = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(tuple(concept[word] for concept in shapes.parse_caption(prompt)), []).append(i)
+        groups.setdefault(prompt_concepts(prompt, concept_words), []).append(i)
     for cache_name, pipe in (("no cache", uncached), ("cached", cached))[: 2 if with_cache else 1]:
         for method, config in configs.items():
             call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
@@ -68,7 +76,7 @@ def main(count: int = 200, steps: int = 20,
                 call.update(concept_config=config)
 
             def concepts(words):
-                return {} if config is None else {"concepts": sorted(set(words))}
+                return {} if config is None else {"concepts": list(words)}
 
             # One untimed call first, so no row pays for first-call allocations.
             words, index = next(iter(groups.items()))

@@ -9,6 +9,7 @@ from transformers import T5Tokenizer
 from dit_cache.concepts import (
     CrossTokenNMSProcessor,
     apply_cross_token_nms,
+    concept_token_groups,
     concept_token_indices,
     correct_by_similarities,
     remove_cross_token_nms,
@@ -133,6 +134,21 @@ def test_concept_word_occurring_twice(tokenizer):
     assert len(concept_token_indices(tokenizer, prompt, ["red"])) == 2
 
 
+def test_concept_phrases_are_one_group_each(tokenizer):
+    prompt = "a red cube and a blue  sphere"  # two spaces: any whitespace separates the words of a phrase
+    tokens = _tokens(tokenizer, prompt)
+    groups = concept_token_groups(tokenizer, prompt, ["red cube", "blue sphere"])
+    assert [[tokens[i] for i in group] for group in groups] == [["▁red", "▁cube"], ["▁blue", "▁sphere"]]
+    assert concept_token_indices(tokenizer, prompt, ["red cube", "blue sphere"]) == groups[0] + groups[1]
+    with pytest.raises(ValueError, match="'cube red'"):  # a phrase matches in order only
+        concept_token_groups(tokenizer, prompt, ["cube red"])
+
+
+def test_overlapping_concepts_raise(tokenizer):
+    with pytest.raises(ValueError, match="overlap.*give each concept its own words"):
+        concept_token_groups(tokenizer, "a red cube and a blue sphere", ["red cube", "cube"])
+
+
 def test_missing_word_raises(tokenizer):
     with pytest.raises(ValueError, match="'cat'.*▁red"):
         concept_token_indices(tokenizer, "a red cube", ["cube", "cat"])
@@ -225,6 +241,11 @@ def test_processor_probabilities(pixart):
     assert torch.equal(probs[heads:], cross_token_nms_reference(raw[heads:], [1, 2], 4, 4))
     assert (probs[:heads, :, 4:] == 0).all() and (probs[heads:, :, 5:] == 0).all()  # padded columns stay 0
     assert ((probs[heads:, :, [1, 2]] != 0).sum(-1) == 1).all()
+    phrase = CrossTokenNMSProcessor([[1, 3], 2], 4, 4, suppression=0.0, renormalize=False)
+    with torch.no_grad():
+        grouped, _ = phrase.attention_probs(attn, hidden, context, bias)
+    assert torch.equal(grouped[heads:], cross_token_nms_reference(raw[heads:], [[1, 3], 2], 4, 4))
+    assert ((grouped[heads:, :, 1] != 0) == (grouped[heads:, :, 3] != 0)).all()  # a phrase's tokens stay together
 
 
 def test_set_step():

@@ -28,13 +28,15 @@ def _probs(bh, h, w, n, seed=0):
     return (3 * torch.randn(bh, h * w, n, generator=g)).softmax(-1)
 
 
-def _smoothed_argmax(probs, idx, h, w):
-    """Independent smoothing: conv2d with a normalized 3x3 Gaussian (sigma 1), zero padding."""
+def _smoothed_argmax(probs, concepts, h, w):
+    """Independent smoothing: conv2d with a normalized 3x3 Gaussian (sigma 1), zero padding, of each
+    concept's mean map (a concept is a column index or a list of them)."""
     d = torch.tensor([-1.0, 0.0, 1.0])
     k = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / 2)
     k = (k / k.sum())[None, None]
-    maps = probs[:, :, idx].permute(0, 2, 1).reshape(-1, 1, h, w)
-    sm = F.conv2d(maps, k, padding=1).reshape(probs.shape[0], len(idx), h * w)
+    groups = [[c] if isinstance(c, int) else c for c in concepts]
+    maps = torch.stack([probs[:, :, g].mean(-1) for g in groups], 1).reshape(-1, 1, h, w)
+    sm = F.conv2d(maps, k, padding=1).reshape(probs.shape[0], len(groups), h * w)
     return sm.argmax(dim=1)  # (bh, hw)
 
 
@@ -83,15 +85,32 @@ def test_renormalized_rows_sum_to_one_and_zeros_stay_zero():
     assert not torch.allclose(out, p)
 
 
+def test_multi_token_concepts_win_or_lose_together():
+    # concept 0 spans columns 1, 2 and 5 (a phrase or a word in pieces), concept 1 is column 4
+    h, w, concepts = 6, 5, [[1, 2, 5], 4]
+    p = _probs(3, h, w, 8, seed=3)
+    out = cross_token_nms_reference(p, concepts, h, w)
+    winner = _smoothed_argmax(p, concepts, h, w)
+    first_wins = (winner == 0)[..., None]
+    assert torch.equal(out[:, :, [1, 2, 5]], torch.where(first_wins, p[:, :, [1, 2, 5]], 0.0))
+    assert torch.equal(out[:, :, [4]], torch.where(first_wins, 0.0, p[:, :, [4]]))
+    assert 0 < first_wins.float().mean() < 1  # both outcomes occur, so both branches were checked
+    assert torch.equal(out[:, :, [0, 3, 6, 7]], p[:, :, [0, 3, 6, 7]])
+    # one column per concept is the paper's NMS: the pieces no longer compete with each other
+    assert torch.equal(cross_token_nms_reference(p, [[1], [4]], h, w), cross_token_nms_reference(p, [1, 4], h, w))
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(concept_indices=[0, 9]), "out of range"),
-    (dict(concept_indices=[1, 1]), "duplicates"),
-    (dict(concept_indices=[]), "empty"),
+    (dict(concepts=[0, 9]), "out of range"),
+    (dict(concepts=[1, 1]), "twice"),
+    (dict(concepts=[[0, 1], [1, 2]]), "twice"),
+    (dict(concepts=[]), "empty"),
+    (dict(concepts=[[0], []]), "empty"),
     (dict(height=4), "height\\*width"),
     (dict(suppression=1.5), "suppression"),
 ])
 def test_bad_arguments_raise(kwargs, match):
-    args = dict(probs=_probs(1, 3, 3, 9), concept_indices=[0, 1], height=3, width=3) | kwargs
+    args = dict(probs=_probs(1, 3, 3, 9), concepts=[0, 1], height=3, width=3) | kwargs
     with pytest.raises(ValueError, match=match):
         cross_token_nms_reference(**args)
 
@@ -102,6 +121,8 @@ def test_bad_arguments_raise(kwargs, match):
     (2, 7, 5, 13, [0, 3, 12], 0.3, True),
     (4, 9, 3, 20, [2, 19], 0.3, False),
     (1, 3, 11, 5, [4, 0, 2], 0.0, True),
+    (2, 6, 5, 12, [[1, 2, 5], 7, [10, 0]], 0.0, True),
+    (3, 4, 4, 9, [[3, 4], [6, 7, 8]], 0.2, False),
 ])
 def test_triton_kernel_matches_reference(bh, h, w, n, idx, lam, renorm):
     p = _probs(bh, h, w, n, seed=h * w + n)

@@ -177,6 +177,15 @@ def test_concepts_with_everything_off_reproduce_the_baseline(pixart):
     assert not np.array_equal(on, baseline)
     with pytest.raises(ValueError, match="'dog'"):
         pixart(prompt, concepts=["dog"], **PIXART_CALL)
+    # Phrases are one NMS concept each, not four competing words.
+    nms_only = MultiConceptConfig(correction_alpha=0.0)
+    phrases = pixart(prompt, generator=_generator(), concepts=["red circle", "blue square"], concept_config=nms_only,
+                     **PIXART_CALL).images
+    words = pixart(prompt, generator=_generator(), concepts=["red", "circle", "blue", "square"],
+                   concept_config=nms_only, **PIXART_CALL).images
+    assert not np.array_equal(phrases, words) and not np.array_equal(phrases, baseline)
+    with pytest.raises(ValueError, match="overlap"):
+        pixart(prompt, concepts=["red circle", "circle"], **PIXART_CALL)
     # The NMS processors are gone after the call.
     assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in pixart.transformer.transformer_blocks)
 
