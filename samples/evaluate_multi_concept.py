@@ -25,19 +25,22 @@ def prompt_concepts(prompt: str, kind: str) -> tuple[str, ...]:
     objects = shapes.parse_caption(prompt)
     if kind == "objects":
         return tuple(f"{color} {shape}" for color, shape in objects)
-    return tuple(sorted({color if kind == "colors" else shape for color, shape in objects}))
+    # In prompt order, so that the prompts grouped into one batch have their concepts at the same token positions.
+    return tuple(dict.fromkeys(color if kind == "colors" else shape for color, shape in objects))
 
 
 def main(count: int = 200, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
+         nms_renormalize: bool = True,
          concept_words: Literal["shapes", "colors", "objects"] = "shapes", with_cache: bool = True,
          methods: list[str] = list(METHODS), output: str = "samples/results/multi_concept.json"):
     """Args:
         count: two-object prompts, each with its own seed.
         correction_alpha / correction_threshold / correction_window: Correction by Similarities.
-        nms_suppression / nms_step_fraction / nms_blocks: Cross-Token NMS (blocks: None = every block).
+        nms_suppression / nms_step_fraction / nms_blocks / nms_renormalize: Cross-Token NMS (blocks: None = every
+            block).
         concept_words: the concepts of "a red circle and a blue square": the shape words, the color words, or
             the objects' phrases ("red circle", "blue square"; each phrase's tokens win or lose NMS together).
         with_cache: also evaluate with the embedded router's caching (off for quick parameter sweeps).
@@ -55,7 +58,7 @@ def main(count: int = 200, steps: int = 20,
     seeds = list(range(seed, seed + count))
     correction = dict(correction_alpha=correction_alpha, correction_threshold=correction_threshold,
                       correction_window=correction_window)
-    nms = dict(nms_suppression=nms_suppression, nms_step_fraction=nms_step_fraction,
+    nms = dict(nms_suppression=nms_suppression, nms_step_fraction=nms_step_fraction, nms_renormalize=nms_renormalize,
                nms_blocks=None if nms_blocks is None else tuple(nms_blocks))
     configs = {
         "baseline": None,
