@@ -8,6 +8,7 @@ bypassed, so a transformer shared with a stock pipeline (``from_pipe``) keeps be
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -67,6 +68,13 @@ class CachedPipelineMixin:
         """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
         pipe = super().from_pipe(pipeline, **kwargs)
         return _install(pipe, router, schedule, threshold) if router is not None or schedule is not None else pipe
+
+    def to_json_string(self) -> str:
+        """The stock pipeline's config: caching is attached at load time (``router=``), so a saved folder names the
+        diffusers class and loads with stock diffusers, ``DiffusionPipeline.from_pretrained`` included."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def _requested_steps(self, args, kwargs) -> int:
         bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs)

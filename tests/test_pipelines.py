@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,16 @@ def test_a_file_that_is_not_a_router_is_refused(pixart, tmp_path):
 def test_a_router_trained_with_another_scheduler_warns(pixart):
     with pytest.warns(UserWarning, match="trained with DDIMScheduler"):
         accelerate(pixart, router=_router(pixart, scheduler="DDIMScheduler"))
+
+
+def test_an_accelerated_pipeline_saves_as_the_stock_one(tmp_path, pixart):
+    from diffusers import DiffusionPipeline
+
+    accelerate(pixart, router=_router(pixart))
+    pixart.save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtAlphaPipeline"
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "model")) is PixArtAlphaPipeline
 
 
 def test_saved_router_round_trips_through_from_pretrained(tmp_path):
