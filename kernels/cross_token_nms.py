@@ -195,7 +195,7 @@ def cross_token_nms_triton(probs: torch.Tensor, concepts: Concepts, height: int,
     owner_t = torch.tensor(owner, dtype=torch.int32, device=probs.device)
     weight = torch.tensor([1.0 / len(groups[k]) for k in owner], dtype=torch.float32, device=probs.device)
     slot = torch.full((n,), -1, dtype=torch.int32)
-    slot[idx] = owner_t.cpu()
+    slot[idx] = torch.tensor(owner, dtype=torch.int32)
     slot = slot.to(probs.device)
     block_n = triton.next_power_of_2(n)
     block_p = max(1, min(64, 4096 // block_n))
