@@ -111,10 +111,14 @@ def _generate(pipe, router, args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from .concepts import concept_token_groups
+
     state = PartialState()
     jobs = [(prompt, args.seed + i) for prompt in args.prompts for i in range(args.num_images)]
+    if args.concepts and hasattr(pipe, "tokenizer"):
+        for prompt in args.prompts:  # a concept missing from any prompt fails here, before anything is written
+            concept_token_groups(pipe.tokenizer, prompt, args.concepts)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(jobs) as my_jobs:
         for prompt, seed in tqdm(my_jobs, desc="generating", disable=not state.is_local_main_process):
             call = _call_arguments(pipe, args, router, prompt)
@@ -122,6 +126,7 @@ def _generate(pipe, router, args) -> int:
             image = pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="np").images
             seconds = time.perf_counter() - start
             stem = f"{_slug(prompt)}-{seed}"
+            out.mkdir(parents=True, exist_ok=True)  # only once an image exists: a failed run leaves no folder
             Image.fromarray((image[0] * 255).round().clip(0, 255).astype("uint8")).save(out / f"{stem}.png")
             stats = getattr(pipe, "cache_stats", None)
             sidecar = {

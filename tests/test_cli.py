@@ -61,6 +61,15 @@ def test_bad_input_exits_non_zero_with_one_readable_line(model_and_router, tmp_p
     expected = {"missing": "No router file", "not-a-router": "not a dit-cache router",
                 "wrong-steps": "num_inference_steps=6", "unknown-concept": "'dog'"}[problem]
     assert len(errors) == 1 and expected in errors[0]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_concept_missing_from_a_later_prompt_fails_before_any_image(model_and_router, tmp_path, capsys):
+    model, router_path, _ = model_and_router
+    code = main(["generate", "a red circle", "a blue square", "--concepts", "circle", "--model", str(model),
+                 "--router", str(router_path), "--out", str(tmp_path / "out")])
+    assert code == 2 and "'circle'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_installed_command_prints_no_traceback(model_and_router, tmp_path):
