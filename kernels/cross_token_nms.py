@@ -20,6 +20,7 @@ Smoothing, argmax and renormalization run in float32; the result has the dtype o
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Sequence
 
@@ -45,9 +46,20 @@ GAUSSIAN_3X3 = [[_G2 / _GSUM, _G1 / _GSUM, _G2 / _GSUM],
 Concepts = Sequence[int | Sequence[int]]
 
 
+def _columns(concept) -> list[int]:
+    try:  # operator.index takes ints, numpy integers and one-element integer tensors, and refuses floats
+        return [operator.index(concept)]
+    except TypeError:
+        pass
+    try:
+        return [operator.index(column) for column in concept]
+    except TypeError:
+        raise ValueError(f"a concept must be a text-token index or a list of them, got {concept!r}") from None
+
+
 def concept_groups(concepts: Concepts) -> list[list[int]]:
     """``concepts`` as one list of text-token columns per concept."""
-    groups = [[int(concept)] if isinstance(concept, int) else [int(c) for c in concept] for concept in concepts]
+    groups = [_columns(concept) for concept in concepts]
     if not groups or not all(groups):
         raise ValueError(f"concepts {list(concepts)} is empty or has an empty concept; pass at least one "
                          "text-token index per concept")

@@ -6,6 +6,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run kernels on the CPU
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,8 @@ def test_multi_token_concepts_win_or_lose_together():
     assert torch.equal(out[:, :, [0, 3, 6, 7]], p[:, :, [0, 3, 6, 7]])
     # one column per concept is the paper's NMS: the pieces no longer compete with each other
     assert torch.equal(cross_token_nms_reference(p, [[1], [4]], h, w), cross_token_nms_reference(p, [1, 4], h, w))
+    # indices may come as numpy integers or integer tensors, e.g. from a tokenizer's output
+    assert torch.equal(cross_token_nms_reference(p, [np.array([1, 2, 5]), torch.tensor(4)], h, w), out)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -106,6 +109,8 @@ def test_multi_token_concepts_win_or_lose_together():
     (dict(concepts=[[0, 1], [1, 2]]), "twice"),
     (dict(concepts=[]), "empty"),
     (dict(concepts=[[0], []]), "empty"),
+    (dict(concepts=[0.5, 1]), "text-token index"),
+    (dict(concepts=[[0, 1.0]]), "text-token index"),
     (dict(height=4), "height\\*width"),
     (dict(suppression=1.5), "suppression"),
 ])
