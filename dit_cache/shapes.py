@@ -276,11 +276,17 @@ def score_image(image: Image.Image, caption_or_objects: str | Sequence[Concept])
     return ConceptScore(expected, found, missing, not missing)
 
 
-def concept_accuracy(images: Sequence[Image.Image], captions: Sequence[str | Sequence[Concept]]) -> float:
-    """Fraction of images that show every concept of their caption."""
+def concepts_present(images: Sequence[Image.Image], captions: Sequence[str | Sequence[Concept]]) -> list[bool]:
+    """For each image, whether it shows every concept of its caption."""
     images, captions = list(images), list(captions)
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images but {len(captions)} captions")
     if not images:
-        raise ValueError("concept_accuracy needs at least one image")
-    return sum(score_image(im, cap).all_present for im, cap in zip(images, captions)) / len(images)
+        raise ValueError("concept scoring needs at least one image")
+    return [score_image(im, cap).all_present for im, cap in zip(images, captions)]
+
+
+def concept_accuracy(images: Sequence[Image.Image], captions: Sequence[str | Sequence[Concept]]) -> float:
+    """Fraction of images that show every concept of their caption."""
+    present = concepts_present(images, captions)
+    return sum(present) / len(present)

@@ -67,7 +67,8 @@ def concept_groups(concepts: Concepts) -> list[list[int]]:
 
 
 def _check(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
-           suppression: float) -> list[list[int]]:
+           suppression: float) -> tuple[list[list[int]], list[int], list[int]]:
+    """The concepts' groups, their columns in one flat list, and the concept that owns each column."""
     if probs.ndim != 3:
         raise ValueError(f"probs must have shape (batch*heads, height*width, n_text), got {tuple(probs.shape)}")
     if probs.shape[1] != height * width:
@@ -75,6 +76,7 @@ def _check(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                          f"{height * width}; pass the token-grid size (latent size / patch size)")
     groups = concept_groups(concepts)
     columns = [c for group in groups for c in group]
+    owner = [k for k, group in enumerate(groups) for _ in group]
     n_text = probs.shape[2]
     if any(c < 0 or c >= n_text for c in columns):
         raise ValueError(f"concept columns {groups} out of range for {n_text} text tokens; "
@@ -83,7 +85,7 @@ def _check(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
         raise ValueError(f"concepts {groups} list a text token twice; each token may belong to one concept only")
     if not 0.0 <= suppression <= 1.0:
         raise ValueError(f"suppression must be in [0, 1] (0 = hard NMS), got {suppression}")
-    return groups
+    return groups, columns, owner
 
 
 def _smooth(maps: torch.Tensor) -> torch.Tensor:
@@ -100,11 +102,11 @@ def _smooth(maps: torch.Tensor) -> torch.Tensor:
 def cross_token_nms_reference(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                               suppression: float = 0.0, renormalize: bool = False) -> torch.Tensor:
     """Plain-torch Cross-Token NMS; returns a new tensor shaped like ``probs``."""
-    groups = _check(probs, concepts, height, width, suppression)
+    groups, columns, owner = _check(probs, concepts, height, width, suppression)
     bh, hw, _ = probs.shape
     p32 = probs.float()
-    cols = torch.tensor([c for group in groups for c in group], device=probs.device)
-    owner = torch.tensor([k for k, group in enumerate(groups) for _ in group], device=probs.device)
+    cols = torch.tensor(columns, device=probs.device)
+    owner = torch.tensor(owner, device=probs.device)
     # (columns, concepts) matrix of 1/len(group) entries: column maps -> mean map of each concept
     mean = torch.nn.functional.one_hot(owner, len(groups)).float()
     mean = mean / mean.sum(dim=0)
@@ -197,12 +199,10 @@ def cross_token_nms_triton(probs: torch.Tensor, concepts: Concepts, height: int,
     """Fused Triton Cross-Token NMS (same semantics as :func:`cross_token_nms_reference`)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use cross_token_nms_reference or `pip install triton`")
-    groups = _check(probs, concepts, height, width, suppression)
+    groups, idx, owner = _check(probs, concepts, height, width, suppression)
     probs = probs.contiguous()
     bh, hw, n = probs.shape
     out = torch.empty_like(probs)
-    idx = [c for group in groups for c in group]
-    owner = [k for k, group in enumerate(groups) for _ in group]
     cidx = torch.tensor(idx, dtype=torch.int32, device=probs.device)
     owner_t = torch.tensor(owner, dtype=torch.int32, device=probs.device)
     weight = torch.tensor([1.0 / len(groups[k]) for k in owner], dtype=torch.float32, device=probs.device)

@@ -7,6 +7,7 @@ Similarities vs Cross-Token NMS vs both, with and without caching, and the time 
 """
 
 import json
+import math
 from typing import Literal
 
 from diffusers import PixArtAlphaPipeline
@@ -27,6 +28,15 @@ def prompt_concepts(prompt: str, kind: str) -> tuple[str, ...]:
         return tuple(f"{color} {shape}" for color, shape in objects)
     # In prompt order, so that the prompts grouped into one batch have their concepts at the same token positions.
     return tuple(dict.fromkeys(color if kind == "colors" else shape for color, shape in objects))
+
+
+def paired_change(before: list[bool], after: list[bool]) -> str:
+    """Prompts a method fixed and broke against the baseline, with the exact two-sided McNemar p-value."""
+    fixed = sum(not b and a for b, a in zip(before, after))
+    broken = sum(b and not a for b, a in zip(before, after))
+    changed = fixed + broken
+    tail = sum(math.comb(changed, k) for k in range(min(fixed, broken) + 1)) / 2**changed
+    return f"{fixed} / {broken} (p = {min(1.0, 2 * tail):.2f})"
 
 
 def main(count: int = 200, steps: int = 20,
@@ -91,16 +101,16 @@ def main(count: int = 200, steps: int = 20,
                 seconds += run.seconds
                 for i, image in zip(index, run.images):
                     images[i] = image
-            # Per-prompt outcomes too, so that two rows can be compared prompt by prompt (paired).
-            present = [shapes.score_image(image, prompt).all_present for image, prompt in zip(images, prompts)]
+            present = shapes.concepts_present(images, prompts)  # kept per prompt for the paired comparison
             rows[(cache_name, method)] = {"both_present": sum(present) / count, "seconds": seconds, "present": present}
     print(f"{count} two-object prompts x seeds, {steps} steps, cfg {guidance_scale}")
-    print("| caching | method | both concepts present | time vs baseline |")
-    print("|---|---|---|---|")
+    print("| caching | method | both concepts present | time vs baseline | prompts fixed / broken (McNemar p) |")
+    print("|---|---|---|---|---|")
     for (cache_name, method), row in rows.items():
         baseline = rows.get((cache_name, "baseline"))
         overhead = f"{row['seconds'] / baseline['seconds']:.3f}x" if baseline else f"{row['seconds']:.1f} s"
-        print(f"| {cache_name} | {method} | {row['both_present']:.1%} | {overhead} |")
+        paired = "" if baseline is None or row is baseline else paired_change(baseline["present"], row["present"])
+        print(f"| {cache_name} | {method} | {row['both_present']:.1%} | {overhead} | {paired} |")
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},

@@ -16,6 +16,7 @@ from dit_cache.shapes import (
     SceneObject,
     caption,
     concept_accuracy,
+    concepts_present,
     detect_objects,
     parse_caption,
     random_scene,
@@ -198,3 +199,6 @@ def test_score_image():
     # Duplicates count: one red circle does not satisfy two.
     assert score_image(image, [("red", "circle"), ("red", "circle")]).missing == [("red", "circle")]
     assert concept_accuracy([image, image], [text, "a green triangle"]) == 0.5
+    assert concepts_present([image, image], [text, "a green triangle"]) == [True, False]
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        concepts_present([image, image], [text])

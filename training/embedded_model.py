@@ -455,8 +455,9 @@ def train_embedded_model(
 
     # Read before training: the output folder may be the source (refining the shipped model in place).
     source = text_to_image.init_from or vae_from
-    source_provenance = Path(source or "", "provenance.json")
-    initialized_from = json.loads(source_provenance.read_text()) if source and source_provenance.exists() else None
+    source_provenance = Path(source, "provenance.json") if source else None
+    initialized_from = (json.loads(source_provenance.read_text())
+                        if source_provenance and source_provenance.exists() else None)
 
     latents_path = run / "training_latents.safetensors"
     if vae_from:
