@@ -42,15 +42,32 @@ def concept_rate(images: list[Image.Image], prompts: list[str]) -> float:
     return shapes.concept_accuracy(images, prompts)
 
 
-def image_error(run: GenerationRun, reference: GenerationRun) -> dict[str, float]:
-    """MSE and PSNR (torchmetrics) of ``run`` against ``reference`` (e.g. cached vs uncached)."""
+def image_error(run: GenerationRun, reference: GenerationRun) -> dict:
+    """MSE and PSNR (torchmetrics) of ``run`` against ``reference`` (e.g. cached vs uncached), and the MSE of
+    each image (for paired comparisons: a few images whose composition changes dominate the mean)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     ours = torch.from_numpy(run.arrays).permute(0, 3, 1, 2).float()
     theirs = torch.from_numpy(reference.arrays).permute(0, 3, 1, 2).float()
-    mse = float((ours - theirs).pow(2).mean())
+    per_image = (ours - theirs).pow(2).flatten(1).mean(dim=1)
     psnr = float(peak_signal_noise_ratio(ours, theirs, data_range=1.0))
-    return {"mse": mse, "psnr": psnr}
+    return {"mse": float(per_image.mean()), "psnr": psnr, "per_image_mse": per_image.tolist()}
+
+
+def paired_difference(errors: list[float], baseline: list[float], resamples: int = 10_000,
+                      seed: int = 0) -> dict[str, float]:
+    """Mean of ``errors - baseline`` over paired images, its 95% bootstrap interval, and the share of images on
+    which ``errors`` is lower."""
+    a, b = np.asarray(errors, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists of per-image errors; "
+                         f"got {a.shape} and {b.shape}")
+    difference = a - b
+    draws = np.random.default_rng(seed).integers(0, difference.size, size=(resamples, difference.size))
+    means = difference[draws].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(difference.mean()), "low": float(low), "high": float(high),
+            "lower_share": float((a < b).mean())}
 
 
 def prompt_set(num_objects: int, count: int, seed: int) -> list[str]:

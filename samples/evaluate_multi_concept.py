@@ -12,6 +12,7 @@ from typing import Literal
 
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
+from tqdm.auto import tqdm
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path, shapes
 from dit_cache.evaluation import generate, prompt_set
@@ -82,27 +83,30 @@ def main(count: int = 200, steps: int = 20,
     groups = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt_concepts(prompt, concept_words), []).append(i)
+    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+
+    def method_call(config, words):
+        return call if config is None else {**call, "concepts": list(words), "concept_config": config}
+
     for cache_name, pipe in (("no cache", uncached), ("cached", cached))[: 2 if with_cache else 1]:
-        for method, config in configs.items():
-            call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
-            if config is not None:
-                call.update(concept_config=config)
-
-            def concepts(words):
-                return {} if config is None else {"concepts": list(words)}
-
-            # One untimed call first, so no row pays for first-call allocations.
-            words, index = next(iter(groups.items()))
-            generate(pipe, [prompts[index[0]]], [seed], desc="warm-up", **concepts(words), **call)
-            images, seconds = [None] * count, 0.0
-            for words, index in groups.items():
+        # One untimed call per method first, so no row pays for first-call allocations.
+        first_words, first_index = next(iter(groups.items()))
+        for config in configs.values():
+            generate(pipe, [prompts[first_index[0]]], [seed], desc="warm-up", **method_call(config, first_words))
+        images = {method: [None] * count for method in configs}
+        seconds = dict.fromkeys(configs, 0.0)
+        # The methods take turns on each batch, so a change in the machine's load reaches every row alike.
+        for words, index in tqdm(groups.items(), desc=cache_name):
+            for method, config in configs.items():
                 run = generate(pipe, [prompts[i] for i in index], [seeds[i] for i in index],
-                               desc=f"{cache_name}, {method}", **concepts(words), **call)
-                seconds += run.seconds
+                               desc=method, **method_call(config, words))
+                seconds[method] += run.seconds
                 for i, image in zip(index, run.images):
-                    images[i] = image
-            present = shapes.concepts_present(images, prompts)  # kept per prompt for the paired comparison
-            rows[(cache_name, method)] = {"both_present": sum(present) / count, "seconds": seconds, "present": present}
+                    images[method][i] = image
+        for method in configs:
+            present = shapes.concepts_present(images[method], prompts)  # per prompt, for the paired comparison
+            rows[(cache_name, method)] = {"both_present": sum(present) / count, "seconds": seconds[method],
+                                          "present": present}
     print(f"{count} two-object prompts x seeds, {steps} steps, cfg {guidance_scale}")
     print("| caching | method | both concepts present | time vs baseline | prompts fixed / broken (McNemar p) |")
     print("|---|---|---|---|---|")
