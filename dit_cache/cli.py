@@ -69,12 +69,20 @@ def _call_arguments(pipe, args, router, prompt: str) -> dict:
     guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or default
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):
-        call["prompt"] = prompt
+        call.update(prompt=prompt, clean_caption=_can_clean_captions())
         if args.concepts:
             call["concepts"] = args.concepts
     else:  # class-conditional DiT: an integer label or a label name
         call["class_labels"] = [int(prompt)] if prompt.isdigit() else pipe.get_label_ids([prompt])
     return call
+
+
+def _can_clean_captions() -> bool:
+    """PixArt cleans captions only with beautifulsoup4 and ftfy installed, and otherwise warns on every call and
+    lowercases; asking for what will happen anyway keeps the output free of those warnings."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return is_bs4_available() and is_ftfy_available()
 
 
 def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict:
@@ -111,13 +119,13 @@ def _generate(pipe, router, args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .concepts import concept_token_groups
+    from .pipelines import concept_positions
 
     state = PartialState()
     jobs = [(prompt, args.seed + i) for prompt in args.prompts for i in range(args.num_images)]
     if args.concepts and hasattr(pipe, "tokenizer"):
         for prompt in args.prompts:  # a concept missing from any prompt fails here, before anything is written
-            concept_token_groups(pipe.tokenizer, prompt, args.concepts)
+            concept_positions(pipe, prompt, args.concepts, clean_caption=_can_clean_captions())
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:
         for prompt, seed in tqdm(my_jobs, desc="generating", disable=not state.is_local_main_process):

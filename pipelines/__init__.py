@@ -2,7 +2,7 @@
 
 from .accelerated import (AcceleratedDiTPipeline, AcceleratedPixArtAlphaPipeline, AcceleratedPixArtSigmaPipeline,
                           CachedPipelineMixin, accelerate, decelerate)
-from .multi_concept import MultiConceptConfig
+from .multi_concept import MultiConceptConfig, concept_positions
 
 __all__ = [
     "AcceleratedDiTPipeline",
@@ -11,5 +11,6 @@ __all__ = [
     "CachedPipelineMixin",
     "MultiConceptConfig",
     "accelerate",
+    "concept_positions",
     "decelerate",
 ]

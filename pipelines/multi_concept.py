@@ -37,21 +37,27 @@ class MultiConceptConfig:
     nms_blocks: tuple[int, ...] | None = None
 
 
-def _concept_positions(pipe, prompt, concepts) -> list[list[int]]:
-    """The token positions of each concept, which must be the same for every prompt of a batch."""
+def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> tuple[list[str], list[list[int]]]:
+    """The prompts as the pipeline's text encoder will read them, and the token positions of each concept there.
+
+    PixArt pipelines lowercase every prompt (and with ``clean_caption`` and its packages, clean it) before
+    tokenizing, so positions are taken from that text: in the raw "A Red Circle" they would point elsewhere.
+    The positions must be the same for every prompt of a batch.
+    """
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("concepts= needs text prompts (prompt='a cat and a dog'), not prompt embeddings.")
+    prompts = pipe._text_preprocessing(prompts, clean_caption=clean_caption)
     positions = [concept_token_groups(pipe.tokenizer, p, list(concepts)) for p in prompts]
     if any(p != positions[0] for p in positions):
         raise ValueError("concepts= in a batch needs the concept words at the same token positions in every "
                          f"prompt; got {positions}. Run those prompts in separate calls.")
-    return positions[0]
+    return prompts, positions[0]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
     """Wrap ``call`` (the pipeline's stock ``__call__``) so it runs with both fixes."""
-    if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "tokenizer"):
+    if not all(hasattr(pipe, name) for name in ("encode_prompt", "tokenizer", "_text_preprocessing")):
         raise TypeError(f"concepts= needs a text-to-image pipeline with cross-attention, not {type(pipe).__name__}.")
 
     @functools.wraps(call)
@@ -62,12 +68,11 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
         def argument(name):
             return kwargs.get(name, signature.parameters[name].default)
 
-        prompt = kwargs.get("prompt")
-        groups = _concept_positions(pipe, prompt, concepts)
+        prompts, groups = concept_positions(pipe, kwargs.get("prompt"), concepts, argument("clean_caption"))
         guidance = argument("guidance_scale")
-        with torch.no_grad():
+        with torch.no_grad():  # already preprocessed: encode_prompt's own lowercasing leaves the prompts as they are
             embeds, mask, negative, negative_mask = pipe.encode_prompt(
-                prompt, do_classifier_free_guidance=guidance > 1.0, negative_prompt=argument("negative_prompt"),
+                prompts, do_classifier_free_guidance=guidance > 1.0, negative_prompt=argument("negative_prompt"),
                 num_images_per_prompt=argument("num_images_per_prompt"), device=pipe._execution_device,
                 clean_caption=False, max_sequence_length=argument("max_sequence_length"),
             )

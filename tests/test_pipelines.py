@@ -202,6 +202,15 @@ def test_concepts_with_everything_off_reproduce_the_baseline(pixart):
     assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in pixart.transformer.transformer_blocks)
 
 
+def test_concepts_are_found_in_the_prompt_the_text_encoder_reads(pixart):
+    # PixArt lowercases prompts before tokenizing; positions taken from the raw text would point elsewhere.
+    accelerate(pixart, router=_router(pixart))
+    concepts = ["red circle", "blue square"]
+    lower = pixart("a red circle and a blue square", generator=_generator(), concepts=concepts, **PIXART_CALL).images
+    mixed = pixart("  A Red CIRCLE and a Blue square", generator=_generator(), concepts=concepts, **PIXART_CALL).images
+    assert np.array_equal(mixed, lower)
+
+
 def test_bfloat16_pipeline_caches_in_its_own_dtype():
     pipe = tiny_pixart_pipeline().to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
