@@ -8,13 +8,16 @@ Error is measured on the final images against the uncached pipeline with the sam
 """
 
 import json
+import statistics
 
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, cache_units, embedded_model_path
-from dit_cache.evaluation import concept_rate, generate, image_error, prompt_set
+from dit_cache.evaluation import concept_rate, generate, image_error, paired_difference, prompt_set
+from dit_cache.flops import unit_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
+from dit_cache.testing import step_inputs
 
 
 def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
@@ -32,27 +35,43 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
     prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
     seeds = list(range(seed, seed + count))
     call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)  # untimed: first-call allocations
     reference = generate(pipe, prompts, seeds, desc="uncached", **call)
     candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}
     num_units = len(cache_units(pipe.transformer))
-    candidates[f"uniform (interval {uniform_interval})"] = {
-        "schedule": CacheSchedule.uniform(steps, num_units, uniform_interval)}
-    rows = {"uncached": {"cache_ratio": 0.0, "concept_accuracy": concept_rate(reference.images, prompts),
-                         "mse": 0.0, "psnr": float("inf"), "seconds": reference.seconds}}
+    uniform_name = f"uniform (interval {uniform_interval})"
+    candidates[uniform_name] = {"schedule": CacheSchedule.uniform(steps, num_units, uniform_interval)}
+    # CUR counts every unit alike; their FLOPs differ (PixArt's MLP costs about twice its cross-attention).
+    per_unit_flops, total_flops = unit_flops(pipe.transformer, **step_inputs(pipe.transformer, text_tokens=120))
+    rows = {"uncached": {"cache_ratio": 0.0, "theoretical_speedup": 1.0,
+                         "concept_accuracy": concept_rate(reference.images, prompts), "mse": 0.0,
+                         "psnr": float("inf"), "per_image_mse": [0.0] * count, "seconds": reference.seconds}}
     for name, source in candidates.items():
         cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, **source)
         cached.set_progress_bar_config(disable=True)
+        generate(cached, prompts[:1], seeds[:1], desc="warm-up", **call)
         run = generate(cached, prompts, seeds, desc=name, **call)
+        schedule = source["router"].schedule() if "router" in source else source["schedule"]
         rows[name] = {"cache_ratio": cached.cache_stats.cache_ratio,
+                      "theoretical_speedup": schedule.theoretical_speedup(per_unit_flops, total_flops),
                       "concept_accuracy": concept_rate(run.images, prompts),
                       **image_error(run, reference), "seconds": run.seconds}
+    uniform = rows[uniform_name]["per_image_mse"]
     print(f"{count} prompts x seeds, {steps} DPM-Solver steps, cfg {guidance_scale}")
-    print("| schedule | CUR | image MSE vs uncached | PSNR (dB) | concept accuracy | speedup |")
-    print("|---|---|---|---|---|---|")
+    print("| schedule | CUR | image MSE vs uncached | median image MSE | PSNR (dB) | MSE minus uniform's "
+          "[95% bootstrap] | images with less error than uniform | concept accuracy | speedup (wall clock) | "
+          "transformer FLOP-theoretical speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         speedup = rows["uncached"]["seconds"] / row["seconds"]
-        print(f"| {name} | {row['cache_ratio']:.1%} | {row['mse']:.5f} | {row['psnr']:.2f} | "
-              f"{row['concept_accuracy']:.1%} | {speedup:.2f}x |")
+        paired = " | "
+        if name not in ("uncached", uniform_name):
+            row["vs_uniform"] = difference = paired_difference(row["per_image_mse"], uniform)
+            paired = (f"{difference['mean']:+.5f} [{difference['low']:+.5f}, {difference['high']:+.5f}] | "
+                      f"{difference['lower_share']:.0%}")
+        median = statistics.median(row["per_image_mse"])
+        print(f"| {name} | {row['cache_ratio']:.1%} | {row['mse']:.5f} | {median:.5f} | {row['psnr']:.2f} | {paired} | "
+              f"{row['concept_accuracy']:.1%} | {speedup:.2f}x | {row['theoretical_speedup']:.2f}x |")
     with open(output, "w") as file:
         json.dump({"command": "python samples/compare_routers.py", "count": count, "steps": steps,
                    "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)

@@ -60,7 +60,8 @@ class RecordTrajectories(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
         self._write({"event": "batch", "batch": batch_index, "seed": int(batch[1]), "global_step": trainer.global_step,
-                     "log_beta": float(module.log_beta), "cache_ratio": module.router.schedule().cache_ratio})
+                     "log_beta": float(module.log_beta), "cache_ratio": module.router.schedule().cache_ratio,
+                     "step_weights": module.step_weights.tolist()})
 
 
 class KillAt(L.Callback):
@@ -273,6 +274,14 @@ def test_target_cache_ratio_is_reached(target_run):
         assert router.threshold != 0.1
     else:
         assert router.threshold == 0.1 and abs(reached - TARGET) <= 0.02
+
+
+def test_export_records_the_proxy_weights_of_the_last_refresh(target_run):
+    router = CacheRouter.load(target_run / "router.safetensors")
+    batches = [r for r in _records(target_run / "log.jsonl") if r["event"] == "batch"]
+    refreshed = [r["step_weights"] for r in batches]
+    assert refreshed[0] != refreshed[-1]  # the proxy was refreshed during the run (every 10 trajectories)
+    assert router.metadata["proxy_weights"] == pytest.approx(refreshed[-1])
 
 
 def test_dual_ascent_moves_beta_toward_the_target(target_run):

@@ -253,5 +253,8 @@ class RouterModule(L.LightningModule):
             "objective": self.hparams.objective,
             "beta": self.beta,
             "proxy": self.hparams.proxy if self.hparams.objective == "harmonica" else None,
+            # The lambda_t the router was last trained with, so its objective can be re-evaluated later
+            # (samples/diagnose_router.py).
+            "proxy_weights": self.step_weights.tolist() if self.hparams.objective == "harmonica" else None,
             "model": self.hparams.model,
         }

@@ -1,0 +1,101 @@
+"""Where a learned router stands against a uniform schedule: its training objective, and its error in latent and
+in pixel space, per image.
+
+    python samples/diagnose_router.py                                   # the shipped router
+    python samples/diagnose_router.py --router runs/router/embedded/router.safetensors
+
+``compare_routers.py`` scores final images; the router is trained on latents. This script separates the two:
+* objective: the HarmoniCa loss the router minimizes, sum over steps of lambda_t x the local error of the
+  guided model output against the full model on the same latent, along each schedule's own trajectory, with the
+  proxy weights lambda_t the router was last trained with (its ``proxy_weights`` metadata);
+* final latent and decoded image of each prompt against the uncached run, with the paired difference.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers import PixArtAlphaPipeline
+from jsonargparse import CLI
+from tqdm.auto import tqdm
+
+from dit_cache import (EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, apply_cache, cache_units,
+                       embedded_model_path, embedded_router_path)
+from dit_cache.evaluation import paired_difference, prompt_set
+from dit_cache.training.denoising import GuidedDenoiser, fresh_scheduler, text_conditioning
+
+
+@torch.no_grad()
+def trajectory(denoiser, scheduler, handle, schedule, noise, conditioning, num_steps):
+    """Final latents of a sampling run under ``schedule`` and the local error of each step's model output."""
+    handle.set_schedule(schedule)
+    steps = fresh_scheduler(scheduler, num_steps)
+    latents = noise * steps.init_noise_sigma
+    errors = torch.zeros(num_steps)
+    measure = not bool(schedule.mask.all())  # a schedule that computes everything has no local error
+    for index, t in enumerate(steps.timesteps):
+        model_input = steps.scale_model_input(latents, t)
+        output = denoiser(model_input, t, conditioning)
+        if measure and index:
+            with handle.bypassed():
+                errors[index] = F.mse_loss(output, denoiser(model_input, t, conditioning))
+        latents = steps.step(output, t, latents).prev_sample
+    return latents, errors
+
+
+def main(router: str = str(embedded_router_path()), uniform_interval: int = 2,
+         batches: int = 6, batch_size: int = 16, guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
+         seed: int = 50_000):
+    """Args:
+        router: router file to diagnose.
+        batches / batch_size: prompts (half one-object, half two-object per batch), each batch its own noise.
+    """
+    router = CacheRouter.load(router)
+    steps = router.num_steps
+    pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
+    transformer = pipe.transformer
+    units = len(cache_units(transformer))
+    handle = apply_cache(transformer, CacheSchedule.full(steps, units))
+    denoiser = GuidedDenoiser(transformer, guidance_scale)
+    schedules = {"uncached": CacheSchedule.full(steps, units), "router": router.schedule(),
+                 f"uniform (interval {uniform_interval})": CacheSchedule.uniform(steps, units, uniform_interval)}
+    latents = {name: [] for name in schedules}
+    images = {name: [] for name in schedules}
+    local_errors = {name: torch.zeros(steps) for name in schedules}
+    for batch in tqdm(range(batches), desc="batches"):
+        half = batch_size // 2
+        prompts = prompt_set(1, half, seed + 2 * batch) + prompt_set(2, batch_size - half, seed + 2 * batch + 1)
+        with torch.no_grad():
+            embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, device="cpu", clean_caption=False)
+        conditioning = text_conditioning(embeds, mask, negative, negative_mask, transformer)
+        noise = torch.randn(batch_size, transformer.config.in_channels, transformer.config.sample_size,
+                            transformer.config.sample_size, generator=torch.Generator().manual_seed(seed + batch))
+        for name, schedule in schedules.items():
+            final, errors = trajectory(denoiser, pipe.scheduler, handle, schedule, noise, conditioning, steps)
+            local_errors[name] += errors / batches
+            with torch.no_grad():
+                decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample
+            latents[name].append(final)
+            images[name].append((decoded / 2 + 0.5).clamp(0, 1))
+    weights = router.metadata.get("proxy_weights")  # absent from routers trained before it was recorded
+    weights = None if weights is None else torch.tensor(weights)
+    print(f"{batches * batch_size} prompts, {steps} steps, cfg {guidance_scale}")
+    print("| schedule | CUR | objective | final latent MSE: mean / median | image MSE: mean / median |")
+    print("|---|---|---|---|---|")
+    per_image = {}
+    for name, schedule in list(schedules.items())[1:]:
+        objective = f"{float((weights * local_errors[name]).sum()):.4f}" if weights is not None else "-"
+        cells = []
+        for space, outputs in (("latent", latents), ("image", images)):
+            error = (torch.cat(outputs[name]) - torch.cat(outputs["uncached"])).pow(2).flatten(1).mean(dim=1)
+            per_image[name, space] = error.tolist()
+            cells.append(f"{float(error.mean()):.5f} / {float(error.median()):.5f}")
+        print(f"| {name} | {schedule.cache_ratio:.1%} | {objective} | {cells[0]} | {cells[1]} |")
+    uniform = list(schedules)[2]
+    for space in ("latent", "image"):
+        difference = paired_difference(per_image["router", space], per_image[uniform, space])
+        print(f"router minus uniform, {space} MSE: {difference['mean']:+.5f} "
+              f"[95% bootstrap {difference['low']:+.5f}, {difference['high']:+.5f}], router lower on "
+              f"{difference['lower_share']:.0%} of the prompts")
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
