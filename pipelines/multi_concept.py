@@ -37,8 +37,8 @@ class MultiConceptConfig:
     nms_blocks: tuple[int, ...] | None = None
 
 
-def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> tuple[list[str], list[list[int]]]:
-    """The prompts as the pipeline's text encoder will read them, and the token positions of each concept there.
+def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> list[list[int]]:
+    """The token positions of each concept in ``prompt`` as the pipeline's text encoder reads it.
 
     PixArt pipelines lowercase every prompt (and with ``clean_caption`` and its packages, clean it) before
     tokenizing, so positions are taken from that text: in the raw "A Red Circle" they would point elsewhere.
@@ -52,7 +52,7 @@ def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> tup
     if any(p != positions[0] for p in positions):
         raise ValueError("concepts= in a batch needs the concept words at the same token positions in every "
                          f"prompt; got {positions}. Run those prompts in separate calls.")
-    return prompts, positions[0]
+    return positions[0]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
@@ -68,13 +68,15 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
         def argument(name):
             return kwargs.get(name, signature.parameters[name].default)
 
-        prompts, groups = concept_positions(pipe, kwargs.get("prompt"), concepts, argument("clean_caption"))
+        clean_caption = argument("clean_caption")
+        groups = concept_positions(pipe, kwargs.get("prompt"), concepts, clean_caption)
         guidance = argument("guidance_scale")
-        with torch.no_grad():  # already preprocessed: encode_prompt's own lowercasing leaves the prompts as they are
+        with torch.no_grad():  # as the stock call encodes: same preprocessing of prompt and negative prompt
             embeds, mask, negative, negative_mask = pipe.encode_prompt(
-                prompts, do_classifier_free_guidance=guidance > 1.0, negative_prompt=argument("negative_prompt"),
-                num_images_per_prompt=argument("num_images_per_prompt"), device=pipe._execution_device,
-                clean_caption=False, max_sequence_length=argument("max_sequence_length"),
+                kwargs.get("prompt"), do_classifier_free_guidance=guidance > 1.0,
+                negative_prompt=argument("negative_prompt"), num_images_per_prompt=argument("num_images_per_prompt"),
+                device=pipe._execution_device, clean_caption=clean_caption,
+                max_sequence_length=argument("max_sequence_length"),
             )
         if config.correction_alpha > 0:
             indices = [t for group in groups for t in group]

@@ -211,6 +211,25 @@ def test_concepts_are_found_in_the_prompt_the_text_encoder_reads(pixart):
     assert np.array_equal(mixed, lower)
 
 
+def test_concepts_with_everything_off_clean_captions_as_the_stock_call(pixart, monkeypatch):
+    from dit_cache.pipelines import MultiConceptConfig
+
+    # Stand-ins for beautifulsoup4 + ftfy and PixArt's caption cleaner, so the cleaning path runs here.
+    module = type(pixart).__module__
+    monkeypatch.setattr(f"{module}.is_bs4_available", lambda: True)
+    monkeypatch.setattr(f"{module}.is_ftfy_available", lambda: True)
+    monkeypatch.setattr(pixart, "_clean_caption", lambda text: text.lower().replace("blue", "red"), raising=False)
+    call = dict(negative_prompt="a BLUE square", clean_caption=True, **PIXART_CALL)
+    stock = pixart("a red circle and a blue square", generator=_generator(), **call).images
+    accelerate(pixart, router=_router(pixart))
+    off = MultiConceptConfig(correction_alpha=0.0, nms=False)
+    same = pixart("a red circle and a blue square", generator=_generator(), cache=False, concepts=["circle"],
+                  concept_config=off, **call).images
+    assert np.array_equal(same, stock)
+    with pytest.raises(ValueError, match="'blue'"):  # the cleaned prompt no longer has it
+        pixart("a red circle and a blue square", concepts=["blue"], **call)
+
+
 def test_bfloat16_pipeline_caches_in_its_own_dtype():
     pipe = tiny_pixart_pipeline().to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
