@@ -66,11 +66,23 @@ class CacheRouter(torch.nn.Module):
         return CacheSchedule(mask)
 
     @torch.no_grad()
-    def calibrate_threshold(self, target_cache_ratio: float) -> float:
-        """Move the threshold so the hard schedule's CUR is as close to the target as the scores allow."""
-        scores = self.scores()[~self.fixed_rows].flatten().sort().values
-        total = self.num_steps * self.num_units
-        cached = min(max(round(target_cache_ratio * total), 0), scores.numel())
+    def calibrate_threshold(self, target_cache_ratio: float, unit_weights: torch.Tensor | None = None) -> float:
+        """Move the threshold so the hard schedule's CUR is as close to the target as the scores allow.
+
+        With ``unit_weights`` (e.g. the per-unit FLOPs of :func:`dit_cache.flops.unit_flops`) a cached unit counts
+        by its weight, so the target is the share of the units' work that is skipped rather than of their number.
+        """
+        ones = torch.ones(self.num_units, dtype=torch.float64)
+        weights = ones if unit_weights is None else torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
+        if weights.shape != (self.num_units,) or not bool((weights > 0).all()):
+            raise ValueError(f"unit_weights must be {self.num_units} positive numbers, one per unit; "
+                             f"got shape {tuple(weights.shape)}")
+        trainable = self.scores().detach().cpu()[~self.fixed_rows.cpu()]  # (rows, units); fixed rows always compute
+        scores, order = trainable.flatten().sort()
+        cached_weight = weights.expand_as(trainable).flatten()[order].cumsum(0)
+        # share skipped when the k lowest scores are cached, k = 0 .. all trainable entries
+        share = torch.cat([torch.zeros(1, dtype=torch.float64), cached_weight]) / (weights.sum() * self.num_steps)
+        cached = int((share - target_cache_ratio).abs().argmin())
         if cached == 0:
             self.threshold = float(scores[0]) / 2
         elif cached == scores.numel():

@@ -13,7 +13,7 @@ import statistics
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
-from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, cache_units, embedded_model_path
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, image_error, paired_difference, prompt_set
 from dit_cache.flops import unit_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
@@ -22,12 +22,14 @@ from dit_cache.testing import step_inputs
 
 def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
-         uniform_interval: int = 2, count: int = 100, steps: int = 20,
+         uniform_interval: int = 2, match_flops: bool = False, count: int = 100, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
          seed: int = 20_000, output: str = "samples/results/router_comparison.json"):
     """Args:
         routers: name -> router file.
         uniform_interval: the FORA baseline recomputes everything every this many steps.
+        match_flops: move each router's threshold so it skips the same share of the units' FLOPs as the uniform
+            schedule (default: the threshold it was trained with).
         count: prompts (half one-object, half two-object), each with its own seed.
     """
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
@@ -37,12 +39,16 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
     call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
     generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)  # untimed: first-call allocations
     reference = generate(pipe, prompts, seeds, desc="uncached", **call)
-    candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}
-    num_units = len(cache_units(pipe.transformer))
-    uniform_name = f"uniform (interval {uniform_interval})"
-    candidates[uniform_name] = {"schedule": CacheSchedule.uniform(steps, num_units, uniform_interval)}
     # CUR counts every unit alike; their FLOPs differ (PixArt's MLP costs about twice its cross-attention).
     per_unit_flops, total_flops = unit_flops(pipe.transformer, **step_inputs(pipe.transformer, text_tokens=120))
+    uniform_name = f"uniform (interval {uniform_interval})"
+    uniform_schedule = CacheSchedule.uniform(steps, len(per_unit_flops), uniform_interval)
+    candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}
+    if match_flops:
+        skipped = ((~uniform_schedule.mask).double() * per_unit_flops).sum() / (per_unit_flops.sum() * steps)
+        for source in candidates.values():
+            source["router"].calibrate_threshold(float(skipped), unit_weights=per_unit_flops)
+    candidates[uniform_name] = {"schedule": uniform_schedule}
     rows = {"uncached": {"cache_ratio": 0.0, "theoretical_speedup": 1.0,
                          "concept_accuracy": concept_rate(reference.images, prompts), "mse": 0.0,
                          "psnr": float("inf"), "per_image_mse": [0.0] * count, "seconds": reference.seconds}}
@@ -74,6 +80,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
               f"{row['concept_accuracy']:.1%} | {speedup:.2f}x | {row['theoretical_speedup']:.2f}x |")
     with open(output, "w") as file:
         json.dump({"command": "python samples/compare_routers.py", "count": count, "steps": steps,
+                   "match_flops": match_flops,
                    "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)
 
 

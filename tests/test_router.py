@@ -214,6 +214,22 @@ def test_calibrate_threshold_counts_only_trainable_rows():
         assert bool(schedule.mask[::2].all())
 
 
+def test_calibrate_threshold_by_unit_weights_matches_the_skipped_share():
+    router = _router(num_steps=10, num_units=6, seed=7)
+    weights = torch.tensor([1.0, 1.0, 4.0, 1.0, 1.0, 4.0])  # two expensive units
+    for target in (0.2, 0.5):
+        router.calibrate_threshold(target, unit_weights=weights)
+        skipped = float(((~router.schedule().mask).double() * weights).sum() / (weights.sum() * 10))
+        assert abs(skipped - target) <= 4 / 120 + 1e-6  # within one expensive unit
+    by_count = _router(num_steps=10, num_units=6, seed=7)
+    by_count.calibrate_threshold(0.5)
+    assert router.threshold != by_count.threshold
+    with pytest.raises(ValueError, match="one per unit"):
+        router.calibrate_threshold(0.5, unit_weights=torch.ones(5))
+    with pytest.raises(ValueError, match="positive"):
+        router.calibrate_threshold(0.5, unit_weights=torch.zeros(6))
+
+
 def test_calibrated_threshold_keeps_the_first_step_computing():
     router = _router(num_steps=10, num_units=6)
     with torch.no_grad():
