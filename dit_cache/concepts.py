@@ -140,15 +140,21 @@ class CrossTokenNMSProcessor:
     With ``cfg_batch=True`` the batch is ``[uncond, cond]`` (diffusers PixArt pipelines put the
     negative prompt first) and NMS only touches the second half. ``concepts`` are text-token
     positions shared by all conditional rows, one int or list of ints per concept (see
-    :func:`~dit_cache.kernels.cross_token_nms`); ``height`` x ``width`` is the image-token grid.
+    :func:`~dit_cache.kernels.cross_token_nms`); with ``per_sample=True`` it is one such list per
+    conditional sample instead (prompts whose concept words sit at different positions).
+    ``height`` x ``width`` is the image-token grid.
     Padded text tokens get probability 0 from the softmax (PixArt passes a -10000 bias) and NMS only
     scales entries, so they stay 0. ``active`` starts True; :meth:`set_step` switches it per step.
     While inactive the call is delegated to the stock :class:`AttnProcessor2_0`, bitwise.
     """
 
-    def __init__(self, concepts: Concepts, height: int, width: int, suppression: float = 0.0,
-                 renormalize: bool = True, step_fraction: float = 0.5, cfg_batch: bool = True):
-        self.concepts = concept_groups(concepts)
+    def __init__(self, concepts: Concepts | Sequence[Concepts], height: int, width: int, suppression: float = 0.0,
+                 renormalize: bool = True, step_fraction: float = 0.5, cfg_batch: bool = True,
+                 per_sample: bool = False):
+        self.per_sample = bool(per_sample)
+        if self.per_sample and not concepts:
+            raise ValueError("per_sample=True needs one concept list per conditional sample; got none")
+        self.concepts = [concept_groups(c) for c in concepts] if self.per_sample else concept_groups(concepts)
         self.height, self.width = int(height), int(width)
         self.suppression, self.renormalize = float(suppression), bool(renormalize)
         self.step_fraction, self.cfg_batch = float(step_fraction), bool(cfg_batch)
@@ -183,9 +189,18 @@ class CrossTokenNMSProcessor:
             raise ValueError(f"cfg_batch=True needs an even batch [uncond, cond], got {batch}; "
                              "pass cfg_batch=False when running without classifier-free guidance")
         start = (batch // 2) * attn.heads if self.cfg_batch else 0
-        nms = cross_token_nms(probs[start:], self.concepts, self.height, self.width,
-                              suppression=self.suppression, renormalize=self.renormalize)
-        return torch.cat([probs[:start], nms]), value
+        options = dict(suppression=self.suppression, renormalize=self.renormalize)
+        if not self.per_sample:
+            nms = cross_token_nms(probs[start:], self.concepts, self.height, self.width, **options)
+            return torch.cat([probs[:start], nms]), value
+        samples = (probs.shape[0] - start) // attn.heads  # rows are sample-major, heads inner
+        if samples != len(self.concepts):
+            raise ValueError(f"per_sample concepts list {len(self.concepts)} samples but the conditional batch has "
+                             f"{samples}; pass one concept list per image")
+        rows = [probs[start + i * attn.heads: start + (i + 1) * attn.heads] for i in range(samples)]
+        nms = [cross_token_nms(row, groups, self.height, self.width, **options)
+               for row, groups in zip(rows, self.concepts)]
+        return torch.cat([probs[:start], *nms]), value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):

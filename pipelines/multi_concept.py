@@ -37,22 +37,17 @@ class MultiConceptConfig:
     nms_blocks: tuple[int, ...] | None = None
 
 
-def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> list[list[int]]:
-    """The token positions of each concept in ``prompt`` as the pipeline's text encoder reads it.
+def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> list[list[list[int]]]:
+    """The token positions of each concept in each prompt as the pipeline's text encoder reads it.
 
     PixArt pipelines lowercase every prompt (and with ``clean_caption`` and its packages, clean it) before
     tokenizing, so positions are taken from that text: in the raw "A Red Circle" they would point elsewhere.
-    The positions must be the same for every prompt of a batch.
     """
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("concepts= needs text prompts (prompt='a cat and a dog'), not prompt embeddings.")
     prompts = pipe._text_preprocessing(prompts, clean_caption=clean_caption)
-    positions = [concept_token_groups(pipe.tokenizer, p, list(concepts)) for p in prompts]
-    if any(p != positions[0] for p in positions):
-        raise ValueError("concepts= in a batch needs the concept words at the same token positions in every "
-                         f"prompt; got {positions}. Run those prompts in separate calls.")
-    return positions[0]
+    return [concept_token_groups(pipe.tokenizer, p, list(concepts)) for p in prompts]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
@@ -69,7 +64,10 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
             return kwargs.get(name, signature.parameters[name].default)
 
         clean_caption = argument("clean_caption")
-        groups = concept_positions(pipe, kwargs.get("prompt"), concepts, clean_caption)
+        per_prompt = concept_positions(pipe, kwargs.get("prompt"), concepts, clean_caption)
+        # encode_prompt repeats each prompt's embeddings num_images_per_prompt times in a row
+        per_image = [groups for groups in per_prompt for _ in range(argument("num_images_per_prompt"))]
+        shared = all(groups == per_image[0] for groups in per_image)
         guidance = argument("guidance_scale")
         with torch.no_grad():  # as the stock call encodes: same preprocessing of prompt and negative prompt
             embeds, mask, negative, negative_mask = pipe.encode_prompt(
@@ -79,7 +77,7 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
                 max_sequence_length=argument("max_sequence_length"),
             )
         if config.correction_alpha > 0:
-            indices = [t for group in groups for t in group]
+            indices = [[t for group in groups for t in group] for groups in per_image]
             embeds = correct_by_similarities(embeds, mask, indices, tau=config.correction_threshold,
                                              gamma=config.correction_window, alpha=config.correction_alpha)
         kwargs.update(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
@@ -88,7 +86,8 @@ def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):
             return call(**kwargs)
         transformer = pipe.transformer
         processors = apply_cross_token_nms(
-            transformer, groups, 1, 1, suppression=config.nms_suppression, renormalize=config.nms_renormalize,
+            transformer, per_image[0] if shared else per_image, 1, 1, per_sample=not shared,
+            suppression=config.nms_suppression, renormalize=config.nms_renormalize,
             step_fraction=config.nms_step_fraction, cfg_batch=guidance > 1.0, blocks=config.nms_blocks,
         )
         num_steps = argument("num_inference_steps")

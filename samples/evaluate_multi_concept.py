@@ -27,7 +27,7 @@ def prompt_concepts(prompt: str, kind: str) -> tuple[str, ...]:
     objects = shapes.parse_caption(prompt)
     if kind == "objects":
         return tuple(f"{color} {shape}" for color, shape in objects)
-    # In prompt order, so that the prompts grouped into one batch have their concepts at the same token positions.
+    # In prompt order, which fixes the batches (and so the images) of the runs the README reports.
     return tuple(dict.fromkeys(color if kind == "colors" else shape for color, shape in objects))
 
 
@@ -79,7 +79,7 @@ def main(count: int = 200, steps: int = 20,
     }
     configs = {name: configs[name] for name in METHODS if name in methods}
     rows = {}
-    # A batch shares its concepts: group the prompts by their concept words.
+    # One call takes one list of concept words: group the prompts by theirs.
     groups = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt_concepts(prompt, concept_words), []).append(i)

@@ -248,6 +248,29 @@ def test_processor_probabilities(pixart):
     assert ((grouped[heads:, :, 1] != 0) == (grouped[heads:, :, 3] != 0)).all()  # a phrase's tokens stay together
 
 
+def test_processor_with_concepts_per_sample(pixart):
+    model, _ = pixart
+    attn = model.transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(3)
+    hidden, context = torch.randn(4, 16, attn.query_dim, generator=g), torch.randn(4, 6, 16, generator=g)
+    per_sample = [[[1], [2]], [[3], [4, 5]]]  # two conditional samples, concepts at different positions
+    proc = CrossTokenNMSProcessor(per_sample, 4, 4, renormalize=False, per_sample=True)
+    with torch.no_grad():
+        probs, _ = proc.attention_probs(attn, hidden, context)
+        raw = attn.get_attention_scores(attn.head_to_batch_dim(attn.to_q(hidden)),
+                                        attn.head_to_batch_dim(attn.to_k(context)), None)
+    heads = attn.heads
+    assert torch.equal(probs[:2 * heads], raw[:2 * heads])  # the unconditional half
+    for i, concepts in enumerate(per_sample):
+        rows = slice((2 + i) * heads, (3 + i) * heads)
+        assert torch.equal(probs[rows], cross_token_nms_reference(raw[rows], concepts, 4, 4))
+    wrong = CrossTokenNMSProcessor(per_sample[:1], 4, 4, per_sample=True)
+    with pytest.raises(ValueError, match="one concept list per image"):
+        wrong.attention_probs(attn, hidden, context)
+    with pytest.raises(ValueError, match="one concept list per conditional sample"):
+        CrossTokenNMSProcessor([], 4, 4, per_sample=True)
+
+
 def test_set_step():
     proc = CrossTokenNMSProcessor([1], 2, 2, step_fraction=0.3)
     assert [proc.set_step(i, 10) or proc.active for i in range(10)] == [True] * 3 + [False] * 7

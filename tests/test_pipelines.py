@@ -211,6 +211,23 @@ def test_concepts_are_found_in_the_prompt_the_text_encoder_reads(pixart):
     assert np.array_equal(mixed, lower)
 
 
+def test_a_batch_may_have_its_concepts_at_different_positions(pixart):
+    from dit_cache.pipelines import MultiConceptConfig
+
+    accelerate(pixart, router=_router(pixart))
+    prompts = ["a red circle and a blue square", "a blue square next to a red circle"]
+    concepts = ["red circle", "blue square"]
+    batch = pixart(prompts, generator=[_generator(0), _generator(1)], concepts=concepts, **PIXART_CALL).images
+    for row, prompt in enumerate(prompts):
+        alone = pixart(prompt, generator=_generator(row), concepts=concepts, **PIXART_CALL).images
+        np.testing.assert_allclose(batch[row], alone[0], atol=2e-3)
+    off = MultiConceptConfig(correction_alpha=0.0, nms=False)
+    baseline = pixart(prompts, generator=[_generator(0), _generator(1)], concepts=concepts, concept_config=off,
+                      **PIXART_CALL).images
+    assert np.abs(batch - baseline).max() > 1e-2  # the fixes acted on both rows of the batch
+    assert np.abs(batch[1] - baseline[1]).max() > 1e-2
+
+
 def test_concepts_with_everything_off_clean_captions_as_the_stock_call(pixart, monkeypatch):
     from dit_cache.pipelines import MultiConceptConfig
 
