@@ -88,7 +88,8 @@ class CachedPipelineMixin:
                  **kwargs):
         """The stock call. ``cache=False`` runs this call uncached; ``concepts=["cat", "dog"]`` applies the
         multi-concept fixes (PixArt pipelines) configured by ``concept_config``. A concept may be a phrase
-        (``concepts=["red circle", "blue square"]``): Cross-Token NMS then keeps or suppresses its tokens together."""
+        (``concepts=["red circle", "blue square"]``): Cross-Token NMS then keeps or suppresses its tokens together.
+        For a list of prompts, ``concepts`` may also give one list per prompt."""
         handle = get_cache_handle(self.transformer)
         schedule = self._dit_cache_schedule
         cached = cache and handle is not None and schedule is not None

@@ -40,14 +40,25 @@ class MultiConceptConfig:
 def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> list[list[list[int]]]:
     """The token positions of each concept in each prompt as the pipeline's text encoder reads it.
 
-    PixArt pipelines lowercase every prompt (and with ``clean_caption`` and its packages, clean it) before
-    tokenizing, so positions are taken from that text: in the raw "A Red Circle" they would point elsewhere.
+    ``concepts`` is one list of words or phrases for every prompt, or one such list per prompt. PixArt pipelines
+    lowercase every prompt (and with ``clean_caption`` and its packages, clean it) before tokenizing, so positions
+    are taken from that text: in the raw "A Red Circle" they would point elsewhere.
     """
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("concepts= needs text prompts (prompt='a cat and a dog'), not prompt embeddings.")
+    if all(isinstance(c, str) for c in concepts):
+        per_prompt = [list(concepts)] * len(prompts)
+    elif all(isinstance(c, (list, tuple)) and c and all(isinstance(w, str) for w in c) for c in concepts):
+        if len(concepts) != len(prompts):
+            raise ValueError(f"concepts= has {len(concepts)} lists for {len(prompts)} prompts; pass one list of "
+                             "concept words per prompt, or one list for all of them")
+        per_prompt = [list(c) for c in concepts]
+    else:
+        raise ValueError(f"concepts= takes words or phrases (['cat', 'dog']) or one non-empty list of them per "
+                         f"prompt ([['cat', 'dog'], ['red car', 'bike']]); got {concepts!r}")
     prompts = pipe._text_preprocessing(prompts, clean_caption=clean_caption)
-    return [concept_token_groups(pipe.tokenizer, p, list(concepts)) for p in prompts]
+    return [concept_token_groups(pipe.tokenizer, p, words) for p, words in zip(prompts, per_prompt)]
 
 
 def multi_concept_call(pipe, call, concepts, config: MultiConceptConfig):

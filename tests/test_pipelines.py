@@ -228,6 +228,22 @@ def test_a_batch_may_have_its_concepts_at_different_positions(pixart):
     assert np.abs(batch[1] - baseline[1]).max() > 1e-2
 
 
+def test_each_prompt_of_a_batch_may_have_its_own_concepts(pixart):
+    accelerate(pixart, router=_router(pixart))
+    prompts = ["a red circle and a blue square", "a green triangle and a yellow circle"]
+    concepts = [["red circle", "blue square"], ["green triangle", "yellow circle"]]
+    batch = pixart(prompts, generator=[_generator(0), _generator(1)], concepts=concepts, **PIXART_CALL).images
+    for row, (prompt, words) in enumerate(zip(prompts, concepts)):
+        alone = pixart(prompt, generator=_generator(row), concepts=words, **PIXART_CALL).images
+        np.testing.assert_allclose(batch[row], alone[0], atol=2e-3)
+    with pytest.raises(ValueError, match="one list of concept words per prompt"):
+        pixart(prompts, concepts=concepts[:1], **PIXART_CALL)
+    with pytest.raises(ValueError, match="one non-empty list of them per prompt"):
+        pixart(prompts, concepts=["red circle", ["green triangle"]], **PIXART_CALL)
+    with pytest.raises(ValueError, match="'green triangle' is not .* 'a red circle"):  # looked up in its own prompt
+        pixart(prompts, concepts=[concepts[1], concepts[0]], **PIXART_CALL)
+
+
 def test_concepts_with_everything_off_clean_captions_as_the_stock_call(pixart, monkeypatch):
     from dit_cache.pipelines import MultiConceptConfig
 
