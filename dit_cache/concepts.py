@@ -195,8 +195,8 @@ class CrossTokenNMSProcessor:
             return torch.cat([probs[:start], nms]), value
         samples = (probs.shape[0] - start) // attn.heads  # rows are sample-major, heads inner
         if samples != len(self.concepts):
-            raise ValueError(f"per_sample concepts list {len(self.concepts)} samples but the conditional batch has "
-                             f"{samples}; pass one concept list per image")
+            raise ValueError(f"per-sample concepts are given for {len(self.concepts)} samples but the conditional "
+                             f"batch has {samples}; pass one concept list per image")
         rows = [probs[start + i * attn.heads: start + (i + 1) * attn.heads] for i in range(samples)]
         nms = [cross_token_nms(row, groups, self.height, self.width, **options)
                for row, groups in zip(rows, self.concepts)]

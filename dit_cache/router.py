@@ -76,7 +76,7 @@ class CacheRouter(torch.nn.Module):
         weights = ones if unit_weights is None else torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
         if weights.shape != (self.num_units,) or not bool((weights > 0).all()):
             raise ValueError(f"unit_weights must be {self.num_units} positive numbers, one per unit; "
-                             f"got shape {tuple(weights.shape)}")
+                             f"got {weights.tolist()}")
         trainable = self.scores().detach().cpu()[~self.fixed_rows.cpu()]  # (rows, units); fixed rows always compute
         scores, order = trainable.flatten().sort()
         cached_weight = weights.expand_as(trainable).flatten()[order].cumsum(0)

@@ -79,7 +79,8 @@ def main(count: int = 200, steps: int = 20,
     }
     configs = {name: configs[name] for name in METHODS if name in methods}
     rows = {}
-    # One call takes one list of concept words: group the prompts by theirs.
+    # Batched by concept words, as in the runs the README reports (a call may now take one list per prompt,
+    # but a different batch composition changes the images slightly).
     groups = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt_concepts(prompt, concept_words), []).append(i)
