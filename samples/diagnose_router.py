@@ -20,24 +20,21 @@ from tqdm.auto import tqdm
 from dit_cache import (EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, apply_cache, cache_units,
                        embedded_model_path, embedded_router_path)
 from dit_cache.evaluation import paired_difference, prompt_set
-from dit_cache.training.denoising import GuidedDenoiser, fresh_scheduler, text_conditioning
+from dit_cache.training.denoising import GuidedDenoiser, sample_latents, text_conditioning
 
 
-@torch.no_grad()
 def trajectory(denoiser, scheduler, handle, schedule, noise, conditioning, num_steps):
     """Final latents of a sampling run under ``schedule`` and the local error of each step's model output."""
-    handle.set_schedule(schedule)
-    steps = fresh_scheduler(scheduler, num_steps)
-    latents = noise * steps.init_noise_sigma
     errors = torch.zeros(num_steps)
-    measure = not bool(schedule.mask.all())  # a schedule that computes everything has no local error
-    for index, t in enumerate(steps.timesteps):
-        model_input = steps.scale_model_input(latents, t)
-        output = denoiser(model_input, t, conditioning)
-        if measure and index:
+
+    def local_error(index, model_input, t, output):
+        if index:  # the first step computes everything
             with handle.bypassed():
                 errors[index] = F.mse_loss(output, denoiser(model_input, t, conditioning))
-        latents = steps.step(output, t, latents).prev_sample
+
+    measure = not bool(schedule.mask.all())  # a schedule that computes everything has no local error
+    latents = sample_latents(denoiser, scheduler, noise, conditioning, num_steps, handle, schedule,
+                             on_step=local_error if measure else None)
     return latents, errors
 
 

@@ -380,3 +380,23 @@ def test_a_resumed_run_trains_the_trajectories_it_had_not_seen(resumed_run):
     seeds = TrajectorySeeds(num_prompts=len(PROMPTS), batch_size=2, num_trajectories=6, seed=0)
     assert [r["seed"] for r in first[1:]] == [int(seeds[i][1]) for i in range(3)]
     assert [r["seed"] for r in second[1:]] == [int(seeds[i][1]) for i in range(3, 6)]
+
+
+def test_sample_latents_reports_every_model_call_without_changing_the_run():
+    from diffusers import DDIMScheduler
+
+    from dit_cache.training.denoising import sample_latents
+
+    def denoiser(latents, t, conditioning):  # any deterministic model output
+        return 0.1 * latents + t.float() / 1000
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = sample_latents(denoiser, DDIMScheduler(), noise, None, 5)
+    seen = []
+    watched = sample_latents(denoiser, DDIMScheduler(), noise, None, 5,
+                             on_step=lambda index, model_input, t, output: seen.append((index, model_input, t, output)))
+    assert torch.equal(watched, plain)
+    assert [index for index, *_ in seen] == list(range(5))
+    timesteps = [int(t) for _, _, t, _ in seen]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 5  # noisiest step first
+    assert all(torch.equal(output, denoiser(model_input, t, None)) for _, model_input, t, output in seen)

@@ -92,13 +92,19 @@ def fresh_scheduler(scheduler, num_steps: int, device=None):
 
 @torch.no_grad()
 def sample_latents(denoiser: GuidedDenoiser, scheduler, latents, conditioning: Conditioning, num_steps: int,
-                   handle=None, schedule=None) -> torch.Tensor:
-    """A whole sampling run; with ``handle`` and ``schedule``, cached by that hard schedule."""
+                   handle=None, schedule=None, on_step=None) -> torch.Tensor:
+    """A whole sampling run; with ``handle`` and ``schedule``, cached by that hard schedule.
+
+    ``on_step(index, model_input, t, output)`` is called after every model call (e.g. to measure it).
+    """
     steps = fresh_scheduler(scheduler, num_steps, latents.device)
     if handle is not None:
         handle.set_schedule(schedule)
     latents = latents * steps.init_noise_sigma
-    for t in steps.timesteps:
-        output = denoiser(steps.scale_model_input(latents, t), t, conditioning)
+    for index, t in enumerate(steps.timesteps):
+        model_input = steps.scale_model_input(latents, t)
+        output = denoiser(model_input, t, conditioning)
+        if on_step is not None:
+            on_step(index, model_input, t, output)
         latents = steps.step(output, t, latents).prev_sample
     return latents
