@@ -94,6 +94,12 @@ class CachedPipelineMixin:
         schedule = self._dit_cache_schedule
         cached = cache and handle is not None and schedule is not None
         if cached:
+            order = getattr(self.scheduler, "order", 1)
+            if order != 1:  # the cache counts one transformer call as one denoising step
+                raise ValueError(f"{type(self.scheduler).__name__} calls the transformer {order} times per step, "
+                                 "but cache schedules and routers count one call per step. Use a scheduler that "
+                                 "calls it once (DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, "
+                                 "...), or call the pipeline with cache=False.")
             steps = self._requested_steps(args, kwargs)
             if self._dit_cache_router is not None:
                 self._dit_cache_router.check_compatible(unit_layout(self.transformer), steps)

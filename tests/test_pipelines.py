@@ -99,6 +99,20 @@ def test_batch_rows_match_single_generations(pixart):
     np.testing.assert_allclose(batch[1], single[0], atol=2e-3)
 
 
+def test_a_scheduler_with_two_model_calls_per_step_is_refused_before_generating(pixart):
+    from diffusers import HeunDiscreteScheduler
+
+    accelerate(pixart, router=_router(pixart))
+    pixart.scheduler = HeunDiscreteScheduler.from_config(pixart.scheduler.config)
+    calls = []
+    hook = pixart.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler calls the transformer 2 times per step"):
+        pixart("a red circle", **PIXART_CALL)
+    hook.remove()
+    assert not calls  # refused before the first step
+    assert pixart("a red circle", generator=_generator(), cache=False, **PIXART_CALL).images.shape[0] == 1
+
+
 def test_router_for_another_model_is_rejected_and_nothing_applied(pixart):
     other = tiny_pixart_pipeline(num_layers=3)
     router = _router(other)
