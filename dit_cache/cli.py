@@ -123,9 +123,8 @@ def _generate(pipe, router, args) -> int:
 
     state = PartialState()
     jobs = [(prompt, args.seed + i) for prompt in args.prompts for i in range(args.num_images)]
-    if args.concepts and hasattr(pipe, "tokenizer"):
-        for prompt in args.prompts:  # a concept missing from any prompt fails here, before anything is written
-            concept_positions(pipe, prompt, args.concepts, clean_caption=_can_clean_captions())
+    if args.concepts and hasattr(pipe, "tokenizer"):  # a concept missing from any prompt fails before any image
+        concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=_can_clean_captions())
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:
         for prompt, seed in tqdm(my_jobs, desc="generating", disable=not state.is_local_main_process):

@@ -42,6 +42,11 @@ def concept_rate(images: list[Image.Image], prompts: list[str]) -> float:
     return shapes.concept_accuracy(images, prompts)
 
 
+def per_image_mse(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each item of two equally shaped batches (images or latents)."""
+    return (ours.float() - theirs.float()).pow(2).flatten(1).mean(dim=1)
+
+
 def image_error(run: GenerationRun, reference: GenerationRun) -> dict:
     """MSE and PSNR (torchmetrics) of ``run`` against ``reference`` (e.g. cached vs uncached), and the MSE of
     each image (for paired comparisons: a few images whose composition changes dominate the mean)."""
@@ -49,7 +54,7 @@ def image_error(run: GenerationRun, reference: GenerationRun) -> dict:
 
     ours = torch.from_numpy(run.arrays).permute(0, 3, 1, 2).float()
     theirs = torch.from_numpy(reference.arrays).permute(0, 3, 1, 2).float()
-    per_image = (ours - theirs).pow(2).flatten(1).mean(dim=1)
+    per_image = per_image_mse(ours, theirs)
     psnr = float(peak_signal_noise_ratio(ours, theirs, data_range=1.0))
     return {"mse": float(per_image.mean()), "psnr": psnr, "per_image_mse": per_image.tolist()}
 

@@ -72,8 +72,8 @@ class CacheRouter(torch.nn.Module):
         With ``unit_weights`` (e.g. the per-unit FLOPs of :func:`dit_cache.flops.unit_flops`) a cached unit counts
         by its weight, so the target is the share of the units' work that is skipped rather than of their number.
         """
-        ones = torch.ones(self.num_units, dtype=torch.float64)
-        weights = ones if unit_weights is None else torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
+        weights = torch.ones(self.num_units, dtype=torch.float64) if unit_weights is None else \
+            torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
         if weights.shape != (self.num_units,) or not bool((weights > 0).all()):
             raise ValueError(f"unit_weights must be {self.num_units} positive numbers, one per unit; "
                              f"got {weights.tolist()}")

@@ -11,6 +11,8 @@ in pixel space, per image.
 * final latent and decoded image of each prompt against the uncached run, with the paired difference.
 """
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 from diffusers import PixArtAlphaPipeline
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dit_cache import (EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, apply_cache, cache_units,
                        embedded_model_path, embedded_router_path)
-from dit_cache.evaluation import paired_difference, prompt_set
+from dit_cache.evaluation import paired_difference, per_image_mse, prompt_set
 from dit_cache.training.denoising import GuidedDenoiser, sample_latents, text_conditioning
 
 
@@ -82,9 +84,9 @@ def main(router: str = str(embedded_router_path()), uniform_interval: int = 2,
         objective = f"{float((weights * local_errors[name]).sum()):.4f}" if weights is not None else "-"
         cells = []
         for space, outputs in (("latent", latents), ("image", images)):
-            error = (torch.cat(outputs[name]) - torch.cat(outputs["uncached"])).pow(2).flatten(1).mean(dim=1)
-            per_image[name, space] = error.tolist()
-            cells.append(f"{float(error.mean()):.5f} / {float(error.median()):.5f}")
+            error = per_image_mse(torch.cat(outputs[name]), torch.cat(outputs["uncached"])).tolist()
+            per_image[name, space] = error
+            cells.append(f"{statistics.mean(error):.5f} / {statistics.median(error):.5f}")
         print(f"| {name} | {schedule.cache_ratio:.1%} | {objective} | {cells[0]} | {cells[1]} |")
     uniform = list(schedules)[2]
     for space in ("latent", "image"):

@@ -116,11 +116,11 @@ def main(count: int = 200, steps: int = 20,
         overhead = f"{row['seconds'] / baseline['seconds']:.3f}x" if baseline else f"{row['seconds']:.1f} s"
         paired = "" if baseline is None or row is baseline else paired_change(baseline["present"], row["present"])
         print(f"| {cache_name} | {method} | {row['both_present']:.1%} | {overhead} | {paired} |")
-    for (cache_name, method), row in rows.items():  # does adding the other fix help a fix that works alone?
-        for alone in ("correction by similarities", "cross-token NMS"):
-            if method == "both" and (cache_name, alone) in rows:
-                change = paired_change(rows[cache_name, alone]["present"], row["present"])
-                print(f"{cache_name}: both fixes against {alone} alone, prompts fixed / broken: {change}")
+    for (cache_name, alone), row in rows.items():  # does adding the other fix help a fix that works alone?
+        both = rows.get((cache_name, "both"))
+        if both is not None and alone in ("correction by similarities", "cross-token NMS"):
+            change = paired_change(row["present"], both["present"])
+            print(f"{cache_name}: both fixes against {alone} alone, prompts fixed / broken: {change}")
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},
