@@ -247,6 +247,9 @@ def detect_objects(image: Image.Image) -> list[Concept]:
     return [(color, shape) for _, color, shape in sorted(found)]
 
 
+OUTCOMES = ("all present", "object missing", "attributes swapped", "wrong shape or color")
+
+
 @dataclass
 class ConceptScore:
     """Which of the expected concepts an image shows."""
@@ -255,6 +258,26 @@ class ConceptScore:
     found: list[Concept]
     missing: list[Concept]
     all_present: bool
+
+    @property
+    def outcome(self) -> str:
+        """How the image fails its caption, the first of :data:`OUTCOMES` that matches:
+
+        * ``"all present"``;
+        * ``"object missing"``: fewer objects found than captioned (a concept dropped, or two merged into one);
+        * ``"attributes swapped"``: every captioned color and shape is there, paired differently;
+        * ``"wrong shape or color"``: as many objects as captioned, but some drawn with a shape or color
+          the caption does not give them.
+        """
+        if self.all_present:
+            return "all present"
+        if len(self.found) < len(self.expected):
+            return "object missing"
+        colors, shapes = (Counter(attribute) for attribute in zip(*self.found))
+        if (not Counter(color for color, _ in self.expected) - colors
+                and not Counter(shape for _, shape in self.expected) - shapes):
+            return "attributes swapped"
+        return "wrong shape or color"
 
 
 def score_image(image: Image.Image, caption_or_objects: str | Sequence[Concept]) -> ConceptScore:

@@ -8,6 +8,7 @@ Similarities vs Cross-Token NMS vs both, with and without caching, and the time 
 
 import json
 import math
+from collections import Counter
 from typing import Literal
 
 from diffusers import PixArtAlphaPipeline
@@ -105,9 +106,10 @@ def main(count: int = 200, steps: int = 20,
                 for i, image in zip(index, run.images):
                     images[method][i] = image
         for method in configs:
-            present = shapes.concepts_present(images[method], prompts)  # per prompt, for the paired comparison
+            scores = [shapes.score_image(image, prompt) for image, prompt in zip(images[method], prompts)]
+            present = [score.all_present for score in scores]  # per prompt, for the paired comparison
             rows[(cache_name, method)] = {"both_present": sum(present) / count, "seconds": seconds[method],
-                                          "present": present}
+                                          "present": present, "outcomes": [score.outcome for score in scores]}
     print(f"{count} two-object prompts x seeds, {steps} steps, cfg {guidance_scale}")
     print("| caching | method | both concepts present | time vs baseline | prompts fixed / broken (McNemar p) |")
     print("|---|---|---|---|---|")
@@ -121,6 +123,12 @@ def main(count: int = 200, steps: int = 20,
         if both is not None and alone in ("correction by similarities", "cross-token NMS"):
             change = paired_change(row["present"], both["present"])
             print(f"{cache_name}: both fixes against {alone} alone, prompts fixed / broken: {change}")
+    print("\nHow the images fail (counts of prompts; see dit_cache.shapes.ConceptScore.outcome)")
+    print("| caching | method | " + " | ".join(shapes.OUTCOMES) + " |")
+    print("|---|---|" + "---|" * len(shapes.OUTCOMES))
+    for (cache_name, method), row in rows.items():
+        counts = Counter(row["outcomes"])
+        print(f"| {cache_name} | {method} | " + " | ".join(str(counts[o]) for o in shapes.OUTCOMES) + " |")
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},

@@ -11,6 +11,7 @@ from dit_cache.shapes import (
     BACKGROUND,
     COLORS,
     IMAGE_SIZE,
+    OUTCOMES,
     SHAPES,
     Scene,
     SceneObject,
@@ -202,3 +203,19 @@ def test_score_image():
     assert concepts_present([image, image], [text, "a green triangle"]) == [True, False]
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         concepts_present([image, image], [text])
+
+
+@pytest.mark.parametrize("drawn, outcome", [
+    ([("red", "circle"), ("blue", "square")], "all present"),
+    ([("red", "circle"), ("blue", "square"), ("green", "triangle")], "all present"),
+    ([("red", "circle")], "object missing"),
+    ([("red", "square"), ("blue", "circle")], "attributes swapped"),
+    ([("red", "circle"), ("blue", "triangle")], "wrong shape or color"),
+    ([("red", "circle"), ("purple", "square")], "wrong shape or color"),
+])
+def test_outcome_names_how_an_image_fails_its_caption(drawn, outcome):
+    centers = [(50, 128), (128, 128), (206, 128)]
+    objects = tuple(SceneObject(color, shape, center, 64) for (color, shape), center in zip(drawn, centers))
+    score = score_image(render(Scene(objects)), "a red circle and a blue square")
+    assert sorted(score.found) == sorted(drawn)  # the detector sees what was drawn
+    assert score.outcome == outcome and outcome in OUTCOMES
