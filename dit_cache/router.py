@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .schedule import CacheSchedule
+from .schedule import CacheSchedule, check_unit_weights
 
 ROUTER_FORMAT = "dit-cache/router"
 LOGIT_LIMIT = 5.0
@@ -72,11 +72,7 @@ class CacheRouter(torch.nn.Module):
         With ``unit_weights`` (e.g. the per-unit FLOPs of :func:`dit_cache.flops.unit_flops`) a cached unit counts
         by its weight, so the target is the share of the units' work that is skipped rather than of their number.
         """
-        weights = torch.ones(self.num_units, dtype=torch.float64) if unit_weights is None else \
-            torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
-        if weights.shape != (self.num_units,) or not bool((weights > 0).all()):
-            raise ValueError(f"unit_weights must be {self.num_units} positive numbers, one per unit; "
-                             f"got {weights.tolist()}")
+        weights = check_unit_weights(unit_weights, self.num_units)
         trainable = self.scores().detach().cpu()[~self.fixed_rows.cpu()]  # (rows, units); fixed rows always compute
         scores, order = trainable.flatten().sort()
         cached_weight = weights.expand_as(trainable).flatten()[order].cumsum(0)

@@ -11,6 +11,16 @@ from safetensors.torch import save_file
 SCHEDULE_FORMAT = "dit-cache/schedule"
 
 
+def check_unit_weights(unit_weights, num_units: int) -> torch.Tensor:
+    """``unit_weights`` as a float64 CPU vector of ``num_units`` positive numbers (``None``: all ones)."""
+    if unit_weights is None:
+        return torch.ones(num_units, dtype=torch.float64)
+    weights = torch.as_tensor(unit_weights, dtype=torch.float64).cpu()
+    if weights.shape != (num_units,) or not bool((weights > 0).all()):
+        raise ValueError(f"unit_weights must be {num_units} positive numbers, one per unit; got {weights.tolist()}")
+    return weights
+
+
 class CacheSchedule:
     """A boolean mask ``[num_steps, num_units]``: True computes the unit at that step, False reuses its cache.
 
@@ -61,6 +71,12 @@ class CacheSchedule:
     def cache_ratio(self) -> float:
         """CUR: the fraction of (step, unit) evaluations that reuse the cache."""
         return 1.0 - self.mask.float().mean().item()
+
+    def cached_share(self, unit_weights: torch.Tensor) -> float:
+        """Like :attr:`cache_ratio`, but each unit counts by its weight (e.g. its FLOPs): the share of the
+        units' work that the cache skips."""
+        weights = check_unit_weights(unit_weights, self.num_units)
+        return ((~self.mask).double() * weights).sum().item() / (weights.sum().item() * self.num_steps)
 
     def theoretical_speedup(self, unit_flops: torch.Tensor, total_flops: float) -> float:
         """FLOP-weighted speedup of the transformer over a whole generation.

@@ -55,7 +55,7 @@ def test_embedded_model_config_matches_the_training_function(name):
     assert set(config["text_to_image"]) <= _parameters(TextToImageStage)
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "embedded_l2c.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded_l2c.yaml", "embedded_flops.yaml"])
 def test_embedded_router_configs_use_the_embedded_guidance_scale(name):
     from dit_cache import EMBEDDED_GUIDANCE_SCALE
 

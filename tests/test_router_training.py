@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from dit_cache import CacheRouter, CacheSchedule
-from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline
+from dit_cache.flops import unit_flops
+from dit_cache.testing import step_inputs, tiny_dit_pipeline, tiny_pixart_pipeline
 from dit_cache.training.cli import main
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
 from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
@@ -125,6 +126,31 @@ def test_beta_sets_the_cache_ratio(pixart_folder, beta):
         assert final < initial
     else:
         assert final == pytest.approx(5 / 6)  # every unit of every step but the first reuses
+
+
+def test_flops_cost_weights_the_sparsity_term_and_the_target_by_unit_flops(pixart_folder):
+    by_units = RouterModule(pixart_folder, num_steps=6, beta=0.5, target_cache_ratio=0.3, beta_rate=0.5)
+    by_flops = RouterModule(pixart_folder, num_steps=6, beta=0.5, target_cache_ratio=0.3, beta_rate=0.5,
+                            cost="flops")
+    flops, _ = unit_flops(by_flops.transformer, **step_inputs(by_flops.transformer, text_tokens=120))
+    assert torch.allclose(by_flops.unit_costs.double(), flops / flops.mean(), rtol=1e-6)
+    assert by_flops.unit_costs.std() > 0.1  # the units' costs differ, so the two options differ
+    scores = by_flops.router.scores()[1].detach()
+    assert by_units.sparsity(scores) == pytest.approx(0.5 * float(scores.sum()), rel=1e-6)
+    assert by_flops.sparsity(scores) == pytest.approx(0.5 * float((scores * by_flops.unit_costs).sum()), rel=1e-6)
+    # Dual ascent steers the FLOP share: cache the most expensive unit at every step but the first.
+    for module in (by_units, by_flops):
+        with torch.no_grad():
+            module.router.logits.fill_(5.0)
+            module.router.logits[1:, int(flops.argmax())] = -5.0
+    assert by_flops.cached_share() > by_units.cached_share() == pytest.approx(5 / (6 * len(flops)))
+    for module in (by_units, by_flops):
+        before = float(module.log_beta)
+        module._update_beta()
+        assert float(module.log_beta) - before == pytest.approx(0.5 * (0.3 - module.cached_share()), rel=1e-5)
+    assert "unit_costs" not in by_flops.state_dict()  # derived from the model, so old checkpoints still load
+    with pytest.raises(ValueError, match="cost must be"):
+        RouterModule(pixart_folder, num_steps=6, cost="seconds")
 
 
 def test_beta_zero_is_accepted(pixart_folder):

@@ -60,3 +60,15 @@ def test_flop_weighted_speedup():
     assert every_other.theoretical_speedup(per_unit, total) == pytest.approx(expected)
     with pytest.raises(ValueError, match="unit_flops"):
         every_other.theoretical_speedup(per_unit[:3], total)
+
+
+def test_cached_share_counts_each_unit_by_its_weight():
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1, 0] = mask[2, 2] = mask[3, 2] = False  # cached: one cheap unit once, the expensive unit twice
+    schedule = CacheSchedule(mask)
+    assert schedule.cached_share(torch.ones(3)) == pytest.approx(schedule.cache_ratio) == pytest.approx(3 / 12)
+    assert schedule.cached_share(torch.tensor([1.0, 1.0, 2.0])) == pytest.approx((1 + 2 + 2) / (4 * 4))
+    with pytest.raises(ValueError, match="one per unit"):
+        schedule.cached_share(torch.ones(2))
+    with pytest.raises(ValueError, match="positive"):
+        schedule.cached_share(torch.tensor([1.0, 0.0, 1.0]))

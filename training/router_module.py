@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
+from dit_cache.flops import unit_flops
+from dit_cache.testing import step_inputs
 from dit_cache.units import unit_layout
 
 from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, load_denoising_components,
@@ -41,7 +43,11 @@ class RouterModule(L.LightningModule):
             cache the steps it just protected: on the embedded model the weights flipped between the early
             and the late steps from one refresh to the next.
         beta: weight of the sparsity term (sum of scores); the start value when ``target_cache_ratio`` is set.
-        target_cache_ratio: adapt beta by dual ascent so the hard schedule's CUR reaches this value.
+        cost: what computing a unit costs in the sparsity term and in ``target_cache_ratio``: ``units``, every
+            unit alike (the papers; the target is CUR), or ``flops``, each unit by its FLOPs (normalized to mean 1;
+            the target is the share of the units' FLOPs skipped), so the router pays for what it computes.
+        target_cache_ratio: adapt beta by dual ascent so the hard schedule's cached share (see ``cost``) reaches
+            this value.
         beta_rate: dual-ascent step on log(beta) per trajectory, per unit of CUR error.
         threshold: hard-gate threshold tau used for cache writes in training and for the exported schedule.
         learning_rate: AdamW learning rate of the router logits (weight decay 0).
@@ -51,13 +57,16 @@ class RouterModule(L.LightningModule):
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
                  objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
                  proxy: Literal["paper", "cumulative", "sensitivity"] = "paper", proxy_interval: int = 50,
-                 proxy_average: bool = False, beta: float = 1e-4, target_cache_ratio: float | None = None,
+                 proxy_average: bool = False, beta: float = 1e-4, cost: Literal["units", "flops"] = "units",
+                 target_cache_ratio: float | None = None,
                  beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         if target_cache_ratio is not None and not 0.0 <= target_cache_ratio < 1.0:
             raise ValueError(f"target_cache_ratio must be in [0, 1), got {target_cache_ratio}.")
+        if cost not in ("units", "flops"):
+            raise ValueError(f"cost must be 'units' or 'flops', got {cost!r}.")
         if beta < 0 or (beta == 0 and target_cache_ratio is not None):
             raise ValueError(f"beta must be >= 0, and > 0 with target_cache_ratio (its start value); got {beta}.")
         transformer, self.inference_scheduler = load_denoising_components(model, scheduler)
@@ -67,6 +76,7 @@ class RouterModule(L.LightningModule):
         fixed = torch.arange(num_steps) % 2 == 0 if objective == "l2c" else None
         self.router = CacheRouter(num_steps, len(self.units), threshold=threshold, fixed_rows=fixed,
                                   generator=generator)
+        self.register_buffer("unit_costs", self._unit_costs(cost), persistent=False)  # derived from the model
         self.handle = apply_cache(self.transformer, CacheSchedule.full(num_steps, len(self.units)))
         self.denoiser = GuidedDenoiser(self.transformer, guidance_scale)
         # Dual ascent works on log(beta) so beta can move across orders of magnitude; beta = 0 is log 0 = -inf.
@@ -98,10 +108,25 @@ class RouterModule(L.LightningModule):
     def beta(self) -> float:
         return float(self.log_beta.exp())
 
+    def _unit_costs(self, cost: str) -> torch.Tensor:
+        if cost == "units":
+            return torch.ones(len(self.units))
+        # Shares between units hardly depend on the prompt length; 120 tokens is PixArt's usual padding.
+        flops, _ = unit_flops(self.transformer, **step_inputs(self.transformer, text_tokens=120))
+        return (flops / flops.mean()).float()
+
+    def sparsity(self, step_scores: torch.Tensor) -> torch.Tensor:
+        """The sparsity term of one step: beta x the scores (compute probabilities), each unit by its cost."""
+        return self.beta * (step_scores * self.unit_costs).sum()
+
+    def cached_share(self) -> float:
+        """What ``target_cache_ratio`` steers: the hard schedule's cached share, units counted by ``cost``."""
+        return self.router.schedule().cached_share(self.unit_costs)
+
     def _router_step(self, step: int, teacher: torch.Tensor, student: torch.Tensor, scores: torch.Tensor):
         optimizer = self.optimizers()
         error = F.mse_loss(student.float(), teacher.float())
-        loss = self.step_weights[step] * error + self.beta * scores[step].sum()
+        loss = self.step_weights[step] * error + self.sparsity(scores[step])
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -130,7 +155,7 @@ class RouterModule(L.LightningModule):
         self._update_beta()
         schedule = self.router.schedule()
         self.log_dict({"train/mse": torch.stack(errors).mean(), "train/cache_ratio": schedule.cache_ratio,
-                       "train/beta": self.beta}, prog_bar=True, batch_size=len(prompt_indices))
+                       "train/cached_share": self.cached_share(), "train/beta": self.beta}, prog_bar=True, batch_size=len(prompt_indices))
 
     def _sdt_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
         """Step-Wise Denoising Training: follow the student's own cached trajectory from noise."""
@@ -190,7 +215,7 @@ class RouterModule(L.LightningModule):
         target = self.hparams.target_cache_ratio
         if target is None:
             return
-        current = self.router.schedule().cache_ratio
+        current = self.cached_share()
         self.log_beta += self.hparams.beta_rate * (target - current)
 
     def configure_optimizers(self):
@@ -252,6 +277,7 @@ class RouterModule(L.LightningModule):
             "guidance_scale": self.hparams.guidance_scale,
             "objective": self.hparams.objective,
             "beta": self.beta,
+            "cost": self.hparams.cost,
             "proxy": self.hparams.proxy if self.hparams.objective == "harmonica" else None,
             # The lambda_t the router was last trained with, so its objective can be re-evaluated later
             # (samples/diagnose_router.py).
