@@ -48,7 +48,7 @@ class RouterModule(L.LightningModule):
             the target is the share of the units' FLOPs skipped), so the router pays for what it computes.
         target_cache_ratio: adapt beta by dual ascent so the hard schedule's cached share (see ``cost``) reaches
             this value.
-        beta_rate: dual-ascent step on log(beta) per trajectory, per unit of CUR error.
+        beta_rate: dual-ascent step on log(beta) per trajectory, per unit of error in the cached share.
         threshold: hard-gate threshold tau used for cache writes in training and for the exported schedule.
         learning_rate: AdamW learning rate of the router logits (weight decay 0).
         seed: router initialisation.
@@ -155,7 +155,8 @@ class RouterModule(L.LightningModule):
         self._update_beta()
         schedule = self.router.schedule()
         self.log_dict({"train/mse": torch.stack(errors).mean(), "train/cache_ratio": schedule.cache_ratio,
-                       "train/cached_share": self.cached_share(), "train/beta": self.beta}, prog_bar=True, batch_size=len(prompt_indices))
+                       "train/cached_share": schedule.cached_share(self.unit_costs), "train/beta": self.beta},
+                      prog_bar=True, batch_size=len(prompt_indices))
 
     def _sdt_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
         """Step-Wise Denoising Training: follow the student's own cached trajectory from noise."""
