@@ -45,9 +45,9 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
     uniform_schedule = CacheSchedule.uniform(steps, len(per_unit_flops), uniform_interval)
     candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}
     if match_flops:
-        skipped = ((~uniform_schedule.mask).double() * per_unit_flops).sum() / (per_unit_flops.sum() * steps)
+        skipped = uniform_schedule.cached_share(per_unit_flops)
         for source in candidates.values():
-            source["router"].calibrate_threshold(float(skipped), unit_weights=per_unit_flops)
+            source["router"].calibrate_threshold(skipped, unit_weights=per_unit_flops)
     candidates[uniform_name] = {"schedule": uniform_schedule}
     rows = {"uncached": {"cache_ratio": 0.0, "theoretical_speedup": 1.0,
                          "concept_accuracy": concept_rate(reference.images, prompts), "mse": 0.0,

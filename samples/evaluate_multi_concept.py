@@ -129,6 +129,13 @@ def main(count: int = 200, steps: int = 20,
     for (cache_name, method), row in rows.items():
         counts = Counter(row["outcomes"])
         print(f"| {cache_name} | {method} | " + " | ".join(str(counts[o]) for o in shapes.OUTCOMES) + " |")
+    for (cache_name, method), row in rows.items():  # did a fix turn the failures it targets into successes?
+        baseline = rows.get((cache_name, "baseline"))
+        if baseline is not None and row is not baseline:
+            moved = Counter((before, after) for before, after in zip(baseline["outcomes"], row["outcomes"])
+                            if before != after and before != "all present")
+            print(f"{cache_name}, {method}: baseline failures it changed: "
+                  + "; ".join(f"{before} -> {after}: {n}" for (before, after), n in sorted(moved.items())))
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},
