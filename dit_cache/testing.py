@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
+from .flops import step_inputs  # noqa: F401  (re-exported: the tests and benchmarks build inputs with it)
+
 
 def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, seed: int = 0):
     torch.manual_seed(seed)
@@ -36,26 +38,6 @@ def pixart_alpha_shapes(num_layers: int = 4, sample_size: int = 32, seed: int = 
         cross_attention_dim=1152, sample_size=sample_size, patch_size=2, caption_channels=4096,
         use_additional_conditions=False,
     ).eval()
-
-
-def step_inputs(transformer, batch: int = 2, text_tokens: int = 6, timestep: int = 500, seed: int = 0) -> dict:
-    """Keyword arguments of one denoising step of ``transformer`` with random latents (and text)."""
-    config = transformer.config
-    generator = torch.Generator().manual_seed(seed)
-    size = config.sample_size
-    inputs = {
-        "hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
-        "timestep": torch.full((batch,), timestep, dtype=torch.long),
-    }
-    if isinstance(transformer, DiTTransformer2DModel):
-        inputs["class_labels"] = torch.arange(batch) % config.num_embeds_ada_norm
-    else:
-        inputs["encoder_hidden_states"] = torch.randn(batch, text_tokens, config.caption_channels, generator=generator)
-        mask = torch.ones(batch, text_tokens, dtype=torch.long)
-        mask[:, text_tokens // 2 + 1 :] = 0  # padded prompts, as the pipelines produce
-        inputs["encoder_attention_mask"] = mask
-        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return inputs
 
 
 def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:

@@ -15,9 +15,8 @@ from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, image_error, paired_difference, prompt_set
-from dit_cache.flops import unit_flops
+from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
-from dit_cache.testing import step_inputs
 
 
 def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
@@ -40,7 +39,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.sa
     generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)  # untimed: first-call allocations
     reference = generate(pipe, prompts, seeds, desc="uncached", **call)
     # CUR counts every unit alike; their FLOPs differ (PixArt's MLP costs about twice its cross-attention).
-    per_unit_flops, total_flops = unit_flops(pipe.transformer, **step_inputs(pipe.transformer, text_tokens=120))
+    per_unit_flops, total_flops = step_flops(pipe.transformer)
     uniform_name = f"uniform (interval {uniform_interval})"
     uniform_schedule = CacheSchedule.uniform(steps, len(per_unit_flops), uniform_interval)
     candidates = {name: {"router": CacheRouter.load(path)} for name, path in routers.items()}

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
-from dit_cache.flops import unit_flops
-from dit_cache.testing import step_inputs
+from dit_cache.flops import step_flops
 from dit_cache.units import unit_layout
 
 from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, load_denoising_components,
@@ -111,8 +110,7 @@ class RouterModule(L.LightningModule):
     def _unit_costs(self, cost: str) -> torch.Tensor:
         if cost == "units":
             return torch.ones(len(self.units))
-        # Shares between units hardly depend on the prompt length; 120 tokens is PixArt's usual padding.
-        flops, _ = unit_flops(self.transformer, **step_inputs(self.transformer, text_tokens=120))
+        flops, _ = step_flops(self.transformer)
         return (flops / flops.mean()).float()
 
     def sparsity(self, step_scores: torch.Tensor) -> torch.Tensor:
