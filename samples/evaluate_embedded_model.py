@@ -14,15 +14,16 @@ from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, grid, prompt_set
 
 
-def main(count: int = 200, steps: int = 20, guidance_scales: list[float] = [EMBEDDED_GUIDANCE_SCALE],
+def main(model: str | None = None, count: int = 200, steps: int = 20, guidance_scales: list[float] = [EMBEDDED_GUIDANCE_SCALE],
          seed: int = 10_000,
          write_provenance: bool = True, grid_path: str = "samples/embedded_model_grid.png"):
     """Args:
+        model: a pipeline folder or hub id (default: the embedded model).
         count: prompts per set (one-object and two-object), each with its own seed.
         steps: DPM-Solver steps.
         guidance_scales: guidance scales to evaluate; the first is recorded as the model's default.
     """
-    model = embedded_model_path()
+    model = model or embedded_model_path()
     pipe = PixArtAlphaPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     single, double = prompt_set(1, count, seed), prompt_set(2, count, seed + 1)
@@ -42,8 +43,10 @@ def main(count: int = 200, steps: int = 20, guidance_scales: list[float] = [EMBE
             picks = list(range(8))
             images = [one.images[i] for i in picks] + [two.images[i] for i in picks]
             grid(images, [single[i] for i in picks] + [double[i] for i in picks]).save(grid_path)
-    if write_provenance:
-        path = Path(model) / "provenance.json"
+    path = Path(model) / "provenance.json"
+    if write_provenance and not path.exists():
+        print(f"{model} has no local provenance.json; the figures above are not written anywhere")
+    elif write_provenance:
         provenance = json.loads(path.read_text())
         provenance["evaluation"] = {
             "command": "python samples/evaluate_embedded_model.py",

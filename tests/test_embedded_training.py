@@ -1,12 +1,14 @@
-"""Starting the embedded model's text-to-image stage from another pipeline (``transfer_weights``)."""
+"""The embedded model's training: starting from another pipeline (``transfer_weights``), the scene mix."""
 
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
-from dit_cache.testing import tiny_pixart_pipeline
-from dit_cache.training.embedded_model import POSITION_UNIT, TextToImageStage, transfer_weights
+from dit_cache import shapes
+from dit_cache.testing import tiny_pixart_pipeline, tiny_vae
+from dit_cache.training.embedded_model import (POSITION_UNIT, SceneMix, TextToImageStage, build_tokenizer,
+                                               encode_training_set, transfer_weights)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,20 @@ def test_mismatch_is_refused_and_leaves_the_targets_untouched(source, patch_size
 def test_stage_refuses_a_patch_size_that_does_not_divide_the_position_unit(patch_size):
     with pytest.raises(ValueError, match=f"patch_size must divide {POSITION_UNIT}"):
         TextToImageStage(patch_size=patch_size)
+
+
+@pytest.mark.parametrize("mix, objects", [(SceneMix(two_objects=1.0, three_objects=0.0), {2}),
+                                          (SceneMix(two_objects=0.0, three_objects=0.0), {1})])
+def test_scene_mix_sets_how_many_objects_the_training_captions_name(tmp_path, mix, objects):
+    tokenizer = build_tokenizer()
+    tensors = encode_training_set(tiny_vae(), tokenizer, num_scenes=6, seed=0, path=tmp_path / "latents.safetensors",
+                                  scene_mix=mix)
+    captions = tokenizer.batch_decode(tensors["input_ids"], skip_special_tokens=True)
+    assert {len(shapes.parse_caption(caption)) for caption in captions} == objects
+
+
+def test_a_bad_scene_mix_fails_when_the_config_is_built():
+    with pytest.raises(ValueError, match="scene_mix fractions must be >= 0 and sum to <= 1"):
+        SceneMix(two_objects=0.9, three_objects=0.2)
+    with pytest.raises(ValueError, match="scene_mix"):
+        SceneMix(two_objects=-0.1)

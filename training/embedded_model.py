@@ -102,6 +102,20 @@ class TextToImageStage:
             raise ValueError(f"patch_size must divide {POSITION_UNIT}, got {self.patch_size}")
 
 
+@dataclass
+class SceneMix:
+    """Shares of the training scenes with two and three objects; the rest have one."""
+
+    two_objects: float = 0.25
+    three_objects: float = 0.05
+
+    def __post_init__(self):
+        # Checked here so a bad config fails when it is parsed, not after the autoencoder stages have run.
+        if min(self.two_objects, self.three_objects) < 0 or self.two_objects + self.three_objects > 1:
+            raise ValueError(f"scene_mix fractions must be >= 0 and sum to <= 1, got two_objects={self.two_objects}, "
+                             f"three_objects={self.three_objects}")
+
+
 def build_vae(stage: VaeStage) -> AutoencoderKL:
     depth = len(stage.block_out_channels)
     return AutoencoderKL(
@@ -328,7 +342,8 @@ class LatentBatches(torch.utils.data.IterableDataset):
                 )
 
 
-def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: int, path: Path) -> dict:
+def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: int, path: Path,
+                        scene_mix: SceneMix | None = None) -> dict:
     """Render and encode the training scenes once; cached as safetensors so a resumed run skips it.
 
     The latents are standardized per channel (see ``standardize_latent_space``); their mean and standard
@@ -336,7 +351,8 @@ def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: in
     """
     if path.exists():
         return load_file(path)
-    scenes = shapes.sample_scenes(seed, num_scenes)
+    mix = scene_mix or SceneMix()
+    scenes = shapes.sample_scenes(seed, num_scenes, mix.two_objects, mix.three_objects)
     latents = []
     with torch.no_grad():
         for start in tqdm(range(0, num_scenes, 64), desc="encoding training scenes"):
@@ -402,7 +418,7 @@ def _fit(module: L.LightningModule, data, steps: int, run_dir: Path, name: str) 
 
 
 def _train_autoencoder(vae: VaeStage, decoder: DecoderStage, tokenizer, num_scenes: int, seed: int, run: Path,
-                       latents_path: Path) -> tuple[AutoencoderKL, dict]:
+                       latents_path: Path, scene_mix: SceneMix) -> tuple[AutoencoderKL, dict]:
     """Stages 1 and 2; the training set is encoded in between, so the decoder stage cannot move the latents."""
     vae_folder = run / "vae_final"
     if not vae_folder.exists():
@@ -411,7 +427,7 @@ def _train_autoencoder(vae: VaeStage, decoder: DecoderStage, tokenizer, num_scen
         vae_module.vae.save_pretrained(vae_folder)
     autoencoder = AutoencoderKL.from_pretrained(vae_folder).eval()
 
-    tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path)
+    tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path, scene_mix)
 
     decoder_folder = run / "vae_decoder_final"
     if not decoder_folder.exists():
@@ -429,6 +445,7 @@ def train_embedded_model(
     decoder: DecoderStage | None = None,
     text_to_image: TextToImageStage | None = None,
     num_scenes: int = 8000,
+    scene_mix: SceneMix | None = None,
     seed: int = 0,
     vae_from: str | None = None,
 ):
@@ -441,6 +458,7 @@ def train_embedded_model(
         decoder: the decoder's full-resolution stage.
         text_to_image: the transformer + text encoder stage.
         num_scenes: rendered training scenes, encoded to latents once.
+        scene_mix: how many of them have two or three objects (default 25% and 5%).
         seed: seeds scene sampling, crops, initialization and batching.
         vae_from: a pipeline folder or hub id whose ``vae`` is reused instead of training one (skips the
             autoencoder and decoder stages), e.g. to retrain only the text-to-image stage of the shipped model.
@@ -448,6 +466,7 @@ def train_embedded_model(
     vae = vae or VaeStage()
     decoder = decoder or DecoderStage()
     text_to_image = text_to_image or TextToImageStage()
+    scene_mix = scene_mix or SceneMix()
     run, output = Path(run_dir), Path(output_dir)
     started = time.time()
     L.seed_everything(seed)
@@ -463,9 +482,10 @@ def train_embedded_model(
     if vae_from:
         # Latents of a reused VAE are standardized again below: an already standardized VAE folds to ~identity.
         autoencoder = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval()
-        tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path)
+        tensors = encode_training_set(autoencoder, tokenizer, num_scenes, seed + 1, latents_path, scene_mix)
     else:
-        autoencoder, tensors = _train_autoencoder(vae, decoder, tokenizer, num_scenes, seed, run, latents_path)
+        autoencoder, tensors = _train_autoencoder(vae, decoder, tokenizer, num_scenes, seed, run, latents_path,
+                                                  scene_mix)
     standardize_latent_space(autoencoder, tensors["latent_mean"], tensors["latent_std"])
 
     t2i = TextToImageModule(text_to_image, vocab_size=len(tokenizer))
@@ -485,6 +505,7 @@ def train_embedded_model(
         **({"vae_from": vae_from} if vae_from else {"vae": asdict(vae), "decoder": asdict(decoder)}),
         "text_to_image": asdict(text_to_image),
         "num_scenes": num_scenes,
+        "scene_mix": asdict(scene_mix),
         "seed": seed,
         "transformer_parameters": sum(p.numel() for p in t2i.transformer.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in t2i.text_encoder.parameters()),
