@@ -111,15 +111,14 @@ class CachedPipelineMixin:
         call = super().__call__
         if concepts:
             call = multi_concept_call(self, call, concepts, concept_config or MultiConceptConfig())
-        with handle.scheduled() if cached else nullcontext():
-            output = call(*args, **kwargs)
-        if cached:
+        try:
+            with handle.scheduled() if cached else nullcontext():
+                return call(*args, **kwargs)
+        finally:
             # Every unit holds one output from the first step on, so the end of the call is the cache's peak.
-            self.cache_stats = handle.stats
-            handle.reset()  # free the cached tensors between calls
-        else:
-            self.cache_stats = None
-        return output
+            self.cache_stats = handle.stats if cached else None
+            if cached:
+                handle.reset()  # free the cached tensors between calls, also when the call raised
 
 
 class AcceleratedPixArtAlphaPipeline(CachedPipelineMixin, PixArtAlphaPipeline):

@@ -99,6 +99,21 @@ def test_batch_rows_match_single_generations(pixart):
     np.testing.assert_allclose(batch[1], single[0], atol=2e-3)
 
 
+def test_a_call_that_raises_midway_frees_the_cache_and_the_next_call_is_unaffected(pixart):
+    accelerate(pixart, router=_router(pixart))
+    expected = pixart("a red circle", generator=_generator(), **PIXART_CALL).images
+
+    def fail_at_step_3(step, timestep, latents):  # PixArt-alpha's callback runs after each step
+        if step == 3:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pixart("a red circle", generator=_generator(), callback=fail_at_step_3, **PIXART_CALL)
+    handle = dit_cache.get_cache_handle(pixart.transformer)
+    assert handle.cache_bytes == 0 and pixart.cache_stats.steps == 4
+    assert np.array_equal(pixart("a red circle", generator=_generator(), **PIXART_CALL).images, expected)
+
+
 def test_a_scheduler_with_two_model_calls_per_step_is_refused_before_generating(pixart):
     from diffusers import HeunDiscreteScheduler
 
