@@ -41,7 +41,7 @@ def paired_change(before: list[bool], after: list[bool]) -> str:
     return f"{fixed} / {broken} (p = {min(1.0, 2 * tail):.2f})"
 
 
-def main(count: int = 200, steps: int = 20,
+def main(model: str | None = None, count: int = 200, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 30_000,
          correction_alpha: float = 0.25, correction_threshold: float = 0.5, correction_window: int = 2,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
@@ -49,6 +49,8 @@ def main(count: int = 200, steps: int = 20,
          concept_words: Literal["shapes", "colors", "objects"] = "shapes", with_cache: bool = True,
          methods: list[str] = list(METHODS), output: str = "samples/results/multi_concept.json"):
     """Args:
+        model: a PixArt pipeline folder or hub id (default: the embedded model). The cached rows use the embedded
+            model's router, which fits the embedded architecture only: pass ``--with_cache false`` for another one.
         count: two-object prompts, each with its own seed.
         correction_alpha / correction_threshold / correction_window: Correction by Similarities.
         nms_suppression / nms_step_fraction / nms_blocks / nms_renormalize: Cross-Token NMS (blocks: None = every
@@ -61,7 +63,7 @@ def main(count: int = 200, steps: int = 20,
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    stock = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
+    stock = PixArtAlphaPipeline.from_pretrained(model or embedded_model_path())
     uncached = AcceleratedPixArtAlphaPipeline.from_pipe(stock)  # no router: stock generation, plus concepts=
     cached = AcceleratedPixArtAlphaPipeline.from_pipe(stock, router=embedded_router_path())
     for pipe in (uncached, cached):
@@ -139,6 +141,7 @@ def main(count: int = 200, steps: int = 20,
     with open(output, "w") as file:
         json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},
+                   "model": model or "embedded",
                    "rows": [{"caching": c, "method": m, **r} for (c, m), r in rows.items()]}, file, indent=2)
 
 
