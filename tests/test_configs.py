@@ -45,14 +45,16 @@ def test_router_config_arguments_exist(path):
     assert "dit_cache.training.callbacks.ExportRouter" in [c["class_path"] for c in callbacks]
 
 
-@pytest.mark.parametrize("name", ["embedded_model.yaml", "embedded_model_patch2.yaml"])
+@pytest.mark.parametrize("name", ["embedded_model.yaml", "embedded_model_patch2.yaml",
+                                  "embedded_model_two_objects.yaml"])
 def test_embedded_model_config_matches_the_training_function(name):
-    from dit_cache.training.embedded_model import TextToImageStage, VaeStage, train_embedded_model
+    from dit_cache.training.embedded_model import SceneMix, TextToImageStage, VaeStage, train_embedded_model
 
     config = yaml.safe_load((Path(__file__).parents[1] / "training/configs" / name).read_text())
     assert set(config) <= _parameters(train_embedded_model)
     assert set(config.get("vae", {})) <= _parameters(VaeStage)
     assert set(config["text_to_image"]) <= _parameters(TextToImageStage)
+    assert set(config.get("scene_mix", {})) <= _parameters(SceneMix)
 
 
 @pytest.mark.parametrize("name", ["embedded.yaml", "embedded_l2c.yaml", "embedded_flops.yaml"])
