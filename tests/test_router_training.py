@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from dit_cache import CacheRouter, CacheSchedule
 from dit_cache.flops import unit_flops
 from dit_cache.testing import step_inputs, tiny_dit_pipeline, tiny_pixart_pipeline
+from dit_cache.training.callbacks import ExportRouter
 from dit_cache.training.cli import main
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
 from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
@@ -269,6 +271,38 @@ def test_image_error_proxy_rejects_an_unknown_kind():
     with pytest.raises(ValueError, match="'paperz'.*cumulative.*paper.*sensitivity"):
         image_error_proxy("paperz", schedule, final_latents, "cond", noise)
     assert not calls
+
+
+def _export(module, path):
+    ExportRouter(str(path)).on_train_end(SimpleNamespace(is_global_zero=True), module)
+    return CacheRouter.load(path)
+
+
+def test_export_checks_a_flops_target_against_the_flop_share_not_the_unit_count(pixart_folder, tmp_path):
+    module = RouterModule(pixart_folder, num_steps=6, cost="flops", target_cache_ratio=0.5)
+    costs = module.unit_costs
+    with torch.no_grad():  # cache the most expensive unit after the first step: its FLOP share exceeds its CUR
+        module.router.logits.fill_(5.0)
+        module.router.logits[1:, int(costs.argmax())] = -5.0
+    reached, cur = module.cached_share(), module.router.schedule().cache_ratio
+    assert reached - cur > 0.05
+    module.hparams.target_cache_ratio = reached  # dual ascent landed on the target exactly
+    router = _export(module, tmp_path / "landed.safetensors")
+    assert router.threshold == 0.1 and "calibrated_from_threshold" not in router.metadata
+    assert router.metadata["cached_share_at_training_threshold"] == pytest.approx(reached)
+    assert router.metadata["cache_ratio_at_training_threshold"] == pytest.approx(cur)
+
+
+def test_export_calibrates_a_missed_flops_target_in_flops(pixart_folder, tmp_path):
+    module = RouterModule(pixart_folder, num_steps=6, cost="flops", target_cache_ratio=0.5)
+    with torch.no_grad():
+        module.router.logits.copy_(torch.randn(module.router.logits.shape, generator=torch.Generator().manual_seed(0)))
+        module.router.logits[0] = 5.0
+    router = _export(module, tmp_path / "calibrated.safetensors")
+    assert router.metadata["calibrated_from_threshold"] == 0.1 and router.threshold != 0.1
+    # As close as one unit allows, in FLOPs: no single unit weighs more than the largest cost's share.
+    largest = float(module.unit_costs.max() / module.unit_costs.sum()) / 6
+    assert abs(router.schedule().cached_share(module.unit_costs) - 0.5) <= largest
 
 
 # ---- the CLI: target CUR, export metadata, L2C, resuming --------------------------------------------------

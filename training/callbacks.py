@@ -13,7 +13,8 @@ class ExportRouter(L.Callback):
 
     Args:
         path: output file (relative paths are relative to the working directory).
-        tolerance: with ``target_cache_ratio``, the largest CUR miss accepted before the threshold is calibrated.
+        tolerance: with ``target_cache_ratio``, the largest miss accepted before the threshold is calibrated, in
+            what the target steers: the cache usage ratio, or with ``cost="flops"`` the share of FLOPs skipped.
     """
 
     def __init__(self, path: str = "router.safetensors", tolerance: float = 0.02):
@@ -25,13 +26,14 @@ class ExportRouter(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         router, target = module.router, module.hparams.target_cache_ratio
         metadata = module.router_metadata()
-        reached = router.schedule().cache_ratio
-        metadata["cache_ratio_at_training_threshold"] = reached
+        metadata["cache_ratio_at_training_threshold"] = router.schedule().cache_ratio
+        reached = module.cached_share()  # what the target steers: CUR, or the FLOP share with cost="flops"
+        metadata["cached_share_at_training_threshold"] = reached
         if target is not None and abs(reached - target) > self.tolerance:
             # Dual ascent on beta has not settled within tolerance (short runs): land on the target by moving
             # the threshold over the learned scores, and record that this happened.
             metadata["calibrated_from_threshold"] = router.threshold
-            router.calibrate_threshold(target)
+            router.calibrate_threshold(target, unit_weights=module.unit_costs)
         if trainer.is_global_zero:
             router.save(path, **metadata)
             schedule = module.router.schedule()
