@@ -99,3 +99,14 @@ def test_a_bad_scene_mix_fails_when_the_config_is_built():
         SceneMix(two_objects=0.9, three_objects=0.2)
     with pytest.raises(ValueError, match="scene_mix"):
         SceneMix(two_objects=-0.1)
+
+
+def test_a_cached_training_set_is_reused_only_with_the_settings_it_was_encoded_with(tmp_path):
+    path, tokenizer, vae = tmp_path / "latents.safetensors", build_tokenizer(), tiny_vae()
+    first = encode_training_set(vae, tokenizer, num_scenes=4, seed=0, path=path, scene_mix=SceneMix(1.0, 0.0))
+    again = encode_training_set(vae, tokenizer, num_scenes=4, seed=0, path=path, scene_mix=SceneMix(1.0, 0.0))
+    assert torch.equal(first["latents"], again["latents"])
+    with pytest.raises(ValueError, match=r"two_objects.*1.0 -> 0.25.*delete it, or use another run_dir"):
+        encode_training_set(vae, tokenizer, num_scenes=4, seed=0, path=path)
+    with pytest.raises(ValueError, match="num_scenes"):
+        encode_training_set(vae, tokenizer, num_scenes=8, seed=0, path=path, scene_mix=SceneMix(1.0, 0.0))

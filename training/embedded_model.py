@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from diffusers import PixArtTransformer2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
@@ -349,9 +350,16 @@ def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: in
     The latents are standardized per channel (see ``standardize_latent_space``); their mean and standard
     deviation are stored with them.
     """
-    if path.exists():
-        return load_file(path)
     mix = scene_mix or SceneMix()
+    recipe = {"num_scenes": str(num_scenes), "seed": str(seed), **{k: str(v) for k, v in asdict(mix).items()}}
+    if path.exists():
+        with safe_open(path, "pt") as stored:
+            stored_recipe = stored.metadata() or {}  # files written before the recipe was recorded have none
+        changed = {k: f"{stored_recipe[k]} -> {v}" for k, v in recipe.items() if stored_recipe.get(k, v) != v}
+        if changed:
+            raise ValueError(f"{path} holds a training set encoded with other settings ({changed}); delete it, or "
+                             "use another run_dir, to encode the new one")
+        return load_file(path)
     scenes = shapes.sample_scenes(seed, num_scenes, mix.two_objects, mix.three_objects)
     latents = []
     with torch.no_grad():
@@ -373,7 +381,7 @@ def encode_training_set(vae: AutoencoderKL, tokenizer, num_scenes: int, seed: in
         "empty_mask": empty.attention_mask,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path)
+    save_file(tensors, path, metadata=recipe)
     return tensors
 
 
