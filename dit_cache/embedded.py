@@ -25,11 +25,11 @@ def embedded_model_path() -> str:
 
 
 def embedded_router_path() -> str:
-    """The HarmoniCa router trained for the embedded model at its default step count."""
+    """The HarmoniCa router trained for the embedded model at its default step count (``embedded_flops.yaml``)."""
     return _existing(
         ASSETS / "embedded_router.safetensors",
         "embedded router",
-        "dit-cache-train fit --config training/configs/embedded.yaml",
+        "dit-cache-train fit --config training/configs/embedded_flops.yaml",
     )
 
 

@@ -1,6 +1,6 @@
 """HarmoniCa vs Learning-to-Cache vs a uniform (FORA) schedule on the embedded model, at matched cache ratio.
 
-    dit-cache-train fit --config training/configs/embedded.yaml       # -> runs/router/embedded/router.safetensors
+    dit-cache-train fit --config training/configs/embedded_flops.yaml # -> runs/router/embedded_flops/router.safetensors
     dit-cache-train fit --config training/configs/embedded_l2c.yaml   # -> runs/router/embedded_l2c/router.safetensors
     python samples/compare_routers.py
 
@@ -19,7 +19,7 @@ from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 
 
-def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded/router.safetensors",
+def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/router.safetensors",
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
          uniform_interval: int = 2, match_flops: bool = False, count: int = 100, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
