@@ -14,7 +14,8 @@ from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, grid, prompt_set
 
 
-def main(model: str | None = None, count: int = 200, steps: int = 20, guidance_scales: list[float] = [EMBEDDED_GUIDANCE_SCALE],
+def main(model: str | None = None, count: int = 200, steps: int = 20,
+         guidance_scales: list[float] = [EMBEDDED_GUIDANCE_SCALE],
          seed: int = 10_000,
          write_provenance: bool = True, grid_path: str = "samples/embedded_model_grid.png"):
     """Args:
