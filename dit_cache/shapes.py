@@ -146,19 +146,26 @@ def random_scene(rng: np.random.Generator, num_objects: int, size: int = IMAGE_S
     raise RuntimeError(f"could not place {num_objects} objects in a {size}px image")
 
 
+# Shares of two- and three-object scenes in the embedded model's training set; the rest have one object.
+TWO_OBJECT_FRACTION, THREE_OBJECT_FRACTION = 0.25, 0.05
+
+
+def check_object_fractions(two: float, three: float, what: str = "object-count fractions") -> None:
+    if min(two, three) < 0 or two + three > 1:
+        raise ValueError(f"{what} must be >= 0 and sum to <= 1, got two objects {two}, three objects {three}")
+
+
 def sample_scenes(
     seed: int,
     count: int,
-    two_object_fraction: float = 0.25,
-    three_object_fraction: float = 0.05,
+    two_object_fraction: float = TWO_OBJECT_FRACTION,
+    three_object_fraction: float = THREE_OBJECT_FRACTION,
     size: int = IMAGE_SIZE,
 ) -> list[Scene]:
     """``count`` scenes, deterministic for ``seed``; the rest of the fractions are 1-object scenes."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    fractions = (two_object_fraction, three_object_fraction)
-    if min(fractions) < 0 or sum(fractions) > 1:
-        raise ValueError(f"object-count fractions must be >= 0 and sum to <= 1, got {fractions}")
+    check_object_fractions(two_object_fraction, three_object_fraction)
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(count):

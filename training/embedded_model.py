@@ -107,14 +107,12 @@ class TextToImageStage:
 class SceneMix:
     """Shares of the training scenes with two and three objects; the rest have one."""
 
-    two_objects: float = 0.25
-    three_objects: float = 0.05
+    two_objects: float = shapes.TWO_OBJECT_FRACTION
+    three_objects: float = shapes.THREE_OBJECT_FRACTION
 
     def __post_init__(self):
         # Checked here so a bad config fails when it is parsed, not after the autoencoder stages have run.
-        if min(self.two_objects, self.three_objects) < 0 or self.two_objects + self.three_objects > 1:
-            raise ValueError(f"scene_mix fractions must be >= 0 and sum to <= 1, got two_objects={self.two_objects}, "
-                             f"three_objects={self.three_objects}")
+        shapes.check_object_fractions(self.two_objects, self.three_objects, "scene_mix fractions")
 
 
 def build_vae(stage: VaeStage) -> AutoencoderKL:
