@@ -1,14 +1,17 @@
 """The embedded model's training: starting from another pipeline (``transfer_weights``), the scene mix."""
 
+import json
+
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
 from dit_cache import shapes
 from dit_cache.testing import tiny_pixart_pipeline, tiny_vae
 from dit_cache.training.embedded_model import (POSITION_UNIT, SceneMix, TextToImageStage, build_tokenizer,
-                                               encode_training_set, transfer_weights)
+                                               encode_training_set, train_embedded_model,
+                                               transfer_weights)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,24 @@ def test_a_cached_training_set_is_reused_only_with_the_settings_it_was_encoded_w
         encode_training_set(vae, tokenizer, num_scenes=4, seed=0, path=path)
     with pytest.raises(ValueError, match="num_scenes"):
         encode_training_set(vae, tokenizer, num_scenes=8, seed=0, path=path, scene_mix=SceneMix(1.0, 0.0))
+
+
+def test_training_writes_a_stock_pipeline_whose_provenance_nests_each_source(tmp_path):
+    source = tmp_path / "source"
+    tiny_pixart_pipeline().save_pretrained(source)
+    (source / "provenance.json").write_text(json.dumps({"what": "the source model"}))
+    stage = dict(steps=2, batch_size=2, warmup_steps=1, num_layers=1, num_attention_heads=1, attention_head_dim=8,
+                 text_width=8, text_layers=1, patch_size=4)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_embedded_model(output_dir=str(first), run_dir=str(tmp_path / "run_first"), num_scenes=4,
+                         vae_from=str(source), text_to_image=TextToImageStage(**stage))
+    train_embedded_model(output_dir=str(second), run_dir=str(tmp_path / "run_second"), num_scenes=4,
+                         vae_from=str(first), text_to_image=TextToImageStage(**stage, init_from=str(first)))
+
+    pipe = PixArtAlphaPipeline.from_pretrained(second)  # the stock class loads what training wrote
+    image = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
+    assert image.shape == (1, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)
+    provenance = json.loads((second / "provenance.json").read_text())
+    assert provenance["text_to_image"]["init_from"] == str(first)
+    assert provenance["initialized_from"]["vae_from"] == str(source)
+    assert provenance["initialized_from"]["initialized_from"] == {"what": "the source model"}
