@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from . import embedded
@@ -35,7 +37,39 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--compare", action="store_true", help="also run uncached; print speedup, PSNR, SSIM")
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_concept_options(generate)
     return parser
+
+
+def _add_concept_options(generate: argparse.ArgumentParser) -> None:
+    """One flag per ``MultiConceptConfig`` field (``--correction-alpha``, ``--no-nms``, ...), help from its docstring."""
+    from .pipelines import MultiConceptConfig
+
+    documented = dict(re.findall(r"^\s+(\w+): (.+)$", MultiConceptConfig.__doc__, re.MULTILINE))
+    group = generate.add_argument_group("multi-concept fixes", "with --concepts; unset flags keep the defaults")
+    for field in fields(MultiConceptConfig):
+        options = {"dest": f"concept_{field.name}", "default": None,
+                   "help": f"{documented[field.name].rstrip('.')} (default: {field.default})"}
+        if isinstance(field.default, bool):
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.name == "nms_blocks":
+            options.update(nargs="+", type=int, metavar="BLOCK")
+        else:
+            options.update(type=type(field.default), metavar=type(field.default).__name__.upper())
+        group.add_argument("--" + field.name.replace("_", "-"), **options)
+
+
+def _concept_config(args):
+    """The ``MultiConceptConfig`` of the concept flags; checked before the model loads, so bad values cost nothing."""
+    from .pipelines import MultiConceptConfig
+
+    given = {field.name: getattr(args, f"concept_{field.name}") for field in fields(MultiConceptConfig)}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and not args.concepts:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} configure the multi-concept fixes; add --concepts with the prompt's concept "
+                         "words, e.g. --concepts circle square")
+    return MultiConceptConfig(**given) if args.concepts else None
 
 
 def _load(args):
@@ -71,7 +105,7 @@ def _call_arguments(pipe, args, router, prompt: str) -> dict:
     if hasattr(pipe, "tokenizer"):
         call.update(prompt=prompt, clean_caption=_can_clean_captions())
         if args.concepts:
-            call["concepts"] = args.concepts
+            call.update(concepts=args.concepts, concept_config=args.concept_config)
     else:  # class-conditional DiT: an integer label or a label name
         call["class_labels"] = [int(prompt)] if prompt.isdigit() else pipe.get_label_ids([prompt])
     return call
@@ -105,6 +139,7 @@ def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        args.concept_config = _concept_config(args)
         pipe, router = _load(args)
         return _generate(pipe, router, args)
     except (FileNotFoundError, ValueError, TypeError, KeyError, OSError) as error:
@@ -141,6 +176,7 @@ def _generate(pipe, router, args) -> int:
                 (args.router or "embedded"), "cache_ratio": None if stats is None else round(stats.cache_ratio, 4),
                 "seconds": round(seconds, 3), "steps": call["num_inference_steps"],
                 "guidance_scale": call["guidance_scale"], "concepts": args.concepts,
+                "concept_config": asdict(args.concept_config) if args.concept_config else None,
             }
             if args.compare and router is not None:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))

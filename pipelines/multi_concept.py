@@ -36,6 +36,19 @@ class MultiConceptConfig:
     nms_renormalize: bool = True
     nms_blocks: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        # Checked here, so a bad value fails when the config is built rather than midway through a call.
+        for name in ("correction_alpha", "nms_suppression", "nms_step_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.correction_window < 0:
+            raise ValueError(f"correction_window (gamma) must be >= 0, got {self.correction_window}")
+        if self.nms_blocks is not None:
+            if not self.nms_blocks or not all(isinstance(b, int) and b >= 0 for b in self.nms_blocks):
+                raise ValueError(f"nms_blocks must be a non-empty tuple of block indices >= 0 (or None for every "
+                                 f"block), got {self.nms_blocks!r}")
+            object.__setattr__(self, "nms_blocks", tuple(self.nms_blocks))  # a list from a config file
+
 
 def concept_positions(pipe, prompt, concepts, clean_caption: bool = True) -> list[list[list[int]]]:
     """The token positions of each concept in each prompt as the pipeline's text encoder reads it.

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,35 @@ def test_other_models_need_a_router_or_no_cache(model_and_router, tmp_path, caps
     model, _, _ = model_and_router
     assert main(["generate", "a red circle", "--model", str(model), "--out", str(tmp_path)]) == 2
     assert "--router is required" in capsys.readouterr().err
+
+
+def test_concept_flags_set_the_fixes_as_the_pipeline_would(model_and_router, tmp_path):
+    from PIL import Image
+
+    from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConfig
+
+    model, router_path, _ = model_and_router
+    flags = ["--concepts", "red circle", "blue square", "--correction-alpha", "0.5", "--no-nms"]
+    assert main(["generate", "a red circle and a blue square", "--model", str(model), "--router", str(router_path),
+                 "--out", str(tmp_path), *flags]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["concept_config"]["correction_alpha"] == 0.5 and record["concept_config"]["nms"] is False
+    written = np.asarray(Image.open(next(tmp_path.glob("*.png"))))
+
+    pipe = AcceleratedPixArtAlphaPipeline.from_pretrained(model, router=str(router_path))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle and a blue square", num_inference_steps=6, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np", concepts=["red circle", "blue square"],
+                 concept_config=MultiConceptConfig(correction_alpha=0.5, nms=False)).images[0]
+    assert np.array_equal(written, (image * 255).round().clip(0, 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--correction-alpha", "0.5"], "--correction-alpha configure the multi-concept fixes; add --concepts"),
+    (["--concepts", "circle", "--nms-step-fraction", "1.5"], "nms_step_fraction must be in [0, 1], got 1.5"),
+])
+def test_bad_concept_flags_fail_before_the_model_loads(model_and_router, tmp_path, capsys, flags, expected):
+    code = main(["generate", "a red circle", "--model", str(tmp_path / "no-model-here"), "--out",
+                 str(tmp_path / "out"), *flags])  # the model is checked later: this error must come first
+    assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -301,3 +301,16 @@ def test_bfloat16_pipeline_caches_in_its_own_dtype():
     assert pipe.cache_stats.reused > 0
     units = pipe.transformer._dit_cache_handle.units
     assert pipe.cache_stats.cache_bytes == len(units) * 2 * 64 * 16 * 2  # units x CFG batch x tokens x width x 2 B
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(correction_alpha=1.5), "correction_alpha must be in"), (dict(nms_suppression=-0.1), "nms_suppression"),
+    (dict(nms_step_fraction=2.0), "nms_step_fraction"), (dict(correction_window=-1), "correction_window"),
+    (dict(nms_blocks=()), "nms_blocks must be a non-empty"), (dict(nms_blocks=(0, -1)), "nms_blocks"),
+])
+def test_a_bad_multi_concept_config_fails_when_built(bad, message):
+    from dit_cache.pipelines import MultiConceptConfig
+
+    with pytest.raises(ValueError, match=message):
+        MultiConceptConfig(**bad)
+    assert MultiConceptConfig(nms_blocks=[0, 2]).nms_blocks == (0, 2)  # a list from a config file becomes a tuple
