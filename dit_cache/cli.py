@@ -67,8 +67,8 @@ def _concept_config(args):
     given = {name: value for name, value in given.items() if value is not None}
     if given and not args.concepts:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags} configure the multi-concept fixes; add --concepts with the prompt's concept "
-                         "words, e.g. --concepts circle square")
+        raise ValueError(f"{flags} only apply with --concepts; add --concepts with the prompt's concept words, "
+                         "e.g. --concepts circle square")
     return MultiConceptConfig(**given) if args.concepts else None
 
 
@@ -158,7 +158,10 @@ def _generate(pipe, router, args) -> int:
 
     state = PartialState()
     jobs = [(prompt, args.seed + i) for prompt in args.prompts for i in range(args.num_images)]
-    if args.concepts and hasattr(pipe, "tokenizer"):  # a concept missing from any prompt fails before any image
+    if args.concepts and not hasattr(pipe, "tokenizer"):
+        raise ValueError(f"--concepts needs a text-to-image pipeline with cross-attention (PixArt); "
+                         f"{type(pipe).__name__} is class-conditional: drop --concepts")
+    if args.concepts:  # a concept missing from any prompt fails before any image
         concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=_can_clean_captions())
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:

@@ -113,11 +113,21 @@ def test_concept_flags_set_the_fixes_as_the_pipeline_would(model_and_router, tmp
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--correction-alpha", "0.5"], "--correction-alpha configure the multi-concept fixes; add --concepts"),
+    (["--correction-alpha", "0.5"], "--correction-alpha only apply with --concepts; add --concepts"),
     (["--concepts", "circle", "--nms-step-fraction", "1.5"], "nms_step_fraction must be in [0, 1], got 1.5"),
 ])
 def test_bad_concept_flags_fail_before_the_model_loads(model_and_router, tmp_path, capsys, flags, expected):
     code = main(["generate", "a red circle", "--model", str(tmp_path / "no-model-here"), "--out",
                  str(tmp_path / "out"), *flags])  # the model is checked later: this error must come first
     assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_concepts_on_a_class_conditional_model_are_refused(tmp_path, capsys):
+    from dit_cache.testing import tiny_dit_pipeline
+
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    code = main(["generate", "cat", "--model", str(tmp_path / "dit"), "--no-cache", "--concepts", "cat",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "DiTPipeline is class-conditional: drop --concepts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
