@@ -67,7 +67,7 @@ def _concept_config(args):
     given = {name: value for name, value in given.items() if value is not None}
     if given and not args.concepts:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags} only apply with --concepts; add --concepts with the prompt's concept words, "
+        raise ValueError(f"{flags}: used only with --concepts; add --concepts with the prompt's concept words, "
                          "e.g. --concepts circle square")
     return MultiConceptConfig(**given) if args.concepts else None
 

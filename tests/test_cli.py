@@ -113,7 +113,7 @@ def test_concept_flags_set_the_fixes_as_the_pipeline_would(model_and_router, tmp
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--correction-alpha", "0.5"], "--correction-alpha only apply with --concepts; add --concepts"),
+    (["--correction-alpha", "0.5"], "--correction-alpha: used only with --concepts; add --concepts"),
     (["--concepts", "circle", "--nms-step-fraction", "1.5"], "nms_step_fraction must be in [0, 1], got 1.5"),
 ])
 def test_bad_concept_flags_fail_before_the_model_loads(model_and_router, tmp_path, capsys, flags, expected):
