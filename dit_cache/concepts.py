@@ -21,9 +21,16 @@ __all__ = [
     "concept_token_groups",
     "concept_token_indices",
     "CrossTokenNMSProcessor",
+    "cross_attention_probs",
     "apply_cross_token_nms",
     "remove_cross_token_nms",
 ]
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Strengths, suppression scales and step fractions all live in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 # --------------------------------------------------------------------------- CbS
@@ -65,8 +72,7 @@ def correct_by_similarities(prompt_embeds: torch.Tensor, attention_mask: torch.T
         got = None if attention_mask is None else tuple(attention_mask.shape)
         raise ValueError(f"attention_mask must be (batch, n_tokens) = {(batch, n)}, got {got}; "
                          "pass the text encoder's attention mask")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_fraction("alpha", alpha)
     if gamma < 0:
         raise ValueError(f"gamma (window half-width) must be >= 0, got {gamma}")
     rows = _per_row_indices(concept_indices, batch)
@@ -134,6 +140,30 @@ def concept_token_indices(tokenizer, prompt: str, words: Sequence[str]) -> list[
 
 
 # --------------------------------------------------------------------------- Cross-Token NMS
+def cross_attention_probs(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+    """The probabilities (batch*heads, image tokens, text tokens) and values that ``AttnProcessor2_0`` computes
+    inside SDPA, made explicit so they can be changed (Cross-Token NMS) or inspected."""
+    if hidden_states.ndim != 3:
+        raise ValueError(f"cross-attention expects (batch, tokens, dim) hidden states, "
+                         f"got {tuple(hidden_states.shape)}")
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch, seq_len = context.shape[:2]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=hidden_states.dtype).masked_fill(
+            ~attention_mask, float("-inf"))
+    attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+    if attn.norm_cross and encoder_hidden_states is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key = attn.head_to_batch_dim(attn.to_k(context))
+    value = attn.head_to_batch_dim(attn.to_v(context))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return attn.get_attention_scores(query, key, attention_mask), value
+
+
 class CrossTokenNMSProcessor:
     """Attention processor for PixArt ``attn2`` that applies Cross-Token NMS to the probabilities.
 
@@ -155,6 +185,8 @@ class CrossTokenNMSProcessor:
         if self.per_sample and not concepts:
             raise ValueError("per_sample=True needs one concept list per conditional sample; got none")
         self.concepts = [concept_groups(c) for c in concepts] if self.per_sample else concept_groups(concepts)
+        check_fraction("suppression", suppression)
+        check_fraction("step_fraction", step_fraction)
         self.height, self.width = int(height), int(width)
         self.suppression, self.renormalize = float(suppression), bool(renormalize)
         self.step_fraction, self.cfg_batch = float(step_fraction), bool(cfg_batch)
@@ -166,25 +198,8 @@ class CrossTokenNMSProcessor:
 
     def attention_probs(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         """Post-NMS probabilities (batch*heads, image tokens, text tokens) and the value tensor."""
-        if hidden_states.ndim != 3:
-            raise ValueError(f"CrossTokenNMSProcessor expects (batch, tokens, dim) hidden states, "
-                             f"got {tuple(hidden_states.shape)}")
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, seq_len = context.shape[:2]
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros_like(attention_mask, dtype=hidden_states.dtype).masked_fill(
-                ~attention_mask, float("-inf"))
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        probs = attn.get_attention_scores(query, key, attention_mask)
+        probs, value = cross_attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask)
+        batch = probs.shape[0] // attn.heads
         if self.cfg_batch and batch % 2:
             raise ValueError(f"cfg_batch=True needs an even batch [uncond, cond], got {batch}; "
                              "pass cfg_batch=False when running without classifier-free guidance")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_cache.concepts import (apply_cross_token_nms, concept_token_groups, correct_by_similarities,
+from dit_cache.concepts import (apply_cross_token_nms, check_fraction, concept_token_groups, correct_by_similarities,
                                 remove_cross_token_nms)
 
 
@@ -39,8 +39,7 @@ class MultiConceptConfig:
     def __post_init__(self):
         # Checked here, so a bad value fails when the config is built rather than midway through a call.
         for name in ("correction_alpha", "nms_suppression", "nms_step_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            check_fraction(name, getattr(self, name))
         if self.correction_window < 0:
             raise ValueError(f"correction_window (gamma) must be >= 0, got {self.correction_window}")
         if self.nms_blocks is not None:

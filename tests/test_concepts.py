@@ -276,3 +276,10 @@ def test_set_step():
     assert [proc.set_step(i, 10) or proc.active for i in range(10)] == [True] * 3 + [False] * 7
     proc = CrossTokenNMSProcessor([1], 2, 2)
     assert [proc.set_step(i, 4) or proc.active for i in range(4)] == [True, True, False, False]
+
+
+def test_processor_refuses_scales_outside_the_unit_interval():
+    with pytest.raises(ValueError, match=r"suppression must be in \[0, 1\], got 1.5"):
+        CrossTokenNMSProcessor([[1], [2]], 4, 4, suppression=1.5)
+    with pytest.raises(ValueError, match=r"step_fraction must be in \[0, 1\], got -0.5"):
+        CrossTokenNMSProcessor([[1], [2]], 4, 4, step_fraction=-0.5)
