@@ -33,6 +33,9 @@ class CacheRouter(torch.nn.Module):
         super().__init__()
         if num_steps < 1 or num_units < 1:
             raise ValueError(f"A router needs num_steps >= 1 and num_units >= 1, got {num_steps} and {num_units}.")
+        if fixed_rows is not None and tuple(fixed_rows.shape) != (num_steps,):
+            raise ValueError(f"fixed_rows must hold one flag per step, shape ({num_steps},); "
+                             f"got shape {tuple(fixed_rows.shape)}.")
         fixed = torch.zeros(num_steps, dtype=torch.bool) if fixed_rows is None else fixed_rows.clone().bool()
         fixed[0] = True
         self.register_buffer("fixed_rows", fixed)
@@ -40,6 +43,15 @@ class CacheRouter(torch.nn.Module):
         self.threshold = threshold
         self.metadata = dict(metadata or {})
         self.clamp_()
+
+    @property
+    def threshold(self) -> float:
+        """tau: a unit computes where its score is above it; in (0, 1), since scores are sigmoids."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = check_threshold(value)
 
     @property
     def num_steps(self) -> int:
@@ -60,7 +72,10 @@ class CacheRouter(torch.nn.Module):
         self.logits[self.fixed_rows] = LOGIT_LIMIT
 
     def schedule(self, threshold: float | None = None) -> CacheSchedule:
-        threshold = self.threshold if threshold is None else threshold
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
+        if not bool(torch.isfinite(self.logits).all()):  # NaN > tau is False: every unit would silently cache
+            raise ValueError("The router's logits are not all finite (NaN or inf); retrain it, e.g. with a lower "
+                             "learning rate.")
         mask = self.scores().detach().cpu() > threshold
         mask[self.fixed_rows.cpu()] = True  # pinned rows compute whatever the threshold
         return CacheSchedule(mask)
@@ -72,6 +87,8 @@ class CacheRouter(torch.nn.Module):
         With ``unit_weights`` (e.g. the per-unit FLOPs of :func:`dit_cache.flops.unit_flops`) a cached unit counts
         by its weight, so the target is the share of the units' work that is skipped rather than of their number.
         """
+        if not 0.0 <= target_cache_ratio <= 1.0:  # also refuses NaN
+            raise ValueError(f"target_cache_ratio must be in [0, 1], got {target_cache_ratio}.")
         weights = check_unit_weights(unit_weights, self.num_units)
         trainable = self.scores().detach().cpu()[~self.fixed_rows.cpu()]  # (rows, units); fixed rows always compute
         scores, order = trainable.flatten().sort()
@@ -122,11 +139,20 @@ class CacheRouter(torch.nn.Module):
             raise ValueError(f"{path} is not a dit-cache router: it is not a safetensors file ({error}).") from None
         if header.get("format") != ROUTER_FORMAT or {"logits", "fixed_rows"} - set(tensors):
             raise ValueError(f"{path} is not a dit-cache router (no '{ROUTER_FORMAT}' metadata).")
-        metadata = {key: json.loads(value) for key, value in header.items() if key != "format"}
+        metadata = {key: _json_value(path, key, value) for key, value in header.items() if key != "format"}
         threshold = metadata.pop("threshold", DEFAULT_THRESHOLD)
         metadata.pop("cache_ratio", None)
-        logits = tensors["logits"].float()
-        router = cls(*logits.shape, threshold=threshold, fixed_rows=tensors["fixed_rows"].bool(), metadata=metadata)
+        logits, fixed_rows = tensors["logits"].float(), tensors["fixed_rows"].bool()
+        if logits.ndim != 2 or tuple(fixed_rows.shape) != logits.shape[:1]:
+            raise ValueError(f"{path} is a damaged router: its fixed_rows have shape {tuple(fixed_rows.shape)} but "
+                             f"its logits {tuple(logits.shape)} (one flag per step expected); re-export the router.")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"{path} holds non-finite logits (NaN or inf): the router is unusable; retrain it, "
+                             "e.g. with a lower learning rate.")
+        try:
+            router = cls(*logits.shape, threshold=threshold, fixed_rows=fixed_rows, metadata=metadata)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
         with torch.no_grad():
             router.logits.copy_(logits)
         return router
@@ -147,3 +173,24 @@ class CacheRouter(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_steps={self.num_steps}, num_units={self.num_units}, threshold={self.threshold}"
+
+
+def check_threshold(threshold) -> float:
+    """``threshold`` as a float if it is in (0, 1), else a ValueError: scores are sigmoids, so a threshold
+    outside (0, 1) (or NaN) would cache every unit or none, whatever the router learned."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}.") from None
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must be in (0, 1) (scores are sigmoids), got {threshold}; the router's own "
+                         "threshold is the default.")
+    return value
+
+
+def _json_value(path: Path, key: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is a damaged router: its metadata {key!r} is not JSON ({error}); "
+                         "re-save it with CacheRouter.save.") from None

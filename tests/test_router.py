@@ -311,3 +311,77 @@ def test_gate_writes_the_cache_only_above_the_threshold(gated_setup):
         stored = handle.state.outputs[unit][-1][1]
         assert (stored is before[unit]) != writes[unit]
         assert not stored.requires_grad
+
+
+# ---- bad values are refused, never silently used (issue 18) ------------------------------------------------
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 2.0, -0.1, float("nan"), float("inf")])
+def test_thresholds_outside_zero_one_are_refused_everywhere(threshold):
+    router = _router()
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        router.schedule(threshold)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        router.threshold = threshold
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        _router(threshold=threshold)
+    assert router.threshold == 0.1  # unchanged by the refused assignment
+
+
+def test_accelerate_refuses_a_threshold_outside_zero_one_and_changes_nothing():
+    from dit_cache.pipelines import accelerate
+    from dit_cache.testing import tiny_pixart_pipeline
+
+    pipe = tiny_pixart_pipeline()
+    router = CacheRouter(6, len(cache_units(pipe.transformer)))
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        accelerate(pipe, router=router, threshold=2.0)
+    assert not hasattr(pipe, "cache_stats") or pipe.cache_stats is None
+
+
+@pytest.mark.parametrize("target", [-0.1, 1.5, float("nan")])
+def test_calibrate_threshold_refuses_targets_outside_zero_one(target):
+    router = _router()
+    with pytest.raises(ValueError, match=r"target_cache_ratio must be in \[0, 1\]"):
+        router.calibrate_threshold(target)
+    assert router.threshold == 0.1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_router_file_with_non_finite_logits_is_refused_naming_the_file(tmp_path, bad):
+    logits = torch.zeros(4, 3)
+    logits[2, 1] = bad
+    save_file({"logits": logits, "fixed_rows": torch.tensor([1, 0, 0, 0], dtype=torch.uint8)},
+              str(tmp_path / "nan.safetensors"), metadata={"format": "dit-cache/router"})
+    with pytest.raises(ValueError, match=r"nan\.safetensors holds non-finite logits"):
+        CacheRouter.load(tmp_path / "nan.safetensors")
+
+
+def test_non_finite_logits_in_memory_give_no_schedule():
+    router = _router()
+    with torch.no_grad():
+        router.logits[3, 2] = float("nan")  # e.g. a diverged training run; clamp_ keeps NaN
+    router.clamp_()
+    with pytest.raises(ValueError, match="not all finite"):
+        router.schedule()
+
+
+def test_fixed_rows_that_do_not_match_the_logits_are_refused_naming_the_file(tmp_path):
+    save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(6, dtype=torch.uint8)},
+              str(tmp_path / "rows.safetensors"), metadata={"format": "dit-cache/router"})
+    with pytest.raises(ValueError, match=r"rows\.safetensors is a damaged router: its fixed_rows have shape \(6,\)"):
+        CacheRouter.load(tmp_path / "rows.safetensors")
+    with pytest.raises(ValueError, match=r"one flag per step, shape \(4,\)"):
+        CacheRouter(4, 3, fixed_rows=torch.ones(6, dtype=torch.bool))
+
+
+def test_bad_json_in_router_metadata_names_the_file_and_the_key(tmp_path):
+    save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(4, dtype=torch.uint8)},
+              str(tmp_path / "json.safetensors"), metadata={"format": "dit-cache/router", "guidance_scale": "{oops"})
+    with pytest.raises(ValueError, match=r"json\.safetensors is a damaged router: its metadata 'guidance_scale'"):
+        CacheRouter.load(tmp_path / "json.safetensors")
+
+
+def test_a_router_file_with_a_threshold_outside_zero_one_is_refused_naming_the_file(tmp_path):
+    save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(4, dtype=torch.uint8)},
+              str(tmp_path / "tau.safetensors"), metadata={"format": "dit-cache/router", "threshold": "1.5"})
+    with pytest.raises(ValueError, match=r"tau\.safetensors: threshold must be in \(0, 1\)"):
+        CacheRouter.load(tmp_path / "tau.safetensors")
