@@ -7,9 +7,10 @@ block shapes of PixArt-alpha (hidden 1152, 16 heads, 120 text tokens) at any dep
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+                       SanaTransformer2DModel, SD3Transformer2DModel)
 
-from .flops import step_inputs  # noqa: F401  (re-exported: the tests and benchmarks build inputs with it)
+from .flops import step_family, step_inputs  # noqa: F401  (step_inputs re-exported for the tests and benchmarks)
 
 
 def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, seed: int = 0):
@@ -40,13 +41,50 @@ def pixart_alpha_shapes(num_layers: int = 4, sample_size: int = 32, seed: int = 
     ).eval()
 
 
+def tiny_sd3(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, text_dim: int = 32,
+             pooled_dim: int = 32, dual_attention_layers: tuple[int, ...] = (), seed: int = 0):
+    """SD3 / SD3.5 (``dual_attention_layers`` gives those blocks SD3.5's second attention); the last block is
+    context-pre-only, as in the real models."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim, pos_embed_max_size=16,
+        dual_attention_layers=tuple(dual_attention_layers),
+    ).eval()
+
+
+def tiny_flux(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 16,
+              in_channels: int = 16, text_dim: int = 32, pooled_dim: int = 16, guidance_embeds: bool = True,
+              seed: int = 0):
+    """FLUX.1 (``guidance_embeds``: dev's guidance distillation; schnell has none). ``in_channels`` is the packed
+    latent width: 4 x the VAE's latent channels."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def tiny_sana(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8,
+              caption_channels: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
+        num_cross_attention_heads=heads, cross_attention_head_dim=head_dim, cross_attention_dim=heads * head_dim,
+        caption_channels=caption_channels, sample_size=sample_size, patch_size=1,
+    ).eval()
+
+
 def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
     """Call ``transformer`` once per step, feeding each output back as the next latent (a toy sampler)."""
     inputs = step_inputs(transformer, **step_kwargs)
+    timestep = step_family(transformer).timestep
     outputs = []
     with torch.no_grad():
         for step in range(num_steps):
-            inputs["timestep"] = torch.full_like(inputs["timestep"], 900 - step * (800 // max(num_steps, 1)))
+            inputs["timestep"] = timestep(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0])
             output = transformer(**inputs).sample
             outputs.append(output)
             inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]
@@ -62,14 +100,16 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def tiny_vae():
-    """Scale factor 8, as real PixArt / DiT VAEs: the stock pipelines' resolution binning then works."""
+def tiny_vae(shift_factor: float | None = None):
+    """Scale factor 8, as real PixArt / DiT VAEs: the stock pipelines' resolution binning then works.
+    ``shift_factor``: SD3 and FLUX VAEs shift their latents (their pipelines read the value)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=256).eval()
+                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=256,
+                         shift_factor=shift_factor).eval()
 
 
 def tiny_pixart_pipeline(num_layers: int = 2, pipeline_class=None):
@@ -94,4 +134,82 @@ def tiny_dit_pipeline(num_layers: int = 2, pipeline_class=None):
     return (pipeline_class or DiTPipeline)(
         transformer=tiny_dit(num_layers=num_layers), vae=tiny_vae(), scheduler=DDIMScheduler(),
         id2label={0: "cat", 1: "dog"},
+    )
+
+
+def _tiny_t5(d_model: int = 16):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=d_model, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                   dropout_rate=0.0)).eval()
+
+
+def _tiny_clip(with_projection: bool, hidden: int = 16, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # Token ids of tiny_tokenizer: </s> (1) ends a prompt, which is where CLIP pools.
+    config = CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _clip_slot_tokenizer():
+    # The pipelines pad CLIP prompts to the tokenizer's model_max_length (77 for real CLIP tokenizers).
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def tiny_sd3_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A StableDiffusion3Pipeline from tiny random components (two CLIPs and a T5): no download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    # Two CLIPs of width 16: their concatenated hidden states (32) fill the T5 width; pooled = 16 + 16.
+    return (pipeline_class or StableDiffusion3Pipeline)(
+        transformer=tiny_sd3(num_layers=num_layers, text_dim=32, pooled_dim=32, sample_size=32),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(shift_factor=0.0),
+        text_encoder=_tiny_clip(True, seed=1), tokenizer=_clip_slot_tokenizer(),
+        text_encoder_2=_tiny_clip(True, seed=2), tokenizer_2=_clip_slot_tokenizer(),
+        text_encoder_3=_tiny_t5(d_model=32), tokenizer_3=tiny_tokenizer(),
+    )
+
+
+def tiny_flux_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A FluxPipeline (dev-style, guidance-distilled) from tiny random components (a CLIP and a T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return (pipeline_class or FluxPipeline)(
+        transformer=tiny_flux(num_layers=num_layers, num_single_layers=num_single_layers, pooled_dim=16,
+                              text_dim=32, in_channels=16),
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0),
+        text_encoder=_tiny_clip(False), tokenizer=_clip_slot_tokenizer(),
+        text_encoder_2=_tiny_t5(d_model=32), tokenizer_2=tiny_tokenizer(),
+    )
+
+
+def tiny_sana_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A SanaPipeline from tiny random components (a Gemma-2 text encoder, a DC-AE): no download."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=8, max_position_embeddings=512)).eval()
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    # Sana's flow-matching DPM-Solver, as the real pipelines ship it.
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return (pipeline_class or SanaPipeline)(
+        tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
+        transformer=tiny_sana(num_layers=num_layers, caption_channels=16, sample_size=32), scheduler=scheduler,
     )
