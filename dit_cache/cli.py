@@ -9,9 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -20,18 +24,20 @@ from . import embedded
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dit-cache", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="dit-cache", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="generate images")
     generate.add_argument("prompts", nargs="+", help="prompts (or class labels / names for DiT models)")
     generate.add_argument("--model", default="embedded", help="diffusers folder or hub id (default: embedded)")
     generate.add_argument("--router", default=None, help="router.safetensors (default: the embedded model's)")
     generate.add_argument("--no-cache", action="store_true", help="generate without caching")
-    generate.add_argument("--threshold", type=float, default=None, help="override the router's threshold")
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the router's)")
-    generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the router's)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    generate.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    generate.add_argument("--threshold", type=_threshold, default=None,
+                          help="override the router's threshold, in (0, 1)")
+    generate.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the router's)")
+    generate.add_argument("--guidance", type=_guidance, default=None,
+                          help="guidance scale; <= 1 turns classifier-free guidance off (default: the router's)")
+    generate.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image i uses seed + i")
+    generate.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     generate.add_argument("--concepts", nargs="+", default=None,
                           help='concept words or quoted phrases ("red circle") for the multi-concept fixes')
     generate.add_argument("--compare", action="store_true", help="also run uncached; print speedup, PSNR, SSIM")
@@ -39,6 +45,89 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_concept_options(generate)
     return parser
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad flags end in one line naming the fix, like every other error of the command (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (<= 1 means no classifier-free guidance), "
+                                         f"got {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    from .router import check_threshold
+
+    try:
+        return check_threshold(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2**64)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2**64), got {text!r}")
+    return value
+
+
+def _check_arguments(args) -> None:
+    """Flags that contradict each other, and a device that does not exist: refused before the model loads."""
+    if args.no_cache:
+        ignored = [flag for flag, given in (("--router", args.router is not None),
+                                            ("--threshold", args.threshold is not None),
+                                            ("--compare", args.compare)) if given]
+        if ignored:
+            raise ValueError(f"--no-cache conflicts with {', '.join(ignored)} (they only apply with the cache): "
+                             f"drop --no-cache, or drop {', '.join(ignored)}")
+    last_seed = args.seed + args.num_images - 1
+    if last_seed >= SEED_LIMIT:
+        raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} reaches seed {last_seed}; "
+                         "torch seeds must be below 2**64: use a smaller --seed")
+    if args.device is not None:
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise RuntimeError("meta tensors hold no data")
+        torch.empty(1, device=device)  # what the pipeline will need: a tensor on that device
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        available = "cpu" + (", cuda" if torch.cuda.is_available() else "") + (
+            ", mps" if torch.backends.mps.is_available() else "")
+        raise ValueError(f"--device {name} is not usable here ({reason}); use one of: {available} "
+                         "(or leave --device out)") from None
 
 
 def _add_concept_options(generate: argparse.ArgumentParser) -> None:
@@ -73,7 +162,7 @@ def _concept_config(args):
 
 
 def _load(args):
-    import torch
+    from accelerate import PartialState
     from diffusers import DiffusionPipeline
 
     from .pipelines import accelerate
@@ -89,7 +178,8 @@ def _load(args):
             router_path = embedded.embedded_router_path()
         router = CacheRouter.load(router_path)
     pipe = DiffusionPipeline.from_pretrained(model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under `accelerate launch` each process has a device of its own (cuda:0, cuda:1, ... or the CPU).
+    device = args.device if args.device is not None else PartialState().device
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if router is not None:
@@ -98,17 +188,31 @@ def _load(args):
 
 
 def _call_arguments(pipe, args, router, prompt: str) -> dict:
-    steps = args.steps or (router.num_steps if router else 20)
-    default = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5  # 4.5: PixArt's own default
-    guidance = args.guidance or (router.metadata.get("guidance_scale") if router else None) or default
+    steps = args.steps if args.steps is not None else (router.num_steps if router else 20)
+    guidance = args.guidance
+    if guidance is None and router is not None:
+        guidance = router.metadata.get("guidance_scale")
+    if guidance is None:  # 4.5: PixArt's own default
+        guidance = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):
         call.update(prompt=prompt, clean_caption=_can_clean_captions())
         if args.concepts:
             call.update(concepts=args.concepts, concept_config=args.concept_config)
     else:  # class-conditional DiT: an integer label or a label name
-        call["class_labels"] = [int(prompt)] if prompt.isdigit() else pipe.get_label_ids([prompt])
+        call["class_labels"] = [_class_label(pipe, prompt)]
     return call
+
+
+def _class_label(pipe, prompt: str) -> int:
+    # num_embeds_ada_norm classes; the embedding table has one more row, the null class of guidance.
+    num_classes = pipe.transformer.config.num_embeds_ada_norm
+    labels = getattr(pipe, "labels", None) or {}
+    label = int(prompt) if prompt.isdigit() else labels.get(prompt)
+    if label is None or not 0 <= label < num_classes:
+        names = f", or a label name such as {next(iter(labels))!r}" if labels else ""
+        raise ValueError(f"{prompt!r} is not a class of this model: give a class id in [0, {num_classes}){names}")
+    return label
 
 
 def _can_clean_captions() -> bool:
@@ -139,6 +243,7 @@ def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_arguments(args)
         args.concept_config = _concept_config(args)
         pipe, router = _load(args)
         return _generate(pipe, router, args)
@@ -151,7 +256,6 @@ def main(argv=None) -> int:
 def _generate(pipe, router, args) -> int:
     import torch
     from accelerate import PartialState
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from .pipelines import concept_positions
@@ -163,16 +267,15 @@ def _generate(pipe, router, args) -> int:
                          f"{type(pipe).__name__} is class-conditional: drop --concepts")
     if args.concepts:  # a concept missing from any prompt fails before any image
         concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=_can_clean_captions())
+    calls = {prompt: _call_arguments(pipe, args, router, prompt) for prompt in args.prompts}  # bad labels fail here
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:
         for prompt, seed in tqdm(my_jobs, desc="generating", disable=not state.is_local_main_process):
-            call = _call_arguments(pipe, args, router, prompt)
+            call = calls[prompt]
             start = time.perf_counter()
             image = pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="np").images
             seconds = time.perf_counter() - start
-            stem = f"{_slug(prompt)}-{seed}"
-            out.mkdir(parents=True, exist_ok=True)  # only once an image exists: a failed run leaves no folder
-            Image.fromarray((image[0] * 255).round().clip(0, 255).astype("uint8")).save(out / f"{stem}.png")
+            stem = output_stem(prompt, seed)
             stats = getattr(pipe, "cache_stats", None)
             sidecar = {
                 "prompt": prompt, "seed": seed, "model": args.model, "router": None if router is None else
@@ -185,8 +288,37 @@ def _generate(pipe, router, args) -> int:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
                 print(f"{stem}: speedup {sidecar['speedup']:.2f}x, PSNR {sidecar['psnr']} dB, "
                       f"SSIM {sidecar['ssim']:.4f}")
-            (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+            pixels = (image[0] * 255).round().clip(0, 255).astype("uint8")
+            _save(out, stem, pixels, sidecar)  # only once an image exists: a failed run leaves no folder
     return 0
+
+
+def output_stem(prompt: str, seed: int) -> str:
+    """``a-red-circle-5c1a3e7f-0``: readable slug, then a hash of the exact prompt, so prompts that slug alike
+    ("a red circle", "A red circle!") never overwrite each other."""
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+    return f"{_slug(prompt)}-{digest}-{seed}"
+
+
+def _save(out: Path, stem: str, pixels, sidecar: dict) -> None:
+    """PNG and JSON sidecar, each written to a temporary file and renamed into place: a failure (a full disk)
+    leaves no half-written file, and a reader never sees a partial image."""
+    from PIL import Image
+
+    writers = {".png": lambda file: Image.fromarray(pixels).save(file, format="PNG"),
+               ".json": lambda file: file.write(json.dumps(sidecar, indent=2).encode())}
+    out.mkdir(parents=True, exist_ok=True)
+    temporaries = []
+    try:
+        for suffix, write in writers.items():
+            with tempfile.NamedTemporaryFile(dir=out, prefix=f".{stem}", suffix=f"{suffix}.tmp", delete=False) as file:
+                temporaries.append((Path(file.name), out / f"{stem}{suffix}"))
+                write(file)
+        for temporary, final in temporaries:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in temporaries:
+            temporary.unlink(missing_ok=True)
 
 
 def _finite(value: float):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit_cache import CacheRouter, cache_units
-from dit_cache.cli import main
+from dit_cache.cli import main, output_stem
 from dit_cache.testing import tiny_pixart_pipeline
 from dit_cache.units import unit_layout
 
@@ -32,7 +32,7 @@ def test_generate_writes_images_and_sidecars(model_and_router, tmp_path, capsys)
     assert code == 0
     sidecars = sorted(tmp_path.glob("*.json"))
     assert len(sidecars) == 4 and len(list(tmp_path.glob("*.png"))) == 4
-    record = json.loads((tmp_path / "a-blue-square-8.json").read_text())
+    record = json.loads((tmp_path / f"{output_stem('a blue square', 8)}.json").read_text())
     assert record["prompt"] == "a blue square" and record["seed"] == 8
     assert record["steps"] == 6 and record["guidance_scale"] == 3.0  # defaults come from the router
     assert record["cache_ratio"] == pytest.approx(router.schedule().cache_ratio, abs=1e-4)
