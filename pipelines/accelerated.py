@@ -13,13 +13,15 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
+from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, SanaPipeline,
+                       StableDiffusion3Pipeline)
 
 from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
 from dit_cache.router import CacheRouter
 from dit_cache.schedule import CacheSchedule
 from dit_cache.units import cache_units, unit_layout
 
+from .families import FluxCallChecks, SanaCallChecks, StableDiffusion3CallChecks
 from .multi_concept import MultiConceptConfig, multi_concept_call
 
 
@@ -133,10 +135,25 @@ class AcceleratedDiTPipeline(CachedPipelineMixin, DiTPipeline):
     """``DiTPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
 
 
+class AcceleratedStableDiffusion3Pipeline(StableDiffusion3CallChecks, CachedPipelineMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` (SD3, SD3.5) with learned caching: ``from_pretrained(model, router=...)``."""
+
+
+class AcceleratedFluxPipeline(FluxCallChecks, CachedPipelineMixin, FluxPipeline):
+    """``FluxPipeline`` (FLUX.1-dev / schnell) with learned caching: ``from_pretrained(model, router=...)``."""
+
+
+class AcceleratedSanaPipeline(SanaCallChecks, CachedPipelineMixin, SanaPipeline):
+    """``SanaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
+
+
 _ACCELERATED = {
     PixArtAlphaPipeline: AcceleratedPixArtAlphaPipeline,
     PixArtSigmaPipeline: AcceleratedPixArtSigmaPipeline,
     DiTPipeline: AcceleratedDiTPipeline,
+    StableDiffusion3Pipeline: AcceleratedStableDiffusion3Pipeline,
+    FluxPipeline: AcceleratedFluxPipeline,
+    SanaPipeline: AcceleratedSanaPipeline,
 }
 
 
