@@ -131,3 +131,134 @@ def test_concepts_on_a_class_conditional_model_are_refused(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert code == 2 and "DiTPipeline is class-conditional: drop --concepts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- issue 18: no silent wrong results, no tracebacks ------------------------------------------------------
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]  # loading progress bars aside
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["--steps", "-3"], "argument --steps: expected a whole number >= 1, got -3"),
+    (["--num-images", "0"], "argument --num-images: expected a whole number >= 1, got 0"),
+    (["--num-images", "-2"], "argument --num-images: expected a whole number >= 1, got -2"),
+    (["--threshold", "2"], "argument --threshold: threshold must be in (0, 1)"),
+    (["--threshold", "nan"], "argument --threshold: threshold must be in (0, 1)"),
+    (["--threshold", "0"], "argument --threshold: threshold must be in (0, 1)"),
+    (["--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
+    (["--guidance", "nan"], "argument --guidance: expected a finite number >= 0"),
+    (["--seed", "1e23"], "argument --seed: expected a whole number in [0, 2**64), got '1e23'"),
+    (["--seed", str(2**64)], "argument --seed: expected a whole number in [0, 2**64)"),
+    (["--seed", "-1"], "argument --seed: expected a whole number in [0, 2**64)"),
+])
+def test_bad_numbers_are_refused_in_one_line_before_anything_runs(tmp_path, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a red circle", "--out", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("dit-cache generate: error: ") and expected in line and "--help" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_last_seed_must_fit_a_torch_generator(model_and_router, tmp_path, capsys):
+    model, _, _ = model_and_router
+    code = main(["generate", "a red circle", "--model", str(model), "--no-cache", "--seed", str(2**64 - 1),
+                 "--num-images", "2", "--out", str(tmp_path / "out")])
+    assert code == 2 and "torch seeds must be below 2**64" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_guidance_zero_is_honoured_not_replaced_by_the_default(model_and_router, tmp_path):
+    from PIL import Image
+
+    from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
+
+    model, router_path, _ = model_and_router
+    assert main(["generate", "a red circle", "--model", str(model), "--router", str(router_path),
+                 "--guidance", "0", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["guidance_scale"] == 0.0
+    written = np.asarray(Image.open(next(tmp_path.glob("*.png"))))
+    pipe = AcceleratedPixArtAlphaPipeline.from_pretrained(model, router=str(router_path))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=6, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.array_equal(written, (image * 255).round().clip(0, 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("flag", [["--compare"], ["--threshold", "0.5"], ["--router", "r.safetensors"]])
+def test_no_cache_with_cache_flags_is_a_conflict_not_ignored(model_and_router, tmp_path, capsys, flag):
+    model, _, _ = model_and_router
+    code = main(["generate", "a red circle", "--model", str(model), "--no-cache", *flag, "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"--no-cache conflicts with {flag[0]}" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:0"])
+def test_a_device_that_is_not_here_is_one_line(model_and_router, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU
+    model, _, _ = model_and_router
+    code = main(["generate", "a red circle", "--model", str(model), "--no-cache", "--device", device,
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"dit-cache: error: --device {device} is not usable here") and "use one of: cpu" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("label", ["1000", "5000", "no-such-class"])
+def test_dit_class_labels_out_of_range_are_refused_before_any_image(tmp_path, capsys, label):
+    from dit_cache.testing import tiny_dit_pipeline
+
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    code = main(["generate", "3", label, "--model", str(tmp_path / "dit"), "--no-cache", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{label!r} is not a class of this model: give a class id in [0, 1000)" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_router_with_nan_logits_is_refused_by_the_cli(model_and_router, tmp_path, capsys):
+    model, _, router = model_and_router
+    broken = CacheRouter(router.num_steps, router.num_units, metadata=router.metadata)
+    with torch.no_grad():
+        broken.logits[2, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file({"logits": broken.logits.detach(), "fixed_rows": broken.fixed_rows.to(torch.uint8)},
+              str(tmp_path / "nan.safetensors"), metadata={"format": "dit-cache/router"})
+    code = main(["generate", "a red circle", "--model", str(model), "--router", str(tmp_path / "nan.safetensors"),
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "holds non-finite logits" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompts_with_the_same_slug_do_not_overwrite_each_other(model_and_router, tmp_path):
+    model, _, _ = model_and_router
+    prompts = ["a red circle", "A red circle!"]
+    assert main(["generate", *prompts, "--model", str(model), "--no-cache", "--out", str(tmp_path)]) == 0
+    records = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*.json"))]
+    assert sorted(record["prompt"] for record in records) == sorted(prompts)
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert all(path.name.startswith("a-red-circle-") for path in tmp_path.iterdir())  # still readable
+
+
+def test_a_full_disk_leaves_no_half_written_file(model_and_router, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full_disk(self, file, *args, **kwargs):
+        file.write(b"\x89PNG\r\n")  # a few bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    model, _, _ = model_and_router
+    code = main(["generate", "a red circle", "--model", str(model), "--no-cache", "--out", str(tmp_path / "o")])
+    assert code == 2 and "No space left on device" in _one_error_line(capsys)
+    assert list((tmp_path / "o").iterdir()) == []  # no PNG, no sidecar, no temporary file
