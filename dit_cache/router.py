@@ -183,8 +183,7 @@ def check_threshold(threshold) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}.") from None
     if not 0.0 < value < 1.0:  # also refuses NaN
-        raise ValueError(f"threshold must be in (0, 1) (scores are sigmoids), got {threshold}; the router's own "
-                         "threshold is the default.")
+        raise ValueError(f"threshold must be in (0, 1) (scores are sigmoids), got {threshold}.")
     return value
 
 

@@ -462,3 +462,54 @@ def test_sample_latents_reports_every_model_call_without_changing_the_run():
     timesteps = [int(t) for _, _, t, _ in seen]
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 5  # noisiest step first
     assert all(torch.equal(output, denoiser(model_input, t, None)) for _, model_input, t, output in seen)
+
+
+def test_a_checkpoint_holds_the_router_not_the_frozen_transformer(resumed_run, pixart_folder):
+    folder, first, checkpoint, second, final = resumed_run
+    assert set(checkpoint["state_dict"]) == {"router.logits", "router.fixed_rows", "log_beta", "step_weights",
+                                             "proxy_refreshes"}
+    (state,) = checkpoint["optimizer_states"]
+    assert len(state["state"]) == 1  # AdamW moments of the logits only
+    transformer = RouterModule(pixart_folder, num_steps=6).transformer
+    weights = sum(t.numel() * t.element_size() for t in transformer.state_dict().values())
+    size = (folder / "checkpoints" / "last.ckpt").stat().st_size
+    assert size < 40_000 < weights  # hparams, loops and optimizer state: a few KB; the weights alone are more
+
+
+def test_a_checkpoint_that_still_holds_the_transformer_loads(pixart_folder, tmp_path):
+    module = RouterModule(pixart_folder, num_steps=6)
+    full = {"state_dict": dict(module.state_dict())}  # as written before checkpoints were slimmed
+    module.on_save_checkpoint(full)
+    slim = dict(full["state_dict"])
+    for checkpoint in ({"state_dict": dict(module.state_dict())}, {"state_dict": slim}):
+        fresh = RouterModule(pixart_folder, num_steps=6, seed=1)
+        fresh.on_load_checkpoint(checkpoint)
+        fresh.load_state_dict(checkpoint["state_dict"])  # strict: every key present
+        assert torch.equal(fresh.router.logits, module.router.logits)
+
+
+# ---- bad settings: one line from the CLI (issue 18) ---------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [
+    (["--model.num_steps", "0"], "num_steps must be a whole number >= 2"),
+    (["--model.num_steps", "1"], "num_steps must be a whole number >= 2"),
+    (["--data.batch_size", "0"], "batch_size must be a whole number >= 1, got 0"),
+    (["--data.num_trajectories", "0"], "num_trajectories must be a whole number >= 1, got 0"),
+    (["--model.proxy_interval", "0"], "proxy_interval must be a whole number >= 1"),
+    (["--model.target_cache_ratio", "1.5"], "target_cache_ratio must be in [0, 1), got 1.5"),
+    (["--model.threshold", "2"], "threshold must be in (0, 1)"),
+    (["--model.learning_rate", "0"], "learning_rate must be a finite number > 0"),
+    (["--data.prompt_file", "MISSING"], "No prompt file at"),
+    (["--data.prompt_file", "EMPTY"], "holds no prompts"),
+])
+def test_bad_training_settings_are_one_line_without_a_traceback(pixart_folder, tmp_path, capsys, flags, expected):
+    (tmp_path / "empty.txt").write_text("\n   \n")
+    flags = [{"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt")}.get(f, f) for f in flags]
+    with pytest.raises(SystemExit) as exit_:
+        _cli(["fit", "--model.model", pixart_folder, "--trainer.default_root_dir", str(tmp_path / "run"),
+              *QUIET, *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("dit-cache-train: error:")]
+    assert expected in line
+    assert not (tmp_path / "run").exists()

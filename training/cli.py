@@ -4,6 +4,7 @@
     dit-cache-train fit --config training/configs/pixart_alpha_256.yaml --trainer.devices 4
 """
 
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
@@ -16,6 +17,15 @@ class RouterCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # The data module encodes prompts with the same model the router is trained for.
         parser.link_arguments("model.model", "data.model")
+
+    def instantiate_classes(self):
+        # Bad settings (num_steps 0, a missing prompt file, ...) are refused when the classes are built: one
+        # readable line, as for a bad flag, rather than a traceback through jsonargparse.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            print(f"dit-cache-train: error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 def main(args=None):

@@ -15,6 +15,8 @@ from diffusers import DiffusionPipeline
 from dit_cache import shapes
 from dit_cache.embedded import resolve_model
 
+from .denoising import encode_prompts
+
 DEFAULT_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road at sunset",
     "a bowl of ramen with a soft-boiled egg", "an astronaut riding a horse on the moon",
@@ -77,13 +79,21 @@ class RouterDataModule(L.LightningDataModule):
                  max_sequence_length: int = 120, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        for name, value in (("num_classes", num_classes), ("batch_size", batch_size),
+                            ("num_trajectories", num_trajectories), ("max_sequence_length", max_sequence_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
         self.model = resolve_model(model)
         self.prompts = prompts
         if prompt_file is not None:
+            if not Path(prompt_file).is_file():
+                raise FileNotFoundError(f"No prompt file at {prompt_file} (a text file, one prompt per line).")
             lines = Path(prompt_file).read_text().splitlines()
             self.prompts = [line.strip() for line in lines if line.strip()]
             if not self.prompts:
                 raise ValueError(f"{prompt_file} holds no prompts (one per line expected).")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts is empty: give at least one prompt, or leave it out for the defaults.")
         self.conditioning: dict[str, torch.Tensor] = {}
         self._resume_offset = 0
 
@@ -97,13 +107,8 @@ class RouterDataModule(L.LightningDataModule):
         if self.prompts is None:
             self.prompts = embedded_model_prompts() if _is_embedded_model(self.model) else DEFAULT_PROMPTS
         pipe = DiffusionPipeline.from_pretrained(self.model, transformer=None, vae=None)
-        with torch.no_grad():
-            embeds, mask, negative, negative_mask = pipe.encode_prompt(
-                self.prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu",
-                max_sequence_length=self.hparams.max_sequence_length, clean_caption=False,
-            )
-        self.conditioning = {"prompt_embeds": embeds, "prompt_mask": mask,
-                             "negative_embeds": negative[:1], "negative_mask": negative_mask[:1]}
+        self.conditioning = encode_prompts(pipe, config["transformer"][1], self.prompts,
+                                           self.hparams.max_sequence_length)
         del pipe
         gc.collect()
 

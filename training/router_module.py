@@ -17,9 +17,32 @@ from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
 from dit_cache.flops import step_flops
 from dit_cache.units import unit_layout
 
-from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, load_denoising_components,
-                        sample_latents, text_conditioning)
+from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, init_noise_sigma, latent_noise,
+                        load_denoising_components, prompt_conditioning, sample_latents, scale_model_input,
+                        static_shift)
 from .proxies import image_error_proxy
+
+
+_FROZEN_MODULES = ("transformer",)
+
+
+def _check_settings(*, num_steps, proxy_interval, guidance_scale, learning_rate, beta_rate, threshold) -> None:
+    """Refuse values that would train nothing or nonsense, naming the setting and the fix."""
+    from dit_cache.router import check_threshold
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be a whole number >= 2 (step 0 only fills the cache, so a router needs "
+                         f"a later step to learn), got {num_steps!r}.")
+    if isinstance(proxy_interval, bool) or not isinstance(proxy_interval, int) or proxy_interval < 1:
+        raise ValueError(f"proxy_interval must be a whole number >= 1 (trajectories between proxy refreshes), "
+                         f"got {proxy_interval!r}.")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (as at inference), got {guidance_scale}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}.")
+    if not (math.isfinite(beta_rate) and beta_rate >= 0):
+        raise ValueError(f"beta_rate must be a finite number >= 0, got {beta_rate}.")
+    check_threshold(threshold)
 
 
 class RouterModule(L.LightningModule):
@@ -51,6 +74,8 @@ class RouterModule(L.LightningModule):
         threshold: hard-gate threshold tau used for cache writes in training and for the exported schedule.
         learning_rate: AdamW learning rate of the router logits (weight decay 0).
         seed: router initialisation.
+        latent_size: side of the transformer's input latents (default: its config's ``sample_size``; FLUX, which has
+            none: the side of its packed token grid, 64 = 1024 px).
     """
 
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
@@ -58,10 +83,13 @@ class RouterModule(L.LightningModule):
                  proxy: Literal["paper", "cumulative", "sensitivity"] = "paper", proxy_interval: int = 50,
                  proxy_average: bool = False, beta: float = 1e-4, cost: Literal["units", "flops"] = "units",
                  target_cache_ratio: float | None = None,
-                 beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0):
+                 beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0,
+                 latent_size: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        _check_settings(num_steps=num_steps, proxy_interval=proxy_interval, guidance_scale=guidance_scale,
+                        learning_rate=learning_rate, beta_rate=beta_rate, threshold=threshold)
         if target_cache_ratio is not None and not 0.0 <= target_cache_ratio < 1.0:
             raise ValueError(f"target_cache_ratio must be in [0, 1), got {target_cache_ratio}.")
         if cost not in ("units", "flops"):
@@ -69,6 +97,12 @@ class RouterModule(L.LightningModule):
         if beta < 0 or (beta == 0 and target_cache_ratio is not None):
             raise ValueError(f"beta must be >= 0, and > 0 with target_cache_ratio (its start value); got {beta}.")
         transformer, self.inference_scheduler = load_denoising_components(model, scheduler)
+        # FLUX's scheduler shifts by resolution: fix the shift its pipeline uses at the resolution trained at.
+        self.inference_scheduler = static_shift(self.inference_scheduler, (latent_size or 64) ** 2)
+        if objective == "l2c" and not hasattr(self.inference_scheduler, "add_noise"):
+            raise ValueError(f"objective='l2c' noises samples with scheduler.add_noise, which "
+                             f"{type(self.inference_scheduler).__name__} (flow matching) lacks: use objective="
+                             "'harmonica' or 'sdt'.")
         self.transformer = transformer.requires_grad_(False).eval()
         self.units = cache_units(self.transformer)
         generator = torch.Generator().manual_seed(seed)
@@ -83,24 +117,30 @@ class RouterModule(L.LightningModule):
         self.register_buffer("step_weights", torch.ones(num_steps))
         self.register_buffer("proxy_refreshes", torch.zeros((), dtype=torch.long))
 
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    # The transformer is frozen and reloaded from `model` on resume: a checkpoint keeps only what training
+    # changes (router logits, beta, proxy weights), the optimizer state and Lightning's bookkeeping.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = tuple(f"{name}." for name in _FROZEN_MODULES)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        loaded = checkpoint["state_dict"]
+        for name in _FROZEN_MODULES:
+            for key, value in getattr(self, name).state_dict(prefix=f"{name}.").items():
+                loaded.setdefault(key, value)  # older checkpoints still carry the transformer: theirs is the same
+
     # ---- conditioning -------------------------------------------------------------------------------------
     def _conditioning(self, prompt_indices):
         data = self.trainer.datamodule.conditioning
         if "class_labels" in data:
             null_class = self.transformer.config.num_embeds_ada_norm
             return class_conditioning(data["class_labels"][prompt_indices], null_class).to(self.device)
-        count = len(prompt_indices)
-        return text_conditioning(
-            data["prompt_embeds"][prompt_indices], data["prompt_mask"][prompt_indices],
-            data["negative_embeds"].expand(count, -1, -1), data["negative_mask"].expand(count, -1),
-            self.transformer,
-        ).to(self.device)
+        return prompt_conditioning(data, prompt_indices, self.transformer).to(self.device)
 
     def _noise(self, batch_size: int, seed: int) -> torch.Tensor:
-        config = self.transformer.config
         generator = torch.Generator().manual_seed(seed)
-        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return latent_noise(self.transformer, batch_size, generator, self.hparams.latent_size).to(self.device)
 
     # ---- training -----------------------------------------------------------------------------------------
     @property
@@ -159,11 +199,11 @@ class RouterModule(L.LightningModule):
     def _sdt_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
         """Step-Wise Denoising Training: follow the student's own cached trajectory from noise."""
         scheduler = fresh_scheduler(self.inference_scheduler, self.hparams.num_steps, self.device)
-        latents = noise * scheduler.init_noise_sigma
+        latents = noise * init_noise_sigma(scheduler)
         self.handle.reset()
         errors = []
         for step, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(latents, t)
+            model_input = scale_model_input(scheduler, latents, t)
             if step == 0:
                 with torch.no_grad():  # the first step computes everything and fills the cache
                     output = self.denoiser(model_input, t, conditioning)
@@ -187,9 +227,9 @@ class RouterModule(L.LightningModule):
             latents = scheduler.add_noise(x0, torch.randn_like(x0), t_full[None])
             self.handle.reset()  # the full step below is the cache's step 0: it computes and stores
             with torch.no_grad():
-                output = self.denoiser(scheduler.scale_model_input(latents, t_full), t_full, conditioning)
+                output = self.denoiser(scale_model_input(scheduler, latents, t_full), t_full, conditioning)
             latents = scheduler.step(output, t_full, latents).prev_sample
-            _, error = self._gated_step(step, scheduler.scale_model_input(latents, t_gated), t_gated, conditioning)
+            _, error = self._gated_step(step, scale_model_input(scheduler, latents, t_gated), t_gated, conditioning)
             errors.append(error)
         return errors
 
