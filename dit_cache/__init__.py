@@ -3,6 +3,8 @@
 from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
 from .embedded import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path
 from .flops import unit_flops
+from .forecast import fit_linear_forecaster
+from .plan import Action, CachePlan
 from .router import CacheRouter
 from .schedule import CacheSchedule
 from .units import CacheUnit, cache_units
@@ -20,6 +22,9 @@ def __getattr__(name):
 
 __all__ = [
     "EMBEDDED_GUIDANCE_SCALE",
+    "Action",
+    "CachePlan",
+    "fit_linear_forecaster",
     "CacheHandle",
     "CacheRouter",
     "CacheSchedule",

@@ -1,63 +1,122 @@
-"""``apply_cache`` / ``remove_cache``: install the cache engine's hooks on a diffusers transformer."""
+"""``apply_cache`` / ``remove_cache``: install the cache engine's hooks on a diffusers transformer.
+
+Where a generation's cache lives: each ``with handle.generation(plan):`` block (every accelerated pipeline call
+opens one) has a ``CacheState`` of its own, found by the hooks through a context variable, so concurrent calls
+through one transformer (threads, ``from_pipe`` siblings) never see each other's cache and a stock pipeline
+sharing the transformer sees none. Outside such blocks an engine-level ``apply_cache`` runs on one default state,
+which starts a new generation when the timestep goes up again or the plan's last step has run.
+"""
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry
 
-from .hooks import BYPASSED, GATED, SCHEDULE, UNIT_HOOK, CacheState, DenoisingStepHook, UnitCacheHook
-from .schedule import CacheSchedule
+from .hooks import BYPASSED, GATED, SCHEDULE, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
+from .plan import as_plan
 from .units import CacheUnit, _unwrap, cache_units
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
+# (handle, state) pairs of the generations open in this thread / task, innermost last.
+_ACTIVE_GENERATIONS: ContextVar[tuple] = ContextVar("dit_cache_active_generations", default=())
+
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Unit evaluations of one generation, and the memory its cache held."""
+    """Unit evaluations of one generation by action, and the memory its cache held."""
 
     steps: int
     computed: int
     reused: int
     cache_bytes: int
+    forecast: int = 0
+    linear: int = 0
+    cfg_shared: int = 0
 
     @property
     def cache_ratio(self) -> float:
-        total = self.computed + self.reused
-        return self.reused / total if total else 0.0
+        """Share of unit evaluations skipped; a unit run on half of the CFG batch counts half."""
+        total = self.computed + self.reused + self.forecast + self.linear + self.cfg_shared
+        skipped = self.reused + self.forecast + self.linear + 0.5 * self.cfg_shared
+        return skipped / total if total else 0.0
+
+    @classmethod
+    def of(cls, state: CacheState) -> "CacheStats":
+        counts = state.compiled.plan.counts(state.completed_steps)
+        return cls(steps=state.completed_steps, computed=counts["COMPUTE"], reused=counts["REUSE"],
+                   forecast=counts["FORECAST1"] + counts["FORECAST2"], linear=counts["LINEAR"],
+                   cfg_shared=counts["CFG_SHARE"], cache_bytes=state.cache_bytes)
 
 
 class CacheHandle:
-    """What ``apply_cache`` returns: the live schedule, statistics and controls of one cached transformer."""
+    """What ``apply_cache`` returns: the plan, statistics and controls of one cached transformer."""
 
-    def __init__(self, transformer: torch.nn.Module, schedule: CacheSchedule, units: list[CacheUnit], history: int):
+    def __init__(self, transformer: torch.nn.Module, plan, units: list[CacheUnit], history: int):
         self.transformer = transformer
         self.units = units
-        self.schedule = schedule
-        self.state = CacheState(schedule.mask, history)
+        self.min_history = history
+        self.schedule = plan  # what the user gave (a CachePlan or a CacheSchedule)
+        self.plan = as_plan(plan)
+        self.compiled = CompiledPlan(self.plan, history)
+        self.state = CacheState(self.compiled, detect_new_generation=True)  # engine-level default
+        self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
+        self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []
         self._step_hooks: list = []
 
-    def set_schedule(self, schedule: CacheSchedule) -> None:
-        """Swap the schedule (same unit count); starts a new generation."""
-        schedule.check_compatible(num_units=len(self.units))
-        self.schedule = schedule
-        self.state.set_mask(schedule.mask)
+    def set_schedule(self, plan) -> None:
+        """Swap the engine-level plan or schedule (same unit count); starts a new generation."""
+        compiled = self.compile(plan)
+        self.schedule, self.plan, self.compiled = plan, compiled.plan, compiled
+        self.state.set_plan(compiled)
+
+    set_plan = set_schedule
+
+    def compile(self, plan) -> CompiledPlan:
+        """``plan`` checked against this transformer and prepared for the hooks (reused across calls)."""
+        plan = as_plan(plan)
+        plan.check_compatible(num_units=len(self.units))
+        return self.compiled if plan is self.plan else CompiledPlan(plan, self.min_history)
+
+    @contextmanager
+    def generation(self, plan=None, *, computed_half: int = 1):
+        """A generation with a cache of its own, for the duration of the block (e.g. one pipeline call).
+
+        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs
+        (1, the second, is the conditional half in PixArt, SD3 and Sana pipelines; DiT puts it first).
+        Yields the ``CacheState``; ``CacheStats.of(state)`` gives its statistics.
+        """
+        compiled = plan if isinstance(plan, CompiledPlan) else self.compile(self.plan if plan is None else plan)
+        state = CacheState(compiled, computed_half=computed_half)
+        token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, state),))
+        try:
+            yield state
+        finally:
+            _ACTIVE_GENERATIONS.reset(token)
+            state.reset()  # free the cached tensors now, not when the last reference goes
+
+    def active_state(self) -> CacheState | None:
+        """The state the hooks use now: the innermost open generation of this handle, else the engine-level one
+        (None once a pipeline owns the handle: the stock computation)."""
+        for handle, state in reversed(_ACTIVE_GENERATIONS.get()):
+            if handle is self:
+                return state
+        return self.state if self.engine_level else None
 
     def reset(self) -> None:
-        """Start a new generation at the next forward call and free the cached tensors."""
+        """Start a new engine-level generation at the next forward call and free the cached tensors."""
         self.state.reset()
 
     @property
     def stats(self) -> CacheStats:
-        """Computed / reused unit counts of the current generation (the last one, once it has finished)."""
-        steps = min(self.state.step, self.schedule.num_steps)
-        computed = int(self.schedule.mask[:steps].sum())
-        reused = steps * len(self.units) - computed
-        return CacheStats(steps=steps, computed=computed, reused=reused, cache_bytes=self.cache_bytes)
+        """Unit counts of the current engine-level generation (the last one, once it has finished)."""
+        return CacheStats.of(self.state)
 
     @property
     def cache_bytes(self) -> int:
@@ -77,7 +136,7 @@ class CacheHandle:
         return self._mode(BYPASSED)
 
     def scheduled(self):
-        """Follow the schedule (the default after ``apply_cache``; pipelines idle bypassed between calls)."""
+        """Follow the plan (the default after ``apply_cache``)."""
         return self._mode(SCHEDULE)
 
     def gated(self):
@@ -85,9 +144,8 @@ class CacheHandle:
         return self._mode(GATED)
 
     def idle_bypassed(self) -> None:
-        """Make bypass the mode outside ``scheduled()`` blocks: a transformer shared with a stock pipeline
-        then behaves exactly like the stock one there."""
-        self.state.mode = BYPASSED
+        """Hand the handle to pipelines: outside their calls (``generation`` blocks) the model is stock."""
+        self.engine_level = False
 
     def set_gate(self, scores: torch.Tensor, threshold: float) -> None:
         """Soft scores ``[num_units]`` for the next step; units scoring above ``threshold`` refresh their cache."""
@@ -118,20 +176,20 @@ class CacheHandle:
             root_registry.invalidate_child_registries_cache()
 
     def __repr__(self) -> str:
-        return f"CacheHandle({type(self.transformer).__name__}, {self.schedule})"
+        return f"CacheHandle({type(self.transformer).__name__}, {self.plan})"
 
 
-def apply_cache(transformer: torch.nn.Module, schedule: CacheSchedule, *, history: int = 1) -> CacheHandle:
-    """Install caching on ``transformer`` following ``schedule``; returns the handle.
+def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1) -> CacheHandle:
+    """Install caching on ``transformer`` following ``plan`` (a ``CachePlan`` or ``CacheSchedule``).
 
-    One forward call is one denoising step; after the schedule's last step the next call starts a new
-    generation. ``history`` is how many computed outputs each unit keeps (1 suffices for reuse).
+    At the engine level one forward call is one denoising step; a new generation starts after the plan's last
+    step or when the timestep goes up again (so a generation stopped early does not leak into the next).
+    ``history`` is the least number of computed outputs each unit keeps (the plan may need more).
 
     Example::
 
         units = dit_cache.cache_units(pipe.transformer)
-        schedule = dit_cache.CacheSchedule.uniform(20, len(units), interval=2)
-        handle = dit_cache.apply_cache(pipe.transformer, schedule)
+        handle = dit_cache.apply_cache(pipe.transformer, CachePlan.taylor(20, len(units), interval=3))
         image = pipe("a red circle", num_inference_steps=20).images[0]
         print(handle.stats)
     """
@@ -140,16 +198,16 @@ def apply_cache(transformer: torch.nn.Module, schedule: CacheSchedule, *, histor
             f"{type(transformer).__name__} already has a cache applied. "
             "Call dit_cache.remove_cache(transformer) first, or handle.set_schedule(...) to change it."
         )
-    if not isinstance(schedule, CacheSchedule):
-        raise TypeError(f"schedule must be a dit_cache.CacheSchedule, got {type(schedule).__name__}.")
+    if history < 1:
+        raise ValueError(f"history must be >= 1, got {history}.")
     units = cache_units(transformer)
-    schedule.check_compatible(num_units=len(units))
-    handle = CacheHandle(transformer, schedule, units, history)
+    as_plan(plan).check_compatible(num_units=len(units))  # a TypeError for anything but a plan or schedule
+    handle = CacheHandle(transformer, plan, units, history)
     root = _unwrap(transformer)
     try:
         for unit in units:
-            handle._register(root.get_submodule(unit.path), UnitCacheHook(handle.state, unit.index), UNIT_HOOK)
-        handle._step_hooks = DenoisingStepHook(handle.state).attach(transformer)
+            handle._register(root.get_submodule(unit.path), UnitCacheHook(handle, unit.index), UNIT_HOOK)
+        handle._step_hooks = DenoisingStepHook(handle).attach(transformer)
     except Exception:
         handle._unregister_all()
         raise

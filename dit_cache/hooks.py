@@ -1,7 +1,8 @@
-"""The two hooks of the cache engine and the state they share.
+"""The two hooks of the cache engine and the state of one generation.
 
-State lives in one ``CacheState`` per transformer; the hooks hold no data of their own. The hot path is one
-list lookup per unit: every per-step decision is precomputed into a row of action codes when a schedule is set.
+The hooks hold no data: each call finds its generation's ``CacheState`` through the handle (a context variable,
+so concurrent calls through one transformer never see each other's cache). The hot path is one list lookup per
+unit: every decision is precomputed into rows of action codes when the plan is set.
 """
 
 from __future__ import annotations
@@ -11,54 +12,79 @@ from collections import deque
 import torch
 from diffusers.hooks import ModelHook
 
-# Action codes, one per unit and step. A new policy (e.g. forecasting from the history) is one new code.
+from .forecast import lagrange_weights, weighted_sum
+from .plan import Action, CachePlan
+
+# Codes only the engine uses, next to the plan's Action codes.
 BYPASS = 0  # compute, leave the cache alone (teacher passes, caching switched off for one call)
-COMPUTE = 1  # compute and store
-REUSE = 2  # return the newest stored output without running the module
 GATE = 3  # training: blend fresh and cached outputs with the router's soft score
+COMPUTE, REUSE, LINEAR, CFG_SHARE = Action.COMPUTE, Action.REUSE, Action.LINEAR, Action.CFG_SHARE
+FORECASTS = (Action.FORECAST1, Action.FORECAST2)
 
 SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
 UNIT_HOOK = "dit_cache.unit"
 
 
-class CacheState:
-    """Step counter, per-unit output history and the current step's action row."""
+class CompiledPlan:
+    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats."""
 
-    def __init__(self, mask: torch.Tensor, history: int = 1):
-        if history < 1:
-            raise ValueError(f"history must be >= 1, got {history}.")
-        self.num_units = mask.shape[1]
-        self.outputs = [deque(maxlen=history) for _ in range(self.num_units)]
-        self.mode = SCHEDULE
+    def __init__(self, plan: CachePlan, min_history: int = 1):
+        self.plan = plan
+        self.rows = [tuple(row) for row in plan.actions.tolist()]
+        self.num_steps, self.num_units = plan.num_steps, plan.num_units
+        self.history = [max(depth, min_history) for depth in plan.history_depth]
+        self.linear = None if plan.linear_weights is None else plan.linear_weights.tolist()
+        self.needs_time = plan.uses(*FORECASTS)
+
+
+class CacheState:
+    """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
+
+    def __init__(self, compiled: CompiledPlan, mode: str = SCHEDULE, computed_half: int = 1,
+                 detect_new_generation: bool = False):
+        self.mode = mode
+        self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
+        self.detect_new_generation = detect_new_generation
         self.gate_scores: torch.Tensor | None = None
         self.gate_writes: list[bool] = []
-        self._compute_row = (COMPUTE,) * self.num_units
-        self._bypass_row = (BYPASS,) * self.num_units
-        self._gate_row = (GATE,) * self.num_units
-        self.set_mask(mask)
+        self.set_plan(compiled)
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.rows = [tuple(COMPUTE if c else REUSE for c in row) for row in mask.tolist()]
-        self.num_steps = len(self.rows)
+    def set_plan(self, compiled: CompiledPlan) -> None:
+        """Follow ``compiled`` from a new generation on."""
+        self.compiled = compiled
+        num_units = compiled.num_units
+        self._compute_row = (COMPUTE,) * num_units
+        self._bypass_row = (BYPASS,) * num_units
+        self._gate_row = (GATE,) * num_units
+        self.outputs = [deque(maxlen=depth) for depth in compiled.history]
         self.reset()
 
     def reset(self) -> None:
         self.step = 0
+        self.times: list[float] = []
+        self.last_time: float | None = None
         self.actions = self._compute_row
         for history in self.outputs:
             history.clear()
 
-    def begin_step(self) -> None:
+    def begin_step(self, timestep) -> None:
         if self.mode == BYPASSED:
             self.actions = self._bypass_row
             return
-        if self.step >= self.num_steps:
+        time = None
+        if timestep is not None and (self.compiled.needs_time or self.detect_new_generation):
+            time = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        if self.step >= self.compiled.num_steps:
             self.reset()
+        elif self.detect_new_generation and self.step > 0 and time is not None and time >= self.last_time:
+            self.reset()  # the timesteps of a generation decrease: a larger one starts a new generation
+        self.last_time = time
+        self.times.append(float(self.step) if time is None else time)
         if self.step == 0:
             self.actions = self._compute_row
         elif self.mode == SCHEDULE:
-            self.actions = self.rows[self.step]
+            self.actions = self.compiled.rows[self.step]
         else:
             self.actions = self._gate_row
 
@@ -66,11 +92,39 @@ class CacheState:
         if self.mode != BYPASSED:
             self.step += 1
 
-    def store(self, unit: int, output: torch.Tensor) -> None:
+    # ---- what the actions do ---------------------------------------------------------------------------------
+    def store(self, unit: int, output) -> None:
         self.outputs[unit].append((self.step, output))
 
-    def newest(self, unit: int) -> torch.Tensor:
+    def newest(self, unit: int):
         return self.outputs[unit][-1][1]
+
+    def forecast(self, unit: int, order: int):
+        """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
+        history = list(self.outputs[unit])[-(order + 1):]
+        weights = lagrange_weights([self.times[step] for step, _ in history], self.times[self.step])
+        return weighted_sum(weights, [output for _, output in history])
+
+    def linear(self, unit: int):
+        """The plan's learned weights over the last K computed outputs, the newest first."""
+        weights = self.compiled.linear[self.step][unit]
+        history = list(self.outputs[unit])[-len(weights):][::-1]
+        return weighted_sum(weights, [output for _, output in history])
+
+    def cfg_share(self, unit: int, forward, args, kwargs):
+        """Run ``forward`` on one half of the CFG batch; the other half is that result plus the difference
+        between the halves in the unit's newest computed output."""
+        newest = self.newest(unit)
+        batch = _first_tensor(newest).shape[0]
+        if batch % 2:
+            raise ValueError(f"CFG_SHARE needs a classifier-free-guidance batch (two halves), but unit {unit} ran "
+                             f"on a batch of {batch}. Use a guidance scale > 1, or a plan without CFG_SHARE.")
+        half = batch // 2
+        keep = slice(half, None) if self.computed_half else slice(0, half)
+        sliced_args = [_take(a, keep, batch) for a in args]
+        sliced_kwargs = {k: _take(v, keep, batch) for k, v in kwargs.items()}
+        computed = forward(*sliced_args, **sliced_kwargs)
+        return _rebuild(computed, newest, self.computed_half, half)
 
     def gate(self, unit: int, fresh: torch.Tensor) -> torch.Tensor:
         score = self.gate_scores[unit].to(fresh.dtype)
@@ -80,24 +134,64 @@ class CacheState:
             self.store(unit, blended.detach())
         return blended
 
+    # ---- accounting ------------------------------------------------------------------------------------------
+    @property
+    def completed_steps(self) -> int:
+        return min(self.step, self.compiled.num_steps)
+
     @property
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for history in self.outputs for _, t in history)
+        return sum(_nbytes(output) for history in self.outputs for _, output in history)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if torch.is_tensor(output) else next(o for o in output if torch.is_tensor(o))
+
+
+def _nbytes(output) -> int:
+    if torch.is_tensor(output):
+        return output.numel() * output.element_size()
+    return sum(_nbytes(o) for o in output if o is not None)
+
+
+def _take(value, keep: slice, batch: int):
+    return value[keep] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
+
+
+def _rebuild(computed, newest, computed_half: int, half: int):
+    if computed is None:
+        return None
+    if not torch.is_tensor(computed):
+        return type(computed)(_rebuild(c, n, computed_half, half) for c, n in zip(computed, newest))
+    mine, other = (newest[half:], newest[:half]) if computed_half else (newest[:half], newest[half:])
+    rebuilt = computed + (other - mine)
+    return torch.cat([rebuilt, computed] if computed_half else [computed, rebuilt])
 
 
 class UnitCacheHook(ModelHook):
-    """Wraps one branch (attn1 / attn2 / ff): computes it, or returns its cached pre-gate output."""
+    """Wraps one branch (attn1 / attn2 / ff / ...): computes it, or produces its pre-gate output from the cache."""
 
-    def __init__(self, state: CacheState, unit: int):
+    def __init__(self, handle, unit: int):
         super().__init__()
-        self.state = state
+        self.handle = handle
         self.unit = unit
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        state, unit = self.state, self.unit
+        state = self.handle.active_state()
+        if state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        unit = self.unit
         action = state.actions[unit]
         if action == REUSE:
             return state.newest(unit)
+        if action == Action.FORECAST1:
+            return state.forecast(unit, 1)
+        if action == Action.FORECAST2:
+            return state.forecast(unit, 2)
+        if action == LINEAR:
+            return state.linear(unit)
+        if action == CFG_SHARE:
+            return state.cfg_share(unit, self.fn_ref.original_forward, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if action == COMPUTE:
             state.store(unit, output)
@@ -113,11 +207,21 @@ class DenoisingStepHook:
     whatever else wraps the transformer's forward later (accelerate's CPU offload does).
     """
 
-    def __init__(self, state: CacheState):
-        self.state = state
+    def __init__(self, handle):
+        self.handle = handle
 
     def attach(self, transformer: torch.nn.Module) -> list:
         return [
-            transformer.register_forward_pre_hook(lambda module, args: self.state.begin_step()),
-            transformer.register_forward_hook(lambda module, args, output: self.state.end_step()),
+            transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
+            transformer.register_forward_hook(self._end),
         ]
+
+    def _begin(self, module, args, kwargs):
+        state = self.handle.active_state()
+        if state is not None:
+            state.begin_step(kwargs.get("timestep"))
+
+    def _end(self, module, args, output):
+        state = self.handle.active_state()
+        if state is not None:
+            state.end_step()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, SanaPipeline,
@@ -18,22 +17,23 @@ from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSig
 
 from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
 from dit_cache.router import CacheRouter
-from dit_cache.schedule import CacheSchedule
+from dit_cache.plan import Action, CachePlan, as_plan
 from dit_cache.units import cache_units, unit_layout
 
 from .families import FluxCallChecks, SanaCallChecks, StableDiffusion3CallChecks
 from .multi_concept import MultiConceptConfig, multi_concept_call
 
 
-def _resolve_schedule(pipe, router, schedule, threshold) -> tuple[CacheSchedule, CacheRouter | None]:
-    if (router is None) == (schedule is None):
-        raise ValueError("Pass exactly one of router= (a CacheRouter or a path to router.safetensors) or schedule=.")
+def _resolve_plan(pipe, router, schedule, plan, threshold) -> tuple[CachePlan, CacheRouter | None]:
+    given = [name for name, value in (("router", router), ("schedule", schedule), ("plan", plan)) if value is not None]
+    if len(given) != 1:
+        raise ValueError("Pass exactly one of router= (a CacheRouter or a path to router.safetensors), plan= (a "
+                         f"CachePlan) or schedule= (a CacheSchedule); got {', '.join(given) or 'none'}.")
     num_units = len(cache_units(pipe.transformer))
-    if schedule is not None:
-        if not isinstance(schedule, CacheSchedule):
-            raise TypeError(f"schedule must be a dit_cache.CacheSchedule, got {type(schedule).__name__}.")
-        schedule.check_compatible(num_units=num_units)
-        return schedule, None
+    if router is None:
+        plan = as_plan(plan if plan is not None else schedule)
+        plan.check_compatible(num_units=num_units)
+        return plan, None
     if isinstance(router, (str, Path)):
         router = CacheRouter.load(router)
     if not isinstance(router, CacheRouter):
@@ -48,28 +48,32 @@ def _resolve_schedule(pipe, router, schedule, threshold) -> tuple[CacheSchedule,
             "cache decisions may not transfer. Set pipe.scheduler to the training scheduler for best quality.",
             stacklevel=3,
         )
-    return router.schedule(threshold), router
+    return as_plan(router.schedule(threshold)), router
 
 
 class CachedPipelineMixin:
     """Adds caching to a diffusers pipeline class; see :func:`accelerate`."""
 
-    _dit_cache_schedule: CacheSchedule | None = None
+    _dit_cache_plan: CachePlan | None = None
     _dit_cache_router: CacheRouter | None = None
     cache_stats: CacheStats | None = None
+    # Which half of the CFG batch is the conditional one (CFG_SHARE computes it): diffusers' text-to-image
+    # pipelines put the unconditional half first, DiTPipeline puts it last. None: no CFG batch (e.g. FLUX).
+    _dit_cache_conditional_half: int | None = 1
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, threshold=None,
-                        **kwargs):
-        """The stock ``from_pretrained`` plus ``router=`` (path or CacheRouter) or ``schedule=``; None: no cache."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, plan=None,
+                        threshold=None, **kwargs):
+        """The stock ``from_pretrained`` plus ``router=`` (path or CacheRouter), ``plan=`` or ``schedule=``;
+        none of them: no cache."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return _install(pipe, router, schedule, threshold) if router is not None or schedule is not None else pipe
+        return _install(pipe, router, schedule, plan, threshold) if (router, schedule, plan) != (None,) * 3 else pipe
 
     @classmethod
-    def from_pipe(cls, pipeline, *, router=None, schedule=None, threshold=None, **kwargs):
+    def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, **kwargs):
         """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
         pipe = super().from_pipe(pipeline, **kwargs)
-        return _install(pipe, router, schedule, threshold) if router is not None or schedule is not None else pipe
+        return _install(pipe, router, schedule, plan, threshold) if (router, schedule, plan) != (None,) * 3 else pipe
 
     def to_json_string(self) -> str:
         """The stock pipeline's config: caching is attached at load time (``router=``), so a saved folder names the
@@ -78,13 +82,45 @@ class CachedPipelineMixin:
         config["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
+    def _call_argument(self, args, kwargs, name: str):
+        """The value ``name`` takes in this call: given, or the stock ``__call__``'s default."""
+        signature = inspect.signature(super().__call__)
+        bound = signature.bind_partial(*args, **kwargs)
+        if name in bound.arguments:
+            return bound.arguments[name]
+        parameter = signature.parameters.get(name)
+        return None if parameter is None else parameter.default
+
     def _requested_steps(self, args, kwargs) -> int:
-        bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs)
         for custom in ("timesteps", "sigmas"):
-            if bound.arguments.get(custom) is not None:
-                return len(bound.arguments[custom])
-        parameters = inspect.signature(super().__call__).parameters
-        return bound.arguments.get("num_inference_steps", parameters["num_inference_steps"].default)
+            value = self._call_argument(args, kwargs, custom)
+            if value is not None:
+                return len(value)
+        return self._call_argument(args, kwargs, "num_inference_steps")
+
+    def _check_call(self, plan: CachePlan, args, kwargs) -> None:
+        """Everything that would make this call's cache wrong, refused (or warned about) before generating."""
+        order = getattr(self.scheduler, "order", 1)
+        if order != 1:  # the cache counts one transformer call as one denoising step
+            raise ValueError(f"{type(self.scheduler).__name__} calls the transformer {order} times per step, "
+                             "but cache plans and routers count one call per step. Use a scheduler that "
+                             "calls it once (DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, "
+                             "...), or call the pipeline with cache=False.")
+        steps = self._requested_steps(args, kwargs)
+        router = self._dit_cache_router
+        if router is not None:
+            router.check_compatible(unit_layout(self.transformer), steps)
+        else:
+            plan.check_compatible(num_steps=steps)
+        guidance = self._call_argument(args, kwargs, "guidance_scale")
+        if plan.uses(Action.CFG_SHARE) and (self._dit_cache_conditional_half is None or not guidance or guidance <= 1):
+            raise ValueError("This plan uses CFG_SHARE, which needs a classifier-free-guidance batch, but this call "
+                             f"has none ({type(self).__name__}, guidance_scale={guidance}). Use a guidance scale "
+                             "> 1, or a plan without CFG_SHARE.")
+        trained_at = router.metadata.get("guidance_scale") if router is not None else None
+        if trained_at is not None and guidance is not None and float(guidance) != float(trained_at):
+            warnings.warn(f"This router was trained at guidance_scale={trained_at} but the call uses {guidance}; "
+                          f"cache decisions may not transfer. Pass guidance_scale={trained_at}.", stacklevel=3)
 
     def __call__(self, *args, cache: bool = True, concepts=None, concept_config: MultiConceptConfig | None = None,
                  **kwargs):
@@ -92,35 +128,27 @@ class CachedPipelineMixin:
         multi-concept fixes (PixArt pipelines) configured by ``concept_config``. A concept may be a phrase
         (``concepts=["red circle", "blue square"]``): Cross-Token NMS then keeps or suppresses its tokens together.
         For a list of prompts, ``concepts`` may also give one list per prompt."""
+        plan = self._dit_cache_plan
+        cached = cache and plan is not None
         handle = get_cache_handle(self.transformer)
-        schedule = self._dit_cache_schedule
-        cached = cache and handle is not None and schedule is not None
         if cached:
-            order = getattr(self.scheduler, "order", 1)
-            if order != 1:  # the cache counts one transformer call as one denoising step
-                raise ValueError(f"{type(self.scheduler).__name__} calls the transformer {order} times per step, "
-                                 "but cache schedules and routers count one call per step. Use a scheduler that "
-                                 "calls it once (DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, "
-                                 "...), or call the pipeline with cache=False.")
-            steps = self._requested_steps(args, kwargs)
-            if self._dit_cache_router is not None:
-                self._dit_cache_router.check_compatible(unit_layout(self.transformer), steps)
-            else:
-                schedule.check_compatible(num_steps=steps)
-            if handle.schedule is not schedule:
-                handle.set_schedule(schedule)
-            handle.reset()
+            if handle is None:
+                raise RuntimeError("The cache was removed from this pipeline's transformer (dit_cache.remove_cache "
+                                   "on it). Call dit_cache.accelerate(pipe, ...) again, or pipe(..., cache=False).")
+            self._check_call(plan, args, kwargs)
         call = super().__call__
         if concepts:
             call = multi_concept_call(self, call, concepts, concept_config or MultiConceptConfig())
-        try:
-            with handle.scheduled() if cached else nullcontext():
+        if not cached:
+            self.cache_stats = None
+            return call(*args, **kwargs)
+        with handle.generation(plan, computed_half=self._dit_cache_conditional_half or 0) as state:
+            try:
                 return call(*args, **kwargs)
-        finally:
-            # Every unit holds one output from the first step on, so the end of the call is the cache's peak.
-            self.cache_stats = handle.stats if cached else None
-            if cached:
-                handle.reset()  # free the cached tensors between calls, also when the call raised
+            finally:
+                # Every unit holds its outputs from the first step on, so the end of the call is the cache's peak;
+                # recorded also when the call raised midway. Leaving the block frees the cache.
+                self.cache_stats = CacheStats.of(state)
 
 
 class AcceleratedPixArtAlphaPipeline(CachedPipelineMixin, PixArtAlphaPipeline):
@@ -146,6 +174,8 @@ class AcceleratedFluxPipeline(FluxCallChecks, CachedPipelineMixin, FluxPipeline)
 class AcceleratedSanaPipeline(SanaCallChecks, CachedPipelineMixin, SanaPipeline):
     """``SanaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
 
+    _dit_cache_conditional_half = 0
+
 
 _ACCELERATED = {
     PixArtAlphaPipeline: AcceleratedPixArtAlphaPipeline,
@@ -165,28 +195,32 @@ def _accelerated_class(cls):
     return _ACCELERATED[cls]
 
 
-def _install(pipe, router, schedule, threshold):
-    schedule, router = _resolve_schedule(pipe, router, schedule, threshold)
-    handle = get_cache_handle(pipe.transformer) or apply_cache(pipe.transformer, schedule)
+def _install(pipe, router, schedule, plan, threshold):
+    plan, router = _resolve_plan(pipe, router, schedule, plan, threshold)
+    handle = get_cache_handle(pipe.transformer) or apply_cache(pipe.transformer, plan)
     handle.idle_bypassed()
-    pipe._dit_cache_schedule, pipe._dit_cache_router = schedule, router
+    handle.pipelines.add(pipe)
+    pipe._dit_cache_plan, pipe._dit_cache_router = plan, router
     return pipe
 
 
-def accelerate(pipe, router=None, *, schedule=None, threshold: float | None = None):
+def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None):
     """Turn an existing diffusers pipeline into a cached one, in place; returns it.
+
+    ``router``: a trained router (path or ``CacheRouter``, at its threshold unless ``threshold`` is given);
+    ``plan``: a ``CachePlan`` (e.g. ``CachePlan.taylor(20, units, interval=3)``); ``schedule``: a ``CacheSchedule``.
 
     Example::
 
         pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
         pipe = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path())
-        image = pipe("a red circle and a blue square").images[0]
+        image = pipe("a red circle and a blue square", guidance_scale=2.0).images[0]
         print(pipe.cache_stats.cache_ratio)
     """
     if not hasattr(pipe, "transformer"):
         raise TypeError(f"{type(pipe).__name__} has no transformer: dit-cache accelerates DiT-style pipelines.")
     original_class = type(pipe)
-    _install(pipe, router, schedule, threshold)  # validates first: a bad router changes nothing
+    _install(pipe, router, schedule, plan, threshold)  # validates first: a bad router changes nothing
     if not isinstance(pipe, CachedPipelineMixin):
         pipe.__class__ = _accelerated_class(original_class)
         pipe._dit_cache_original_class = original_class
@@ -194,9 +228,16 @@ def accelerate(pipe, router=None, *, schedule=None, threshold: float | None = No
 
 
 def decelerate(pipe):
-    """Remove caching from a pipeline (and restore its stock class if ``accelerate`` changed it)."""
-    remove_cache(pipe.transformer)
-    pipe._dit_cache_schedule = pipe._dit_cache_router = None
+    """Remove caching from a pipeline (and restore its stock class if ``accelerate`` changed it).
+
+    The transformer's hooks go when the last accelerated pipeline sharing it is decelerated; the others keep
+    caching."""
+    handle = get_cache_handle(pipe.transformer)
+    if handle is not None:
+        handle.pipelines.discard(pipe)
+        if not handle.pipelines:
+            remove_cache(pipe.transformer)
+    pipe._dit_cache_plan = pipe._dit_cache_router = None
     pipe.cache_stats = None
     original = pipe.__dict__.pop("_dit_cache_original_class", None)
     if original is not None:

@@ -95,7 +95,8 @@ def test_reused_output_is_the_cached_pre_gate_tensor():
             transformer.get_submodule(unit.path).register_forward_hook(
                 lambda m, a, out, i=unit.index: outputs.__setitem__(i, out)
             )
-        transformer(**inputs)
+        # The next step of the same generation: a lower timestep (a higher one would start a new generation).
+        transformer(**{**inputs, "timestep": inputs["timestep"] - 100})
     assert all(outputs[u] is stored[u] for u in range(6))
 
 
