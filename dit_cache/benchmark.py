@@ -1,10 +1,18 @@
-"""Wall-clock speed of cache schedules against the stock transformer, measured in one interleaved run."""
+"""Benchmarks measured in one interleaved run against the stock model.
+
+* ``compare_schedules``: wall-clock speed of cache schedules at block shapes (``samples/benchmark_speed.py``).
+* ``run_benchmark`` (``dit-cache bench``): dit-cache's schedules and routers against diffusers' own caches on a
+  real pipeline: quality against the uncached image of the same input and seed, measured cache ratio, speedup,
+  and a Pareto plot. The candidates are set up in :mod:`dit_cache.peers`; docs/benchmark.md explains how.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -89,3 +97,451 @@ def format_results(results: list[SpeedResult]) -> str:
             f"| {r.efficiency:.3f} |"
         )
     return "\n".join(lines)
+
+
+# --- the peer benchmark: dit-cache against diffusers' own caches (``dit-cache bench``) ---------------------------
+
+MAX_PSNR = 100.0  # identical images (MSE 0) count as this many dB, so means and intervals stay finite
+MATPLOTLIB_MISSING = 'the Pareto plot needs matplotlib: pip install "dit-cache[bench]"'
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How to call one kind of pipeline: the inputs of each scored image, and whether its CFG batch puts the
+    unconditional half first (FasterCache assumes it does). Supporting a model family is one more entry."""
+
+    inputs: Callable  # (pipe, count, seed) -> list of pipeline keyword arguments, one per image
+    concept_scored: bool  # captions the exact shape detector can score (the embedded model's prompts)
+    cfg_uncond_first: bool
+
+
+def _caption_inputs(pipe, count: int, seed: int) -> list[dict]:
+    from .cli import _can_clean_captions
+    from .evaluation import prompt_set
+
+    prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
+    return [{"prompt": prompt, "clean_caption": _can_clean_captions()} for prompt in prompts]
+
+
+def _class_label_inputs(pipe, count: int, seed: int) -> list[dict]:
+    import numpy as np
+
+    labels = sorted(set(pipe.labels.values())) if getattr(pipe, "labels", None) else list(range(1000))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return [{"class_labels": [int(labels[order[i % len(labels)]])]} for i in range(count)]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "PixArtAlphaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
+    "PixArtSigmaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
+    "DiTPipeline": ModelKind(_class_label_inputs, concept_scored=False, cfg_uncond_first=False),
+}
+
+
+def model_kind(pipe) -> ModelKind:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in MODEL_KINDS:
+            return MODEL_KINDS[cls.__name__]
+    raise TypeError(f"dit-cache bench does not know {type(pipe).__name__}; supported: {', '.join(MODEL_KINDS)}.")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one peer benchmark run. ``families`` are keys of :data:`dit_cache.peers.FAMILIES`."""
+
+    count: int = 40
+    seed: int = 90_000  # scored prompts use seeds seed .. seed + count - 1, never used for tuning
+    calibration_count: int = 4  # MagCache calibration images, on prompts and seeds apart from the scored ones
+    calibration_seed: int = 80_000
+    steps: int = 20
+    guidance_scale: float | None = None  # None: the embedded model's
+    families: tuple[str, ...] = ()  # empty: all
+    routers: tuple[str, ...] = ()  # router files besides the shipped one (embedded model only)
+    settings_per_family: int | None = None  # None: all; k: k settings spread over each family's range
+    threads: int = 1
+    resamples: int = 10_000
+    plot: bool = True
+
+    def check(self) -> None:
+        """One ValueError naming the fix for bad settings, before any model loads or file is written."""
+        from .peers import FAMILIES
+
+        if self.count < 1:
+            raise ValueError(f"--count must be at least 1 (got {self.count}).")
+        if self.steps < 2:
+            raise ValueError(f"--steps must be at least 2 (got {self.steps}).")
+        if self.settings_per_family is not None and self.settings_per_family < 1:
+            raise ValueError(f"--settings-per-family must be at least 1 (got {self.settings_per_family}).")
+        unknown = [name for name in self.families if name not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown candidate famil{'y' if len(unknown) == 1 else 'ies'} "
+                             f"{', '.join(map(repr, unknown))}; choose from {', '.join(FAMILIES)}.")
+        if "magcache" in self.selected_families and self.calibration_count < 1:
+            raise ValueError("MagCache needs --calibration-count >= 1 (or leave magcache out of --families).")
+        for path in self.routers:
+            if not Path(path).is_file():
+                raise ValueError(f"--router {path}: no such file.")
+        if self.plot:
+            require_matplotlib()
+
+    @property
+    def selected_families(self) -> tuple[str, ...]:
+        from .peers import FAMILIES
+
+        return tuple(self.families) or tuple(FAMILIES)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(MATPLOTLIB_MISSING) from None
+    return matplotlib
+
+
+def _spread(items: list, k: int | None) -> list:
+    """``k`` items spread evenly over ``items`` (ends included): the family's range, fewer settings."""
+    if k is None or k >= len(items):
+        return items
+    if k == 1:
+        return [items[len(items) // 2]]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def build_candidates(setup, config: BenchConfig) -> list:
+    """The uncached reference and every selected family's candidates."""
+    from .peers import FAMILIES, UNCACHED
+
+    candidates = [UNCACHED]
+    for name in config.selected_families:
+        candidates += _spread(FAMILIES[name](setup), config.settings_per_family)
+    if len(candidates) == 1:
+        raise ValueError(f"the selection {', '.join(config.selected_families)} has no candidate for this model.")
+    return candidates
+
+
+class RestorationError(RuntimeError):
+    """A candidate's removal did not leave the stock model: the run is not reported."""
+
+
+def _check_restored(pipe, signature, label: str) -> None:
+    from .peers import module_signature
+
+    if module_signature(pipe.transformer) != signature:
+        raise RestorationError(f"removing {label} left hooks or an instance forward on the transformer.")
+
+
+@torch.no_grad()
+def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list | None = None,
+                  router_paths: dict[str, str] | None = None, model_name: str = "") -> dict:
+    """Run the peer benchmark on ``pipe`` and write ``bench.json``, ``bench.md`` and ``pareto.png`` to ``out``.
+
+    Every configuration runs once per image, interleaved (order rotated per image, after one untimed warm-up
+    call each); every error figure is against the uncached image of the same input and seed. After each
+    configuration is removed the model must be structurally stock, and an uncached call must reproduce the
+    reference image bitwise (checked once per configuration, and once at the end), or this raises.
+
+    Example::
+
+        pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+        results = run_benchmark(pipe, BenchConfig(count=4, families=("uniform", "taylorseer")), "bench_out")
+        print(results["table"])
+    """
+    import numpy as np
+
+    from . import peers
+    from .embedded import EMBEDDED_GUIDANCE_SCALE
+    from .flops import step_flops
+
+    config.check()
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    kind = model_kind(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = config.guidance_scale if config.guidance_scale is not None else EMBEDDED_GUIDANCE_SCALE
+    base_call = {"num_inference_steps": config.steps, "guidance_scale": guidance, "output_type": "np"}
+    inputs = kind.inputs(pipe, config.count, config.seed)
+    seeds = [config.seed + i for i in range(config.count)]
+    meter = peers.StepMeter(pipe.transformer)
+    try:
+        unit_flops, _ = step_flops(pipe.transformer)
+        setup = peers.BenchSetup(pipe, config.steps, unit_flops, meter, router_paths or {},
+                                 cfg_uncond_first=kind.cfg_uncond_first)
+        needs_mag = candidates is None and "magcache" in config.selected_families
+        total = (config.calibration_count if needs_mag else 0)
+        progress = tqdm(total=total, desc="dit-cache bench", unit="image")
+
+        def call(index: int, seed: int | None = None, item: dict | None = None) -> dict:
+            generator = torch.Generator().manual_seed(seeds[index] if seed is None else seed)
+            return {**base_call, **(item or inputs[index]), "generator": generator}
+
+        if needs_mag:
+            calibration = kind.inputs(pipe, config.calibration_count, config.calibration_seed)
+            calls = [call(0, config.calibration_seed + i, item) for i, item in enumerate(calibration)]
+            setup.mag_ratios = peers.calibrate_mag_cache(pipe, calls, config.steps, out / "magcache_ratios.json",
+                                                         progress)
+        candidates = candidates if candidates is not None else build_candidates(setup, config)
+        progress.total += 2 + 2 * (len(candidates) - 1) + config.count * len(candidates)
+        progress.refresh()
+        signature = peers.module_signature(pipe.transformer)
+
+        def generate(candidate, index: int) -> tuple[np.ndarray, float, dict]:
+            meter.reset()
+            candidate.apply(pipe)
+            try:
+                with candidate.call_context(pipe):
+                    start = time.perf_counter()
+                    image = pipe(**call(index)).images[0]
+                    seconds = time.perf_counter() - start
+                stats = getattr(pipe, "cache_stats", None)
+                counts = {"cache_ratio": meter.cache_ratio(), "skipped_flop_share": meter.skipped_flop_share(unit_flops),
+                          "engine_cache_ratio": None if stats is None else stats.cache_ratio}
+            finally:
+                candidate.remove(pipe)
+            _check_restored(pipe, signature, candidate.label)
+            progress.update(1)
+            return image, seconds, counts
+
+        def check_bitwise(label: str) -> None:
+            image, _, _ = generate(peers.UNCACHED, 0)
+            if not np.array_equal(image, warm_reference):
+                raise RestorationError(f"after removing {label}, the uncached image is not bitwise the reference.")
+
+        # Warm-up: one untimed call per configuration, each followed by the bitwise restoration check.
+        warm_reference, _, _ = generate(peers.UNCACHED, 0)
+        for candidate in candidates[1:]:
+            generate(candidate, 0)
+            check_bitwise(candidate.label)
+        records = {c.label: {"images": [None] * config.count, "seconds": [None] * config.count, "counts": []}
+                   for c in candidates}
+        for index in range(config.count):
+            shift = index % len(candidates)
+            for candidate in candidates[shift:] + candidates[:shift]:
+                image, seconds, counts = generate(candidate, index)
+                record = records[candidate.label]
+                record["images"][index], record["seconds"][index] = image, seconds
+                record["counts"].append(counts)
+        check_bitwise("the last configuration")
+        progress.close()
+    finally:
+        meter.remove()
+    if not np.array_equal(records["uncached"]["images"][0], warm_reference):
+        raise RestorationError("the uncached image of the first input changed between warm-up and scoring.")
+    results = score(candidates, records, inputs, seeds, kind, config)
+    results["meta"] = {"model": model_name or type(pipe).__name__, "pipeline": type(pipe).__name__,
+                       "steps": config.steps, "guidance_scale": guidance, "count": config.count,
+                       "seeds": [seeds[0], seeds[-1]], "calibration_seed": config.calibration_seed,
+                       "calibration_count": config.calibration_count if any(
+                           c.family == "MagCache" for c in candidates) else 0,
+                       "torch_threads": torch.get_num_threads(), "mag_ratios": setup.mag_ratios,
+                       "unit_flops": unit_flops.tolist()}
+    write_outputs(results, out, plot=config.plot)
+    return results
+
+
+def _psnr(mse: torch.Tensor) -> torch.Tensor:
+    return (10 * torch.log10(1.0 / mse)).clamp(max=MAX_PSNR)
+
+
+def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind: ModelKind,
+          config: BenchConfig) -> dict:
+    """Per-configuration metrics against the uncached images, per image and aggregated."""
+    import numpy as np
+    from PIL import Image
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from .evaluation import paired_difference, per_image_mse
+    from .shapes import concept_accuracy
+
+    def as_batch(images):
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+
+    reference = as_batch(records["uncached"]["images"])
+    reference_seconds = np.asarray(records["uncached"]["seconds"])
+    captions = [item.get("prompt") for item in inputs]
+    rows = []
+    for candidate in candidates:
+        record = records[candidate.label]
+        batch = as_batch(record["images"])
+        mse = per_image_mse(batch, reference)
+        psnr = _psnr(mse)
+        ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
+        ratios = reference_seconds / np.asarray(record["seconds"])
+        # paired_difference against zeros is the plain bootstrap interval of the mean.
+        psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
+        accuracy = None
+        if kind.concept_scored:
+            pil = [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in record["images"]]
+            accuracy = concept_accuracy(pil, captions)
+        counts = record["counts"]
+        engine = [c["engine_cache_ratio"] for c in counts]
+        rows.append({
+            "family": candidate.family, "label": candidate.label, "group": candidate.group,
+            "settings": candidate.settings,
+            "cache_ratio": float(np.mean([c["cache_ratio"] for c in counts])),
+            "skipped_flop_share": float(np.mean([c["skipped_flop_share"] for c in counts])),
+            "engine_cache_ratio": None if engine[0] is None else float(np.mean(engine)),
+            "speedup": float(np.median(ratios)),
+            "speedup_iqr": [float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75))],
+            "mse_mean": float(mse.mean()), "mse_median": float(mse.median()),
+            "psnr_mean": psnr_interval["mean"], "psnr_interval": [psnr_interval["low"], psnr_interval["high"]],
+            "ssim_mean": float(ssim.mean()), "concept_accuracy": accuracy,
+            "per_image": [{"input": {k: v for k, v in inputs[i].items() if k != "clean_caption"}, "seed": seeds[i],
+                           "mse": float(mse[i]), "psnr": float(psnr[i]), "ssim": float(ssim[i]),
+                           "seconds": float(record["seconds"][i]), "time_ratio": float(ratios[i]),
+                           "cache_ratio": counts[i]["cache_ratio"],
+                           "skipped_flop_share": counts[i]["skipped_flop_share"]}
+                          for i in range(len(seeds))],
+        })
+    for row in rows:
+        rival = nearest_rival(row, rows)
+        row["vs_nearest_rival"] = None if rival is None else {"label": rival["label"], **paired_comparison(
+            row, rival, config.resamples)}
+    return {"rows": rows}
+
+
+def nearest_rival(row: dict, rows: list[dict]) -> dict | None:
+    """The configuration of the other group (dit-cache vs diffusers) whose mean PSNR is nearest to ``row``'s."""
+    if row["group"] == "reference":
+        return None
+    others = [r for r in rows if r["group"] not in ("reference", row["group"])]
+    return min(others, key=lambda r: abs(r["psnr_mean"] - row["psnr_mean"])) if others else None
+
+
+def paired_comparison(row: dict, other: dict, resamples: int = 10_000) -> dict:
+    """Paired bootstrap differences ``row - other`` over the same images: PSNR (dB) and time ratio vs uncached."""
+    from .evaluation import paired_difference
+
+    def values(r, key):
+        return [image[key] for image in r["per_image"]]
+
+    return {"psnr": paired_difference(values(row, "psnr"), values(other, "psnr"), resamples),
+            "time_ratio": paired_difference(values(row, "time_ratio"), values(other, "time_ratio"), resamples)}
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both speedup and PSNR, by increasing speedup."""
+    front = [r for r in rows if not any(o["speedup"] >= r["speedup"] and o["psnr_mean"] >= r["psnr_mean"]
+                                        and (o["speedup"], o["psnr_mean"]) != (r["speedup"], r["psnr_mean"])
+                                        for o in rows)]
+    return sorted(front, key=lambda r: r["speedup"])
+
+
+def format_table(results: dict) -> str:
+    lines = ["| family | configuration | measured CUR | FLOPs skipped | speedup (median) [IQR] | PSNR dB [95% CI] | "
+             "MSE mean / median | SSIM | concept acc. | vs nearest-PSNR rival: ΔPSNR [95% CI], Δtime ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        rival = r["vs_nearest_rival"]
+        versus = "" if rival is None else (
+            f"{rival['label']}: {rival['psnr']['mean']:+.2f} [{rival['psnr']['low']:+.2f}, {rival['psnr']['high']:+.2f}]"
+            f", {rival['time_ratio']['mean']:+.2f}x")
+        accuracy = "" if r["concept_accuracy"] is None else f"{r['concept_accuracy']:.0%}"
+        lines.append(
+            f"| {r['family']} | {r['label']} | {r['cache_ratio']:.1%} | {r['skipped_flop_share']:.1%} | "
+            f"{r['speedup']:.2f}x [{r['speedup_iqr'][0]:.2f}, {r['speedup_iqr'][1]:.2f}] | "
+            f"{r['psnr_mean']:.2f} [{r['psnr_interval'][0]:.2f}, {r['psnr_interval'][1]:.2f}] | "
+            f"{r['mse_mean']:.5f} / {r['mse_median']:.5f} | {r['ssim_mean']:.3f} | {accuracy} | {versus} |")
+    return "\n".join(lines)
+
+
+_MARKERS = "osD^v<>pP*hX"
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    """Speedup (x) against PSNR (y), one marker per family, the dit-cache and diffusers fronts drawn."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["group"] != "reference"]
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for index, family in enumerate(dict.fromkeys(r["family"] for r in rows)):
+        members = [r for r in rows if r["family"] == family]
+        color = "tab:blue" if members[0]["group"] == "dit-cache" else "tab:orange"
+        axes.scatter([r["speedup"] for r in members], [r["psnr_mean"] for r in members], label=family,
+                     marker=_MARKERS[index % len(_MARKERS)], color=color, edgecolor="black", s=55, zorder=3)
+    for group, color in (("dit-cache", "tab:blue"), ("diffusers", "tab:orange")):
+        front = pareto_front([r for r in rows if r["group"] == group])
+        if front:
+            axes.plot([r["speedup"] for r in front], [r["psnr_mean"] for r in front], color=color, lw=1.5,
+                      ls="--", label=f"{group} front", zorder=2)
+    meta = results.get("meta", {})
+    axes.set_xlabel("wall-clock speedup vs uncached (median per image)")
+    axes.set_ylabel("PSNR vs uncached image (dB, mean)")
+    axes.set_title(f"{meta.get('model', '')}: {meta.get('count', '')} images, {meta.get('steps', '')} steps")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(results: dict, out: Path, plot: bool = True) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    results["table"] = format_table(results)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    (out / "bench.md").write_text(results["table"] + "\n")
+    if plot:
+        plot_pareto(results, out / "pareto.png")
+
+
+# --- ``dit-cache bench`` ------------------------------------------------------------------------------------------
+
+
+def add_bench_parser(commands) -> None:
+    """Register ``dit-cache bench`` on the CLI's subparsers."""
+    from .peers import FAMILIES
+
+    bench = commands.add_parser("bench", help="benchmark dit-cache against diffusers' caches (Pareto plot)")
+    bench.add_argument("--out", required=True, help="output folder: bench.json, bench.md, pareto.png")
+    bench.add_argument("--model", default="embedded", help="diffusers folder or hub id (default: embedded)")
+    bench.add_argument("--count", type=int, default=BenchConfig.count, help="scored images (half one-object, "
+                       "half two-object prompts)")
+    bench.add_argument("--seed", type=int, default=BenchConfig.seed, help="seed of the first scored image")
+    bench.add_argument("--steps", type=int, default=BenchConfig.steps, help="denoising steps")
+    bench.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the embedded model's)")
+    bench.add_argument("--families", nargs="*", default=None, metavar="FAMILY",
+                       help=f"candidate families (default: all): {', '.join(FAMILIES)}")
+    bench.add_argument("--router", action="append", default=[], metavar="PATH",
+                       help="another router.safetensors to include (repeatable)")
+    bench.add_argument("--settings-per-family", type=int, default=None, help="fewer settings per family")
+    bench.add_argument("--calibration-count", type=int, default=BenchConfig.calibration_count,
+                       help="MagCache calibration images (prompts and seeds apart from the scored ones)")
+    bench.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
+
+
+def run_bench(args) -> int:
+    """``dit-cache bench``: check the arguments, load the model, run, print the table."""
+    import sys
+
+    from diffusers import DiffusionPipeline
+
+    from . import embedded
+
+    try:
+        config = BenchConfig(count=args.count, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                             families=tuple(args.families) if args.families is not None else (),
+                             routers=tuple(args.router), settings_per_family=args.settings_per_family,
+                             calibration_count=args.calibration_count, plot=not args.no_plot)
+        if args.families is not None and not args.families:
+            raise ValueError("--families was given no family; name at least one.")
+        config.check()
+        routers = {}
+        if "router" in config.selected_families and args.model == "embedded":
+            routers["shipped"] = embedded.embedded_router_path()
+        routers.update({Path(path).stem if Path(path).stem != "router" else str(path): path for path in args.router})
+        pipe = DiffusionPipeline.from_pretrained(embedded.resolve_model(args.model))
+        started = time.perf_counter()
+        results = run_benchmark(pipe, config, args.out, router_paths=routers, model_name=args.model)
+    except (ValueError, TypeError, ImportError, FileNotFoundError, OSError) as error:
+        print(f"dit-cache: error: {error}", file=sys.stderr)
+        return 2
+    print(results["table"])
+    print(f"{config.count} images, {len(results['rows'])} configurations, {time.perf_counter() - started:.0f} s; "
+          f"results in {args.out}")
+    return 0

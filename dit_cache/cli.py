@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_concept_options(generate)
+    from .benchmark import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -242,6 +245,10 @@ def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from .benchmark import run_bench
+
+        return run_bench(args)
     try:
         _check_arguments(args)
         args.concept_config = _concept_config(args)

@@ -1,0 +1,383 @@
+"""Candidates of the peer benchmark: dit-cache schedules and routers, and diffusers' own caches, set up fairly.
+
+A :class:`Candidate` is ``(family, label, apply(pipe), remove(pipe))`` plus ``call_context(pipe)``, the context
+every pipeline call of it runs in. A *family* is one entry of :data:`FAMILIES`: a function of the
+:class:`BenchSetup` returning its candidates (one per setting). Adding a family (a new dit-cache plan, another
+diffusers hook) is one more entry.
+
+The diffusers hooks need three things the PixArt / DiT pipelines do not give them in diffusers 0.42:
+
+* a cache context: ``PixArtTransformer2DModel`` and ``DiTTransformer2DModel`` have no ``CacheMixin``, so every
+  call runs inside the context ``CacheMixin.cache_context("cond")`` would set (``_set_cache_context`` on the root
+  registry), after ``reset_stateful_hooks`` so no state leaks from the previous image;
+* the current timestep (PAB, FasterCache): :class:`StepMeter` records the ``timestep`` of each transformer call
+  with a forward pre-hook;
+* module names: TaylorSeer's default patterns match no PixArt module, so it is pointed at each block's ``attn1``,
+  ``attn2`` and ``ff``, with its Taylor factors in the model's dtype (its default is bfloat16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .units import _unwrap, cache_units
+
+
+@dataclass
+class Candidate:
+    """One configuration of the benchmark. ``family`` groups settings of one method on the plot and in the table."""
+
+    family: str
+    label: str
+    apply: Callable
+    remove: Callable
+    call_context: Callable = field(default=lambda pipe: contextlib.nullcontext())
+    settings: dict = field(default_factory=dict)
+    group: str = "dit-cache"  # "dit-cache", "diffusers" or "reference": which Pareto front it belongs to
+
+
+UNCACHED = Candidate("uncached", "uncached", apply=lambda pipe: None, remove=lambda pipe: None, group="reference")
+
+
+class StepMeter:
+    """Forward hooks that count what really ran: per transformer call its timestep and batch, and per cacheable
+    unit the calls of its first linear layer weighted by the share of the batch they saw (a unit run on the
+    conditional half of a CFG batch counts half).
+
+    Plain torch hooks, installed once for the whole benchmark: they observe and never change an output.
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        root = _unwrap(transformer)
+        self.units = cache_units(transformer)
+        self.timestep: float | None = None
+        self.batch = 1
+        self.transformer_calls = 0
+        self.unit_calls = [0.0] * len(self.units)
+        self._handles = [transformer.register_forward_pre_hook(self._on_step, with_kwargs=True)]
+        for unit in self.units:
+            first_linear = next(m for m in root.get_submodule(unit.path).modules() if isinstance(m, torch.nn.Linear))
+            self._handles.append(first_linear.register_forward_pre_hook(self._unit_hook(unit.index)))
+
+    def _on_step(self, module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.batch = hidden_states.shape[0]
+        self.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        self.transformer_calls += 1
+
+    def _unit_hook(self, index: int):
+        def count(module, args):
+            self.unit_calls[index] += args[0].shape[0] / self.batch
+
+        return count
+
+    def current_timestep(self) -> float:
+        """The callback PAB and FasterCache read (``current_timestep_callback``)."""
+        return self.timestep
+
+    def reset(self) -> None:
+        self.transformer_calls = 0
+        self.unit_calls = [0.0] * len(self.units)
+
+    def cache_ratio(self) -> float:
+        """Share of (step, unit) evaluations that did not run."""
+        return 1.0 - sum(self.unit_calls) / (self.transformer_calls * len(self.units))
+
+    def skipped_flop_share(self, unit_flops: torch.Tensor) -> float:
+        """Share of the units' FLOPs that did not run (each unit's measured calls weighted by its FLOPs)."""
+        flops = unit_flops.double()
+        ran = (torch.tensor(self.unit_calls, dtype=torch.float64) * flops).sum()
+        return float(1.0 - ran / (flops.sum() * self.transformer_calls))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass
+class BenchSetup:
+    """What the families need to build their candidates."""
+
+    pipe: object
+    steps: int
+    unit_flops: torch.Tensor
+    meter: StepMeter
+    routers: dict[str, str]  # label -> router file (the shipped one first)
+    mag_ratios: list[float] | None = None  # MagCache's calibrated magnitude ratios (see calibrate_mag_cache)
+    cfg_uncond_first: bool = True  # PixArt batches [uncond, cond]; DiT batches [cond, uncond]
+
+
+# --- dit-cache ------------------------------------------------------------------------------------------------
+
+
+def dit_cache_candidate(family: str, label: str, settings: dict, **accelerate_kwargs) -> Candidate:
+    """A dit-cache configuration: ``accelerate(pipe, **accelerate_kwargs)`` (``schedule=``, ``router=`` and, once
+    the engine has it, ``plan=``); ``decelerate`` removes it."""
+
+    def apply(pipe):
+        from .pipelines import accelerate
+
+        accelerate(pipe, **accelerate_kwargs)
+
+    def remove(pipe):
+        from .pipelines import decelerate
+
+        decelerate(pipe)
+
+    return Candidate(family, label, apply, remove, settings=settings, group="dit-cache")
+
+
+UNIFORM_INTERVALS = (2, 3, 4, 5)
+# Shares of the units' FLOPs a router skips; the shipped router was trained near 0.5.
+ROUTER_FLOP_BUDGETS = (0.35, 0.5, 0.65)
+
+
+def uniform_family(setup: BenchSetup, intervals=UNIFORM_INTERVALS) -> list[Candidate]:
+    from .schedule import CacheSchedule
+
+    units = len(setup.meter.units)
+    return [dit_cache_candidate("uniform", f"uniform interval {n}", {"interval": n},
+                                schedule=CacheSchedule.uniform(setup.steps, units, n)) for n in intervals]
+
+
+def router_family(setup: BenchSetup, budgets=ROUTER_FLOP_BUDGETS) -> list[Candidate]:
+    from .router import CacheRouter
+
+    candidates = []
+    for name, path in setup.routers.items():
+        for budget in budgets:
+            router = CacheRouter.load(path)
+            if router.num_steps != setup.steps:
+                router = router.resample(setup.steps)
+            threshold = router.calibrate_threshold(budget, unit_weights=setup.unit_flops)
+            schedule = router.schedule(threshold)
+            candidates.append(dit_cache_candidate(
+                "router" if name == "shipped" else f"router {name}", f"router {name} {budget:.0%} FLOPs",
+                {"router": str(path), "flop_budget": budget, "threshold": threshold}, schedule=schedule))
+    return candidates
+
+
+# --- diffusers' caches -----------------------------------------------------------------------------------------
+
+
+def _hook_names() -> tuple[str, ...]:
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    return (_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK,
+            _MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK, _PYRAMID_ATTENTION_BROADCAST_HOOK,
+            _TAYLORSEER_CACHE_HOOK)
+
+
+def remove_diffusers_hooks(transformer: torch.nn.Module) -> None:
+    """Remove every diffusers cache hook and leave each module as it was before: no empty hook registry, no
+    instance-level ``forward`` (``disable_cache`` of ``CacheMixin`` leaves both behind)."""
+    root = _unwrap(transformer)
+    for _, module in root.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in _hook_names():
+            registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            del module._diffusers_hook
+            instance_forward = module.__dict__.get("forward")
+            if getattr(instance_forward, "__func__", None) is type(module).forward:
+                del module.forward
+    for _, module in root.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+
+@contextmanager
+def diffusers_cache_call(pipe, name: str = "cond"):
+    """One pipeline call with diffusers' hooks: fresh hook state, and the cache context that
+    ``CacheMixin.cache_context(name)`` sets, for the transformers that lack the mixin."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    transformer = pipe.transformer
+    HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+    _set_cache_context(transformer, CacheContext(name))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+
+
+def diffusers_candidate(family: str, label: str, settings: dict, apply_hooks: Callable) -> Candidate:
+    """``apply_hooks(transformer)`` installs the hooks with diffusers' own ``apply_*`` function."""
+
+    def apply(pipe):
+        from diffusers.hooks import HookRegistry
+
+        apply_hooks(pipe.transformer)
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+
+    return Candidate(family, label, apply, lambda pipe: remove_diffusers_hooks(pipe.transformer),
+                     call_context=diffusers_cache_call, settings=settings, group="diffusers")
+
+
+# Settings span each method's useful range on the embedded model (about 18 to 35 dB PSNR against uncached, 20
+# steps): chosen with `samples/` style sweeps of 2 prompts each, see docs/benchmark.md.
+FBC_THRESHOLDS = (0.08, 0.15, 0.3)
+TAYLORSEER_INTERVALS = (2, 3, 4)  # 5 skips no more than 4 here (warm-up of 3 steps), at lower PSNR
+MAG_CACHE_THRESHOLDS = (0.12, 0.24, 0.5)
+PAB_SKIPS = ((2, 2), (2, 4), (3, 6))  # (self-attention, cross-attention) block skip range
+FASTER_CACHE_SKIPS = ((2, 5), (2, 3), (2, 2))  # (spatial attention, unconditional batch) skip range
+
+
+def first_block_cache_family(setup: BenchSetup, thresholds=FBC_THRESHOLDS) -> list[Candidate]:
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    return [diffusers_candidate("FirstBlockCache", f"FirstBlockCache threshold {t}", {"threshold": t},
+                                lambda tr, t=t: apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=t)))
+            for t in thresholds]
+
+
+def taylorseer_family(setup: BenchSetup, intervals=TAYLORSEER_INTERVALS) -> list[Candidate]:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    dtype = setup.pipe.transformer.dtype
+    blocks = next(u.path.split(".")[0] for u in setup.meter.units)
+    branches = sorted({u.branch for u in setup.meter.units})
+    patterns = [rf"{re.escape(blocks)}\.\d+\.({'|'.join(branches)})"]
+
+    def config(interval):
+        return TaylorSeerCacheConfig(cache_interval=interval, max_order=1, disable_cache_before_step=3,
+                                     taylor_factors_dtype=dtype, cache_identifiers=patterns)
+
+    return [diffusers_candidate("TaylorSeer", f"TaylorSeer interval {n}", {"cache_interval": n, "max_order": 1},
+                                lambda tr, n=n: apply_taylorseer_cache(tr, config(n)))
+            for n in intervals]
+
+
+def mag_cache_family(setup: BenchSetup, thresholds=MAG_CACHE_THRESHOLDS) -> list[Candidate]:
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    if setup.mag_ratios is None:
+        raise ValueError("MagCache needs calibrated magnitude ratios: run calibrate_mag_cache first.")
+
+    def apply(transformer, threshold):
+        apply_mag_cache(transformer, MagCacheConfig(threshold=threshold, num_inference_steps=setup.steps,
+                                                    mag_ratios=list(setup.mag_ratios)))
+
+    return [diffusers_candidate("MagCache", f"MagCache threshold {t}", {"threshold": t, "max_skip_steps": 3},
+                                lambda tr, t=t: apply(tr, t)) for t in thresholds]
+
+
+def pab_family(setup: BenchSetup, skips=PAB_SKIPS) -> list[Candidate]:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    def apply(transformer, spatial, cross):
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=spatial, cross_attention_block_skip_range=cross,
+            spatial_attention_timestep_skip_range=(100, 800), cross_attention_timestep_skip_range=(100, 900),
+            current_timestep_callback=setup.meter.current_timestep)
+        apply_pyramid_attention_broadcast(transformer, config)
+
+    has_cross = any(u.branch == "attn2" for u in setup.meter.units)
+    return [diffusers_candidate("PAB", f"PAB self {s} cross {c}" if has_cross else f"PAB self {s}",
+                                {"spatial_skip": s, "cross_skip": c if has_cross else None},
+                                lambda tr, s=s, c=c: apply(tr, s, c if has_cross else None))
+            for s, c in skips]
+
+
+def faster_cache_family(setup: BenchSetup, skips=FASTER_CACHE_SKIPS) -> list[Candidate]:
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
+    if not setup.cfg_uncond_first:
+        # FasterCache drops the first half of the CFG batch as "unconditional"; DiT puts the conditional half first.
+        return []
+
+    def apply(transformer, spatial, uncond):
+        config = FasterCacheConfig(
+            spatial_attention_block_skip_range=spatial, unconditional_batch_skip_range=uncond,
+            attention_weight_callback=lambda module: 0.5, tensor_format="BCHW",  # images: (batch, channels, h, w)
+            current_timestep_callback=setup.meter.current_timestep)
+        with contextlib.redirect_stderr(io.StringIO()):  # its "experimental feature" warning, once per setting
+            apply_faster_cache(transformer, config)
+
+    return [diffusers_candidate("FasterCache", f"FasterCache attn {s} uncond {u}",
+                                {"spatial_skip": s, "uncond_skip": u}, lambda tr, s=s, u=u: apply(tr, s, u))
+            for s, u in skips]
+
+
+FAMILIES: dict[str, Callable[[BenchSetup], list[Candidate]]] = {
+    "uniform": uniform_family,
+    "router": router_family,
+    "first_block_cache": first_block_cache_family,
+    "taylorseer": taylorseer_family,
+    "magcache": mag_cache_family,
+    "fastercache": faster_cache_family,
+    "pab": pab_family,
+}
+DIFFUSERS_FAMILIES = ("first_block_cache", "taylorseer", "magcache", "fastercache", "pab")
+
+
+# --- MagCache calibration --------------------------------------------------------------------------------------
+
+
+def calibrate_mag_cache(pipe, calls: list[dict], steps: int, path: Path | None = None, progress=None) -> list[float]:
+    """MagCache's magnitude ratios of ``pipe.transformer``: ``calibrate=True`` over ``calls`` (pipeline keyword
+    arguments: prompts and seeds kept apart from the scored ones), averaged per step.
+
+    With ``path`` the ratios are read from that JSON file when it exists for the same step count, and written
+    there otherwise, so a rerun does not recalibrate.
+    """
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    if path is not None and path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("steps") == steps and len(stored.get("mag_ratios", [])) == steps:
+            return stored["mag_ratios"]
+    runs = []
+    apply_mag_cache(pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        for call in calls:
+            printed = io.StringIO()
+            with diffusers_cache_call(pipe), contextlib.redirect_stdout(printed):
+                pipe(**call)
+            # MagCache prints the ratios of a finished calibration run (its documented output) and then resets.
+            match = re.search(r"mag_ratios=\.\.\.\):\s*(\[[^\]]*\])", printed.getvalue())
+            if match is None:
+                raise RuntimeError("MagCache calibration printed no ratios; is num_inference_steps the step count?")
+            runs.append(json.loads(match.group(1)))
+            if progress is not None:
+                progress.update(1)
+    finally:
+        remove_diffusers_hooks(pipe.transformer)
+    ratios = torch.tensor(runs, dtype=torch.float64).mean(dim=0).tolist()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"steps": steps, "calibration_calls": len(calls), "mag_ratios": ratios}, indent=2))
+    return ratios
+
+
+# --- exactness ---------------------------------------------------------------------------------------------------
+
+
+def module_signature(transformer: torch.nn.Module) -> list[tuple]:
+    """What a cache could leave behind on each module: a diffusers hook registry, an instance-level ``forward``,
+    torch hooks. Equal signatures before and after a candidate mean its removal was structurally complete."""
+    signature = []
+    for name, module in _unwrap(transformer).named_modules():
+        signature.append((name, hasattr(module, "_diffusers_hook"), "forward" in module.__dict__,
+                          len(module._forward_hooks), len(module._forward_pre_hooks)))
+    return signature
