@@ -247,15 +247,22 @@ def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list |
         results = run_benchmark(pipe, BenchConfig(count=4, families=("uniform", "taylorseer")), "bench_out")
         print(results["table"])
     """
+    config.check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # timing on one thread: comparable across runs on a shared machine
+    try:
+        return _run(pipe, config, Path(out), candidates, router_paths, model_name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_name: str) -> dict:
     import numpy as np
 
     from . import peers
     from .embedded import EMBEDDED_GUIDANCE_SCALE
     from .flops import step_flops
 
-    config.check()
-    torch.set_num_threads(config.threads)
-    out = Path(out)
     kind = model_kind(pipe)
     pipe.set_progress_bar_config(disable=True)
     guidance = config.guidance_scale if config.guidance_scale is not None else EMBEDDED_GUIDANCE_SCALE
@@ -333,7 +340,7 @@ def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list |
                        "seeds": [seeds[0], seeds[-1]], "calibration_seed": config.calibration_seed,
                        "calibration_count": config.calibration_count if any(
                            c.family == "MagCache" for c in candidates) else 0,
-                       "torch_threads": torch.get_num_threads(), "mag_ratios": setup.mag_ratios,
+                       "torch_threads": config.threads, "mag_ratios": setup.mag_ratios,
                        "unit_flops": unit_flops.tolist()}
     write_outputs(results, out, plot=config.plot)
     return results

@@ -1,0 +1,101 @@
+"""``run_benchmark`` / ``dit-cache bench`` end to end on a tiny pipeline, its refusal to report a run whose
+configurations do not restore the stock model, and its one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from dit_cache import peers
+from dit_cache.benchmark import BenchConfig, RestorationError, pareto_front, run_benchmark
+from dit_cache.cli import main
+from dit_cache.testing import tiny_pixart_pipeline
+
+SMALL = dict(count=2, steps=4, settings_per_family=1, resamples=200)
+
+
+def test_a_small_run_writes_json_table_and_plot_with_a_measured_cache_ratio(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = run_benchmark(tiny_pixart_pipeline(), BenchConfig(families=("uniform", "taylorseer"), **SMALL),
+                            tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [row["family"] for row in written["rows"]] == ["uncached", "uniform", "TaylorSeer"]
+    uniform = written["rows"][1]
+    assert uniform["cache_ratio"] > 0 and uniform["cache_ratio"] == pytest.approx(uniform["engine_cache_ratio"])
+    assert len(uniform["per_image"]) == 2 and written["rows"][0]["psnr_mean"] == 100.0
+    assert "| TaylorSeer |" in (tmp_path / "out" / "bench.md").read_text()
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["rows"][2]["vs_nearest_rival"]["label"] == uniform["label"]
+
+
+def _leaky(pipe):
+    """A candidate whose removal leaves a forward hook behind."""
+    handles = []
+    return peers.Candidate("leaky", "leaky", lambda p: handles.append(
+        p.transformer.register_forward_hook(lambda *args: None)), lambda p: None)
+
+
+def _changes_weights(pipe):
+    """A candidate that alters a weight and never restores it: structurally stock, numerically not."""
+    weight = pipe.transformer.proj_out.weight
+    return peers.Candidate("sloppy", "sloppy", lambda p: weight.data.mul_(1.01), lambda p: None)
+
+
+@pytest.mark.parametrize("broken", [_leaky, _changes_weights], ids=["hook left", "weights changed"])
+def test_a_configuration_that_does_not_restore_the_stock_model_is_not_reported(broken, tmp_path):
+    pipe = tiny_pixart_pipeline()
+    with pytest.raises(RestorationError):
+        run_benchmark(pipe, BenchConfig(plot=False, **SMALL), tmp_path / "out",
+                      candidates=[peers.UNCACHED, broken(pipe)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_selection_with_no_candidate_for_the_model_is_refused(tmp_path):
+    from dit_cache.testing import tiny_dit_pipeline
+
+    with pytest.raises(ValueError, match="no candidate"):
+        run_benchmark(tiny_dit_pipeline(), BenchConfig(families=("fastercache",), plot=False, **SMALL), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--families", "uniform", "teacache"], "unknown candidate family 'teacache'"),
+    (["--families"], "name at least one"),
+    (["--count", "0"], "--count must be at least 1"),
+    (["--router", "missing.safetensors"], "no such file"),
+])
+def test_bad_arguments_give_one_line_and_write_nothing(arguments, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--out", str(out), *arguments]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and message in errors[0]
+    assert not out.exists()
+
+
+def test_missing_matplotlib_gives_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "out"
+    assert main(["bench", "--out", str(out), "--count", "2"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and 'pip install "dit-cache[bench]"' in errors[0]
+    assert not out.exists()
+
+
+def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
+    rows = [{"speedup": 1.2, "psnr_mean": 30.0}, {"speedup": 1.5, "psnr_mean": 25.0},
+            {"speedup": 1.3, "psnr_mean": 24.0}, {"speedup": 2.0, "psnr_mean": 18.0}]
+    assert pareto_front(rows) == [rows[0], rows[1], rows[3]]
+
+
+def test_the_run_times_on_one_torch_thread_and_restores_the_callers_setting(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        run_benchmark(pipe, BenchConfig(families=("uniform",), plot=False, **SMALL), tmp_path)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
