@@ -204,3 +204,46 @@ def test_sd3_skip_layer_guidance_is_refused_while_cached():
     dit_cache.accelerate(pipe, schedule=CacheSchedule.full(2, len(cache_units(pipe.transformer))))
     with pytest.raises(ValueError, match="skip_guidance_layers=\\[0\\] .*twice per denoising step"):
         _generate(pipe, "sd3", steps=2, skip_guidance_layers=[0])
+
+
+# Router training blends fresh and cached outputs (the engine's GATE action); today's engine blends tensors only
+# (dit_cache/hooks.py CacheState.gate), so joint attention's (image, context) tuples fail there until the engine's
+# tuple-valued outputs land. Strict: these start failing (XPASS) the moment the engine handles them.
+_GATE_TUPLES = pytest.mark.xfail(raises=AttributeError, strict=True,
+                                 reason="CacheState.gate blends tensors only, not joint attention's tuples")
+
+
+@pytest.mark.parametrize("name", [pytest.param("sd3", marks=_GATE_TUPLES), pytest.param("flux", marks=_GATE_TUPLES),
+                                  "sana"])
+def test_a_router_trains_a_few_steps_exports_and_drives_the_pipeline(name, tmp_path):
+    import lightning as L
+
+    from dit_cache.training.callbacks import ExportRouter
+    from dit_cache.training.data import RouterDataModule
+    from dit_cache.training.router_module import RouterModule
+
+    folder = tmp_path / name
+    FAMILIES[name].pipeline().save_pretrained(folder)
+    # FLUX's transformer reads a packed token grid with no size in its config: 8 x 8 tokens = a 128 px image.
+    module = RouterModule(str(folder), num_steps=3, objective="sdt", guidance_scale=3.0, learning_rate=0.5,
+                          latent_size=8 if name == "flux" else None)
+    data = RouterDataModule(str(folder), prompts=["a red circle", "a blue square and a cat"], batch_size=2,
+                            num_trajectories=2, max_sequence_length=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ExportRouter(str(tmp_path / "router.safetensors"))])
+    before = module.router.logits.detach().clone()
+    trainer.fit(module, data)
+    assert not torch.equal(module.router.logits.detach(), before)  # it learned something
+
+    router = CacheRouter.load(tmp_path / "router.safetensors")
+    assert router.metadata["unit_layout"] == unit_layout(module.transformer)
+    pipe = _pipeline(name)
+    dit_cache.accelerate(pipe, router=router, threshold=0.5)
+    _generate(pipe, name, steps=3)
+    assert pipe.cache_stats.steps == 3
+    # ... and refused, with the fix named, by another family's pipeline.
+    other = _pipeline("sana" if name != "sana" else "sd3")
+    with pytest.raises(ValueError, match=f"trained for {type(module.transformer).__name__}.*Train a router"):
+        dit_cache.accelerate(other, router=router)
+    assert type(other) is type(_pipeline("sana" if name != "sana" else "sd3"))

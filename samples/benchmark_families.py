@@ -1,0 +1,79 @@
+"""Speed of caching at the block shapes of FLUX.1-dev, SD3.5-large and Sana 1600M, against the stock transformer
+measured in the same run (as samples/benchmark_speed.py does for PixArt-alpha).
+
+    OMP_NUM_THREADS=1 python samples/benchmark_families.py                  # CPU, ~6 min on one thread
+    python samples/benchmark_families.py --device cuda --image_tokens 4096 --full_text  # the real token counts
+
+Widths, heads and branch structure are the real models'; depth is 1-2 blocks (per-block figures: the units'
+share of the work, hence the speedup of a uniform schedule, is per block). On a CPU the token counts are scaled
+down from the real ones (FLUX.1-dev 4096 image + 512 text tokens at 1024 px, SD3.5-large 4096 + 333, Sana 1600M
+1024 + 300) keeping each model's image:text ratio, so that the whole run takes minutes. Random weights: speed does
+not depend on what the weights are.
+"""
+
+import math
+
+import torch
+from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
+from jsonargparse import CLI
+
+from dit_cache import CacheSchedule, cache_units
+from dit_cache.benchmark import compare_schedules, format_results
+from dit_cache.flops import step_family
+from dit_cache.testing import step_inputs
+from dit_cache.units import transformer_blocks
+
+# name -> (builder of 1-2 real-width blocks, real image tokens, real text tokens)
+FAMILIES = {
+    "flux1-dev": (lambda: FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True), 4096, 512),
+    "sd3.5-large": (lambda: SD3Transformer2DModel(num_layers=2, num_attention_heads=38, attention_head_dim=64,
+                                                  caption_projection_dim=2432, pos_embed_max_size=192), 4096, 333),
+    "sana-1600m": (lambda: SanaTransformer2DModel(num_layers=2), 1024, 300),
+}
+
+
+def _sample_size(name: str, transformer, image_tokens: int) -> int:
+    side = math.isqrt(image_tokens)
+    # FLUX inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
+    return side if name.startswith("flux") else side * transformer.config.patch_size
+
+
+def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 256, full_text: bool = False,
+         num_steps: int = 6, rounds: int = 2, device: str = "cpu"):
+    """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
+
+    Args:
+        families: which of flux1-dev, sd3.5-large, sana-1600m.
+        image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
+        full_text: use the real models' text token counts.
+        num_steps: denoising steps per generation.
+        rounds: timed generations per schedule (the median is reported), after one warm-up round.
+    """
+    for name in families:
+        build, real_image_tokens, real_text_tokens = FAMILIES[name]
+        torch.manual_seed(0)
+        transformer = build().eval().to(device)
+        text_tokens = real_text_tokens if full_text else max(8, round(real_text_tokens * image_tokens / real_image_tokens))
+        batch = step_family(transformer).cfg_batch
+        inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
+                             sample_size=_sample_size(name, transformer, image_tokens))
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        num_units = len(cache_units(transformer))
+        schedules = {
+            "full (hooks, no reuse)": CacheSchedule.full(num_steps, num_units),
+            "uniform interval 2": CacheSchedule.uniform(num_steps, num_units, 2),
+            "uniform interval 3": CacheSchedule.uniform(num_steps, num_units, 3),
+        }
+        results = compare_schedules(transformer, schedules, inputs, rounds=rounds)
+        config = transformer.config
+        print(f"\n## {name}: {len(transformer_blocks(transformer))} "
+              f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {image_tokens} image + "
+              f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
+              f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}")
+        print(format_results(results))
+        print(f"hook overhead with the full schedule: {results[1].seconds / results[0].seconds - 1:+.2%}")
+        del transformer
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
