@@ -126,12 +126,11 @@ class CacheState:
         computed = forward(*sliced_args, **sliced_kwargs)
         return _rebuild(computed, newest, self.computed_half, half)
 
-    def gate(self, unit: int, fresh: torch.Tensor) -> torch.Tensor:
-        score = self.gate_scores[unit].to(fresh.dtype)
-        blended = score * fresh + (1 - score) * self.newest(unit)
+    def gate(self, unit: int, fresh):
+        blended = _blend(self.gate_scores[unit], fresh, self.newest(unit))
         # Official HarmoniCa behaviour: the cache only takes the blend where the hard gate would compute.
         if self.gate_writes[unit]:
-            self.store(unit, blended.detach())
+            self.store(unit, _detached(blended))
         return blended
 
     # ---- accounting ------------------------------------------------------------------------------------------
@@ -152,6 +151,22 @@ def _nbytes(output) -> int:
     if torch.is_tensor(output):
         return output.numel() * output.element_size()
     return sum(_nbytes(o) for o in output if o is not None)
+
+
+def _blend(score: torch.Tensor, fresh, cached):
+    """``score * fresh + (1 - score) * cached``, element by element for tuple outputs (joint attention)."""
+    if fresh is None:
+        return None
+    if not torch.is_tensor(fresh):
+        return type(fresh)(_blend(score, f, c) for f, c in zip(fresh, cached))
+    score = score.to(fresh.dtype)
+    return score * fresh + (1 - score) * cached
+
+
+def _detached(output):
+    if output is None or torch.is_tensor(output):
+        return None if output is None else output.detach()
+    return type(output)(_detached(o) for o in output)
 
 
 def _take(value, keep: slice, batch: int):
