@@ -247,3 +247,30 @@ def test_a_router_trains_a_few_steps_exports_and_drives_the_pipeline(name, tmp_p
     with pytest.raises(ValueError, match=f"trained for {type(module.transformer).__name__}.*Train a router"):
         dit_cache.accelerate(other, router=router)
     assert type(other) is type(_pipeline("sana" if name != "sana" else "sd3"))
+
+
+def test_the_supported_models_table_matches_the_unit_tables():
+    """docs/models.md's "units per block" column is what each family's tiny model really has."""
+    from pathlib import Path
+
+    from dit_cache.testing import tiny_dit
+
+    builders = {
+        "DiT": tiny_dit, "PixArt-α, PixArt-Σ": tiny_pixart, "SD3, SD3.5-large": lambda: tiny_sd3(num_layers=3),
+        "SD3.5-medium (dual attention)": lambda: tiny_sd3(num_layers=3, dual_attention_layers=(0, 1)),
+        "FLUX.1-dev, FLUX.1-schnell": tiny_flux, "Sana": tiny_sana,
+    }
+    table = Path(__file__).parents[1] / "docs" / "models.md"
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+    documented = {cells[0].strip(): cells[2].replace("`", "").strip() for cells in rows}
+    assert set(documented) == set(builders)
+    for model, build in builders.items():
+        transformer = build()
+        terms = unit_layout(transformer).split(":")[1].split(",")  # one "NxA+B" per block list
+        assert documented[model] == ", ".join(term.split("x", 1)[1] for term in terms), model
+        # ... and every branch named there is a unit of the model (per block list).
+        named = {(index, branch) for index, term in enumerate(documented[model].split(", "))
+                 for branch in term.split("+")}
+        lists = list(dict.fromkeys(u.path.split(".")[0] for u in cache_units(transformer)))
+        assert named == {(lists.index(u.path.split(".")[0]), u.branch) for u in cache_units(transformer)}, model
