@@ -255,9 +255,7 @@ def taylorseer_family(setup: BenchSetup, intervals=TAYLORSEER_INTERVALS) -> list
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     dtype = setup.pipe.transformer.dtype
-    blocks = next(u.path.split(".")[0] for u in setup.meter.units)
-    branches = sorted({u.branch for u in setup.meter.units})
-    patterns = [rf"{re.escape(blocks)}\.\d+\.({'|'.join(branches)})"]
+    patterns = [re.escape(unit.path) for unit in setup.meter.units]  # every block's attn1, attn2, ff
 
     def config(interval):
         return TaylorSeerCacheConfig(cache_interval=interval, max_order=1, disable_cache_before_step=3,
