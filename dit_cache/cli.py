@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-cache", action="store_true", help="generate without caching")
     generate.add_argument("--threshold", type=_threshold, default=None,
                           help="override the router's threshold, in (0, 1)")
+    generate.add_argument("--flops", type=_share, default=None,
+                          help="share of the units' FLOPs to skip, e.g. 0.55, for routers that serve a range of "
+                               "budgets (the embedded one does; out-of-range budgets are refused)")
     generate.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the router's)")
     generate.add_argument("--guidance", type=_guidance, default=None,
                           help="guidance scale; <= 1 turns classifier-free guidance off (default: the router's)")
@@ -78,6 +81,16 @@ def _guidance(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a share of FLOPs in [0, 1), e.g. 0.55, got {text!r}")
+    return value
+
+
 def _threshold(text: str) -> float:
     from .router import check_threshold
 
@@ -105,10 +118,13 @@ def _check_arguments(args) -> None:
     if args.no_cache:
         ignored = [flag for flag, given in (("--router", args.router is not None),
                                             ("--threshold", args.threshold is not None),
+                                            ("--flops", args.flops is not None),
                                             ("--compare", args.compare)) if given]
         if ignored:
             raise ValueError(f"--no-cache conflicts with {', '.join(ignored)} (they only apply with the cache): "
                              f"drop --no-cache, or drop {', '.join(ignored)}")
+    if args.threshold is not None and args.flops is not None:
+        raise ValueError("--threshold conflicts with --flops (--flops chooses the threshold): pass one of them")
     last_seed = args.seed + args.num_images - 1
     if last_seed >= SEED_LIMIT:
         raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} reaches seed {last_seed}; "
@@ -165,6 +181,7 @@ def _concept_config(args):
 
 
 def _load(args):
+    import torch
     from accelerate import PartialState
     from diffusers import DiffusionPipeline
 
@@ -181,12 +198,14 @@ def _load(args):
             router_path = embedded.embedded_router_path()
         router = CacheRouter.load(router_path)
     pipe = DiffusionPipeline.from_pretrained(model)
-    # Under `accelerate launch` each process has a device of its own (cuda:0, cuda:1, ... or the CPU).
-    device = args.device if args.device is not None else PartialState().device
-    pipe = pipe.to(device)
+    # Under `accelerate launch` / `torchrun` each process has a device of its own (cuda:0, cuda:1, ...). On the
+    # CPU accelerate forms the process group only when told so: otherwise every process would make every image.
+    on_cpu = torch.device(args.device).type == "cpu" if args.device is not None else not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
+    pipe = pipe.to(args.device if args.device is not None else state.device)
     pipe.set_progress_bar_config(disable=True)
     if router is not None:
-        accelerate(pipe, router=router, threshold=args.threshold)
+        accelerate(pipe, router=router, threshold=args.threshold, flops=args.flops)
     return pipe, router
 
 
@@ -290,6 +309,7 @@ def _generate(pipe, router, args) -> int:
                 "seconds": round(seconds, 3), "steps": call["num_inference_steps"],
                 "guidance_scale": call["guidance_scale"], "concepts": args.concepts,
                 "concept_config": asdict(args.concept_config) if args.concept_config else None,
+                "process": state.process_index,  # which process of a multi-process run made it
             }
             if args.compare and router is not None:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
