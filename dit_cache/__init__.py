@@ -1,6 +1,7 @@
 """dit-cache: learned feature caching for diffusers diffusion transformers."""
 
 from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
+from .compile import compile_units
 from .embedded import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path
 from .flops import unit_flops
 from .forecast import fit_linear_forecaster
@@ -33,6 +34,7 @@ __all__ = [
     "accelerate",
     "apply_cache",
     "cache_units",
+    "compile_units",
     "decelerate",
     "embedded_model_path",
     "embedded_router_path",

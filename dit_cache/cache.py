@@ -69,6 +69,7 @@ class CacheHandle:
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []
         self._step_hooks: list = []
+        self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
     def set_schedule(self, plan) -> None:
         """Swap the engine-level plan or schedule (same unit count); starts a new generation."""
@@ -179,12 +180,14 @@ class CacheHandle:
         return f"CacheHandle({type(self.transformer).__name__}, {self.plan})"
 
 
-def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1) -> CacheHandle:
+def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile=False) -> CacheHandle:
     """Install caching on ``transformer`` following ``plan`` (a ``CachePlan`` or ``CacheSchedule``).
 
     At the engine level one forward call is one denoising step; a new generation starts after the plan's last
     step or when the timestep goes up again (so a generation stopped early does not leak into the next).
     ``history`` is the least number of computed outputs each unit keeps (the plan may need more).
+    ``compile=True`` (or a dict of ``torch.compile`` options) compiles each unit's computation, the cache
+    decisions staying eager, so a plan change never recompiles (see ``dit_cache.compile``).
 
     Example::
 
@@ -202,12 +205,17 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1) -> Cach
         raise ValueError(f"history must be >= 1, got {history}.")
     units = cache_units(transformer)
     as_plan(plan).check_compatible(num_units=len(units))  # a TypeError for anything but a plan or schedule
+    from .compile import compile_options, compile_units  # compile imports this module
+
+    options = compile_options(compile)  # checked before anything is installed
     handle = CacheHandle(transformer, plan, units, history)
     root = _unwrap(transformer)
     try:
         for unit in units:
             handle._register(root.get_submodule(unit.path), UnitCacheHook(handle, unit.index), UNIT_HOOK)
         handle._step_hooks = DenoisingStepHook(handle).attach(transformer)
+        if options is not None:
+            compile_units(handle, **options)
     except Exception:
         handle._unregister_all()
         raise

@@ -190,11 +190,16 @@ class UnitCacheHook(ModelHook):
         super().__init__()
         self.handle = handle
         self.unit = unit
+        self.compiled_forward = None  # the unit's own computation compiled (dit_cache.compile_units), else None
 
+    # An outer torch.compile (of the transformer or its blocks) must not trace the cache decisions: it would guard
+    # on them and recompile at every plan change. It breaks its graph here instead, whichever order it came in.
+    @torch.compiler.disable
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        forward = self.compiled_forward or self.fn_ref.original_forward
         state = self.handle.active_state()
         if state is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         unit = self.unit
         action = state.actions[unit]
         if action == REUSE:
@@ -206,8 +211,8 @@ class UnitCacheHook(ModelHook):
         if action == LINEAR:
             return state.linear(unit)
         if action == CFG_SHARE:
-            return state.cfg_share(unit, self.fn_ref.original_forward, args, kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+            return state.cfg_share(unit, forward, args, kwargs)
+        output = forward(*args, **kwargs)
         if action == COMPUTE:
             state.store(unit, output)
         elif action == GATE:
@@ -231,11 +236,13 @@ class DenoisingStepHook:
             transformer.register_forward_hook(self._end),
         ]
 
+    @torch.compiler.disable
     def _begin(self, module, args, kwargs):
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
 
+    @torch.compiler.disable
     def _end(self, module, args, output):
         state = self.handle.active_state()
         if state is not None:
