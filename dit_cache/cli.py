@@ -57,7 +57,7 @@ class _OneLineErrors(argparse.ArgumentParser):
     """Bad flags end in one line naming the fix, like every other error of the command (no usage dump)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -137,7 +137,10 @@ def _check_device(name: str) -> None:
     import torch
 
     try:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise RuntimeError("not a torch device type") from None
         if device.type == "meta":
             raise RuntimeError("meta tensors hold no data")
         torch.empty(1, device=device)  # what the pipeline will need: a tensor on that device
