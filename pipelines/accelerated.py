@@ -16,6 +16,7 @@ from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSig
                        StableDiffusion3Pipeline)
 
 from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
+from dit_cache.compile import compile_options, compile_units
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
 from dit_cache.units import cache_units, unit_layout
@@ -195,20 +196,25 @@ def _accelerated_class(cls):
     return _ACCELERATED[cls]
 
 
-def _install(pipe, router, schedule, plan, threshold):
+def _install(pipe, router, schedule, plan, threshold, compile=False):
+    options = compile_options(compile)  # checked before anything changes
     plan, router = _resolve_plan(pipe, router, schedule, plan, threshold)
     handle = get_cache_handle(pipe.transformer) or apply_cache(pipe.transformer, plan)
+    if options is not None and handle.compile_options != options:
+        compile_units(handle, **options)
     handle.idle_bypassed()
     handle.pipelines.add(pipe)
     pipe._dit_cache_plan, pipe._dit_cache_router = plan, router
     return pipe
 
 
-def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None):
+def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None, compile=False):
     """Turn an existing diffusers pipeline into a cached one, in place; returns it.
 
     ``router``: a trained router (path or ``CacheRouter``, at its threshold unless ``threshold`` is given);
     ``plan``: a ``CachePlan`` (e.g. ``CachePlan.taylor(20, units, interval=3)``); ``schedule``: a ``CacheSchedule``.
+    ``compile=True`` (or a dict of ``torch.compile`` options) compiles each unit's computation; the cache
+    decisions stay eager, so no plan change recompiles (docs/compile.md).
 
     Example::
 
@@ -220,7 +226,7 @@ def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float 
     if not hasattr(pipe, "transformer"):
         raise TypeError(f"{type(pipe).__name__} has no transformer: dit-cache accelerates DiT-style pipelines.")
     original_class = type(pipe)
-    _install(pipe, router, schedule, plan, threshold)  # validates first: a bad router changes nothing
+    _install(pipe, router, schedule, plan, threshold, compile)  # validates first: a bad router changes nothing
     if not isinstance(pipe, CachedPipelineMixin):
         pipe.__class__ = _accelerated_class(original_class)
         pipe._dit_cache_original_class = original_class
