@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .cache import apply_cache, remove_cache
 from .flops import unit_flops
+from .plan import CachePlan
 from .schedule import CacheSchedule
 
 
@@ -44,15 +45,18 @@ def _synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def _generation_seconds(transformer, inputs: dict, num_steps: int) -> float:
     device = inputs["hidden_states"].device
+    # Decreasing timesteps, as a sampler gives them: forecasting extrapolates over them, and a timestep that goes
+    # up again starts a new generation. Built before the clock starts.
+    timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
     _synchronize(device)
     start = time.perf_counter()
-    for _ in range(num_steps):
-        transformer(**inputs)
+    for timestep in timesteps:
+        transformer(**{**inputs, "timestep": timestep})
     _synchronize(device)
     return time.perf_counter() - start
 
 
-def compare_schedules(transformer, schedules: dict[str, CacheSchedule], inputs: dict, rounds: int = 5,
+def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePlan], inputs: dict, rounds: int = 5,
                       warmup: int = 1) -> list[SpeedResult]:
     """Time one generation per schedule, interleaved over ``rounds``; the stock model runs in every round too.
 

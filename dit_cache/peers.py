@@ -122,8 +122,7 @@ class BenchSetup:
 
 
 def dit_cache_candidate(family: str, label: str, settings: dict, **accelerate_kwargs) -> Candidate:
-    """A dit-cache configuration: ``accelerate(pipe, **accelerate_kwargs)`` (``schedule=``, ``router=`` and, once
-    the engine has it, ``plan=``); ``decelerate`` removes it."""
+    """A dit-cache configuration: ``accelerate(pipe, **accelerate_kwargs)`` (``schedule=``, ``plan=`` or ``router=``); ``decelerate`` removes it."""
 
     def apply(pipe):
         from .pipelines import accelerate
@@ -149,6 +148,18 @@ def uniform_family(setup: BenchSetup, intervals=UNIFORM_INTERVALS) -> list[Candi
     units = len(setup.meter.units)
     return [dit_cache_candidate("uniform", f"uniform interval {n}", {"interval": n},
                                 schedule=CacheSchedule.uniform(setup.steps, units, n)) for n in intervals]
+
+
+TAYLOR_INTERVALS = (2, 3, 4, 5)
+
+
+def taylor_family(setup: BenchSetup, intervals=TAYLOR_INTERVALS, order: int = 1) -> list[Candidate]:
+    """dit-cache's training-free forecasting preset: compute every ``interval`` steps, forecast in between."""
+    from .plan import CachePlan
+
+    units = len(setup.meter.units)
+    return [dit_cache_candidate("taylor", f"taylor interval {n} order {order}", {"interval": n, "order": order},
+                                plan=CachePlan.taylor(setup.steps, units, n, order)) for n in intervals]
 
 
 def router_family(setup: BenchSetup, budgets=ROUTER_FLOP_BUDGETS) -> list[Candidate]:
@@ -319,6 +330,7 @@ def faster_cache_family(setup: BenchSetup, skips=FASTER_CACHE_SKIPS) -> list[Can
 
 FAMILIES: dict[str, Callable[[BenchSetup], list[Candidate]]] = {
     "uniform": uniform_family,
+    "taylor": taylor_family,
     "router": router_family,
     "first_block_cache": first_block_cache_family,
     "taylorseer": taylorseer_family,

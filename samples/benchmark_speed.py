@@ -9,14 +9,16 @@ Random weights: speed does not depend on what the weights are.
 import torch
 from jsonargparse import CLI
 
-from dit_cache import CacheSchedule, cache_units
+from dit_cache import CachePlan, CacheSchedule, cache_units
 from dit_cache.benchmark import compare_schedules, format_results
 from dit_cache.testing import pixart_alpha_shapes, step_inputs
 
 
 def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds: int = 5, batch: int = 2,
          text_tokens: int = 120, device: str = "cpu", dtype: str = "float32"):
-    """Benchmark no cache, a full schedule (hook overhead) and uniform schedules (FORA) of interval 2 and 3.
+    """Benchmark no cache, a full schedule (hook overhead), uniform schedules (FORA) of interval 2 and 3, and plans
+    with the predicting actions: Taylor FORECAST (order 1 and 2), LINEAR (weights of plain reuse: the cost does not
+    depend on their values) and CFG_SHARE.
 
     Args:
         num_layers: transformer blocks (PixArt-alpha has 28).
@@ -39,7 +41,12 @@ def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds
         "full (hooks, no reuse)": CacheSchedule.full(num_steps, num_units),
         "uniform interval 2": CacheSchedule.uniform(num_steps, num_units, 2),
         "uniform interval 3": CacheSchedule.uniform(num_steps, num_units, 3),
+        "taylor interval 2 order 1 (FORECAST)": CachePlan.taylor(num_steps, num_units, 2, order=1),
+        "taylor interval 3 order 2 (FORECAST)": CachePlan.taylor(num_steps, num_units, 3, order=2),
+        "linear interval 3, K=2 (LINEAR)": CachePlan.linear(num_steps, num_units, 3, order=2),
     }
+    if batch % 2 == 0:  # CFG_SHARE splits a CFG batch
+        schedules["cfg share interval 2 (CFG_SHARE)"] = CachePlan.cfg_share(num_steps, num_units, 2)
     results = compare_schedules(transformer, schedules, inputs, rounds=rounds)
     print(f"PixArt-alpha shapes: {num_layers} blocks, {(sample_size // 2) ** 2} image tokens, {text_tokens} text "
           f"tokens, batch {batch}, {num_steps} steps, {device} {dtype}, torch threads {torch.get_num_threads()}")
