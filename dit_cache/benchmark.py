@@ -57,8 +57,11 @@ def _generation_seconds(transformer, inputs: dict, num_steps: int) -> float:
 
 
 def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePlan], inputs: dict, rounds: int = 5,
-                      warmup: int = 1) -> list[SpeedResult]:
+                      warmup: int = 1, compile=False, baseline: str = "stock") -> list[SpeedResult]:
     """Time one generation per schedule, interleaved over ``rounds``; the stock model runs in every round too.
+
+    ``compile``: passed to ``apply_cache`` (the warmup rounds then also compile). Speedups are over ``baseline``,
+    the stock model or one of ``schedules`` (e.g. the full plan, compiled: compiled + cached over compiled).
 
     Interleaving spreads background noise (other processes, thermal state) evenly over the candidates, so the
     ratios stay meaningful on a busy machine. Returns the stock model first.
@@ -67,6 +70,8 @@ def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePla
     per_unit, total = unit_flops(transformer, **inputs)
     candidates = {"stock": None, **schedules}
     seconds = {name: [] for name in candidates}
+    if baseline not in seconds:
+        raise ValueError(f"baseline must be 'stock' or one of the schedules, got {baseline!r}.")
     names = list(candidates)
     for round_index in tqdm(range(warmup + rounds), desc="benchmark rounds"):
         # Rotate the order each round so no candidate always runs first (cold caches) or last.
@@ -74,12 +79,12 @@ def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePla
         for name in names[shift:] + names[:shift]:
             schedule = candidates[name]
             if schedule is not None:
-                apply_cache(transformer, schedule)
+                apply_cache(transformer, schedule, compile=compile)
             elapsed = _generation_seconds(transformer, inputs, num_steps)
             remove_cache(transformer)
             if round_index >= warmup:
                 seconds[name].append(elapsed)
-    stock = statistics.median(seconds["stock"])
+    stock = statistics.median(seconds[baseline])
     results = []
     for name, schedule in candidates.items():
         median = statistics.median(seconds[name])

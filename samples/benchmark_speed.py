@@ -2,20 +2,24 @@
 
     python samples/benchmark_speed.py                       # CPU, 4 blocks, 10 steps
     python samples/benchmark_speed.py --device cuda --num_layers 28 --dtype float16
+    python samples/benchmark_speed.py --compile default     # + compiled rows (docs/compile.md)
 
 Random weights: speed does not depend on what the weights are.
 """
 
+import time
+
 import torch
 from jsonargparse import CLI
+from torch._dynamo.utils import counters
 
-from dit_cache import CachePlan, CacheSchedule, cache_units
-from dit_cache.benchmark import compare_schedules, format_results
+from dit_cache import CachePlan, CacheSchedule, apply_cache, cache_units, remove_cache
+from dit_cache.benchmark import _generation_seconds, compare_schedules, format_results
 from dit_cache.testing import pixart_alpha_shapes, step_inputs
 
 
 def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds: int = 5, batch: int = 2,
-         text_tokens: int = 120, device: str = "cpu", dtype: str = "float32"):
+         text_tokens: int = 120, device: str = "cpu", dtype: str = "float32", compile: str | None = None):
     """Benchmark no cache, a full schedule (hook overhead), uniform schedules (FORA) of interval 2 and 3, and plans
     with the predicting actions: Taylor FORECAST (order 1 and 2), LINEAR (weights of plain reuse: the cost does not
     depend on their values) and CFG_SHARE.
@@ -27,6 +31,9 @@ def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds
         rounds: timed generations per schedule (the median is reported).
         batch: 2 = one prompt with classifier-free guidance.
         text_tokens: T5 tokens (PixArt-alpha pads prompts to 120).
+        compile: a torch.compile mode ("default", "reduce-overhead", "max-autotune", ...): also time compiled units
+            (dit_cache.compile_units) without reuse, with uniform interval 2 and with a Taylor plan, each against
+            the compiled units without reuse, and report the compile time.
     """
     torch_dtype = getattr(torch, dtype)
     transformer = pixart_alpha_shapes(num_layers, sample_size).to(device)
@@ -53,6 +60,38 @@ def main(num_layers: int = 4, sample_size: int = 32, num_steps: int = 10, rounds
     print(format_results(results))
     overhead = results[1].seconds / results[0].seconds - 1
     print(f"hook overhead with the full schedule: {overhead:+.2%}")
+    if compile is not None:
+        compiled_rows(transformer, inputs, num_steps, num_units, rounds, compile)
+
+
+def compiled_rows(transformer, inputs: dict, num_steps: int, num_units: int, rounds: int, mode: str) -> None:
+    """Compiled + cached against compiled uncached (the full plan on compiled units), measured in one run.
+
+    The shipped router is trained for the 8-block embedded model and cannot plan for these shapes; the Taylor plan
+    (interval 3, order 1) stands in for a router's plan: unit-wise skips with forecasting, like the router's.
+    """
+    options = {} if mode == "default" else {"mode": mode}
+    full = CachePlan.full(num_steps, num_units)
+    start = time.perf_counter()
+    apply_cache(transformer, full, compile=options or True)
+    first = _generation_seconds(transformer, inputs, num_steps)  # compiles every unit's graph
+    second = _generation_seconds(transformer, inputs, num_steps)
+    remove_cache(transformer)
+    print(f"compile time (first compiled generation minus the second): {first - second:.1f} s "
+          f"({time.perf_counter() - start:.1f} s for both)")
+    baseline = "compiled, no reuse (full plan)"
+    plans = {
+        baseline: full,
+        "compiled + uniform interval 2": CachePlan.uniform(num_steps, num_units, 2),
+        "compiled + taylor interval 3 order 1 (router-like)": CachePlan.taylor(num_steps, num_units, 3, order=1),
+    }
+    compiles_before = counters["frames"]["ok"]
+    results = compare_schedules(transformer, plans, inputs, rounds=rounds, compile=options or True,
+                                baseline=baseline)
+    print(f"torch.compile mode {mode!r}, units compiled (dynamic=False); speedups over {baseline!r}:")
+    print(format_results(results))
+    print(f"graphs compiled during the timed rounds (a plan change must not recompile): "
+          f"{counters['frames']['ok'] - compiles_before}")
 
 
 if __name__ == "__main__":
