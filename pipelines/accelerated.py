@@ -25,12 +25,14 @@ from .families import FluxCallChecks, SanaCallChecks, StableDiffusion3CallChecks
 from .multi_concept import MultiConceptConfig, multi_concept_call
 
 
-def _resolve_plan(pipe, router, schedule, plan, threshold) -> tuple[CachePlan, CacheRouter | None]:
+def _resolve_plan(pipe, router, schedule, plan, threshold, flops=None) -> tuple[CachePlan, CacheRouter | None]:
     given = [name for name, value in (("router", router), ("schedule", schedule), ("plan", plan)) if value is not None]
     if len(given) != 1:
         raise ValueError("Pass exactly one of router= (a CacheRouter or a path to router.safetensors), plan= (a "
                          f"CachePlan) or schedule= (a CacheSchedule); got {', '.join(given) or 'none'}.")
     num_units = len(cache_units(pipe.transformer))
+    if router is None and flops is not None:
+        raise ValueError("flops= chooses a router's budget; pass router= with it (a plan's budget is fixed).")
     if router is None:
         plan = as_plan(plan if plan is not None else schedule)
         plan.check_compatible(num_units=num_units)
@@ -49,7 +51,7 @@ def _resolve_plan(pipe, router, schedule, plan, threshold) -> tuple[CachePlan, C
             "cache decisions may not transfer. Set pipe.scheduler to the training scheduler for best quality.",
             stacklevel=3,
         )
-    return as_plan(router.schedule(threshold)), router
+    return router.plan(threshold, flops=flops), router
 
 
 class CachedPipelineMixin:
@@ -64,17 +66,17 @@ class CachedPipelineMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, plan=None,
-                        threshold=None, **kwargs):
+                        threshold=None, flops=None, **kwargs):
         """The stock ``from_pretrained`` plus ``router=`` (path or CacheRouter), ``plan=`` or ``schedule=``;
-        none of them: no cache."""
+        none of them: no cache. ``flops``: the router's budget (see :func:`accelerate`)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return _install(pipe, router, schedule, plan, threshold) if (router, schedule, plan) != (None,) * 3 else pipe
+        return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
     @classmethod
-    def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, **kwargs):
+    def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, flops=None, **kwargs):
         """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
         pipe = super().from_pipe(pipeline, **kwargs)
-        return _install(pipe, router, schedule, plan, threshold) if (router, schedule, plan) != (None,) * 3 else pipe
+        return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
     def to_json_string(self) -> str:
         """The stock pipeline's config: caching is attached at load time (``router=``), so a saved folder names the
@@ -171,6 +173,8 @@ class AcceleratedStableDiffusion3Pipeline(StableDiffusion3CallChecks, CachedPipe
 class AcceleratedFluxPipeline(FluxCallChecks, CachedPipelineMixin, FluxPipeline):
     """``FluxPipeline`` (FLUX.1-dev / schnell) with learned caching: ``from_pretrained(model, router=...)``."""
 
+    _dit_cache_conditional_half = None  # guidance-distilled: one call per step, no CFG batch for CFG_SHARE
+
 
 class AcceleratedSanaPipeline(SanaCallChecks, CachedPipelineMixin, SanaPipeline):
     """``SanaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
@@ -196,9 +200,9 @@ def _accelerated_class(cls):
     return _ACCELERATED[cls]
 
 
-def _install(pipe, router, schedule, plan, threshold, compile=False):
+def _install(pipe, router, schedule, plan, threshold, flops=None, compile=False):
     options = compile_options(compile)  # checked before anything changes
-    plan, router = _resolve_plan(pipe, router, schedule, plan, threshold)
+    plan, router = _resolve_plan(pipe, router, schedule, plan, threshold, flops)
     handle = get_cache_handle(pipe.transformer) or apply_cache(pipe.transformer, plan)
     if options is not None and handle.compile_options != options:
         compile_units(handle, **options)
@@ -208,25 +212,28 @@ def _install(pipe, router, schedule, plan, threshold, compile=False):
     return pipe
 
 
-def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None, compile=False):
+def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None, compile=False,
+               flops: float | None = None):
     """Turn an existing diffusers pipeline into a cached one, in place; returns it.
 
     ``router``: a trained router (path or ``CacheRouter``, at its threshold unless ``threshold`` is given);
     ``plan``: a ``CachePlan`` (e.g. ``CachePlan.taylor(20, units, interval=3)``); ``schedule``: a ``CacheSchedule``.
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles each unit's computation; the cache
     decisions stay eager, so no plan change recompiles (docs/compile.md).
+    ``flops``: for a router that serves a range of budgets (``objective: search``), the share of the units' FLOPs
+    to skip, e.g. ``flops=0.55``; a budget outside the router's range is refused (``router.flops_range``).
 
     Example::
 
         pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
-        pipe = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path())
+        pipe = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), flops=0.55)
         image = pipe("a red circle and a blue square", guidance_scale=2.0).images[0]
         print(pipe.cache_stats.cache_ratio)
     """
     if not hasattr(pipe, "transformer"):
         raise TypeError(f"{type(pipe).__name__} has no transformer: dit-cache accelerates DiT-style pipelines.")
     original_class = type(pipe)
-    _install(pipe, router, schedule, plan, threshold, compile)  # validates first: a bad router changes nothing
+    _install(pipe, router, schedule, plan, threshold, flops, compile)  # validates first: a bad router changes nothing
     if not isinstance(pipe, CachedPipelineMixin):
         pipe.__class__ = _accelerated_class(original_class)
         pipe._dit_cache_original_class = original_class

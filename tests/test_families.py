@@ -206,15 +206,7 @@ def test_sd3_skip_layer_guidance_is_refused_while_cached():
         _generate(pipe, "sd3", steps=2, skip_guidance_layers=[0])
 
 
-# Router training blends fresh and cached outputs (the engine's GATE action); today's engine blends tensors only
-# (dit_cache/hooks.py CacheState.gate), so joint attention's (image, context) tuples fail there until the engine's
-# tuple-valued outputs land. Strict: these start failing (XPASS) the moment the engine handles them.
-_GATE_TUPLES = pytest.mark.xfail(raises=AttributeError, strict=True,
-                                 reason="CacheState.gate blends tensors only, not joint attention's tuples")
-
-
-@pytest.mark.parametrize("name", [pytest.param("sd3", marks=_GATE_TUPLES), pytest.param("flux", marks=_GATE_TUPLES),
-                                  "sana"])
+@pytest.mark.parametrize("name", NAMES)
 def test_a_router_trains_a_few_steps_exports_and_drives_the_pipeline(name, tmp_path):
     import lightning as L
 
@@ -274,3 +266,28 @@ def test_the_supported_models_table_matches_the_unit_tables():
                  for branch in term.split("+")}
         lists = list(dict.fromkeys(u.path.split(".")[0] for u in cache_units(transformer)))
         assert named == {(lists.index(u.path.split(".")[0]), u.branch) for u in cache_units(transformer)}, model
+
+
+PLANS = ["taylor:2:1", "linear:2:2", "cfg:2"]
+
+
+@pytest.mark.parametrize("spec", PLANS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_engine_action_runs_on_each_family(name, spec):
+    """FORECAST / LINEAR forecast tuple outputs per element; CFG_SHARE needs a CFG batch, which FLUX.1 has not."""
+    from dit_cache.plan import CachePlan
+
+    pipe = _pipeline(name)
+    steps = 6
+    stock = _generate(pipe, name, steps=steps)
+    plan = CachePlan.parse(spec, steps, len(cache_units(pipe.transformer)))
+    dit_cache.accelerate(pipe, plan=plan)
+    if name == "flux" and spec.startswith("cfg"):
+        with pytest.raises(ValueError, match="CFG_SHARE, which needs a classifier-free-guidance batch.*"
+                                             "AcceleratedFluxPipeline"):
+            _generate(pipe, name, steps=steps)
+        return
+    cached = _generate(pipe, name, steps=steps)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, stock)
+    decelerate(pipe)
+    assert torch.equal(_generate(pipe, name, steps=steps), stock)
