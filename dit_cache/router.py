@@ -9,11 +9,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .plan import ACTION_COST, Action, CachePlan
 from .schedule import CacheSchedule, check_unit_weights
 
 ROUTER_FORMAT = "dit-cache/router"
 LOGIT_LIMIT = 5.0
 DEFAULT_THRESHOLD = 0.1
+# Cheap actions a router may assign to the entries it does not compute; a FORECAST falls back to a lower order,
+# then to REUSE, where its unit has not computed often enough yet (see ``plan_with_fallbacks``).
+CHEAP_ACTIONS = (Action.REUSE, Action.FORECAST1, Action.FORECAST2, Action.CFG_SHARE)
+BUDGET_TOLERANCE = 0.01
 
 
 class CacheRouter(torch.nn.Module):
@@ -26,10 +31,17 @@ class CacheRouter(torch.nn.Module):
         router = CacheRouter.load(dit_cache.embedded_router_path())
         schedule = router.schedule()            # hard decisions at the trained threshold
         print(schedule.cache_ratio)
+        plan = router.plan(flops=0.55)          # a router with a searched budget range: 55% of unit FLOPs skipped
+        print(plan.cached_share(router.unit_flops))
+
+    Optional parts (routers from ``objective: search``): ``cheap_actions`` ``[num_steps, num_units]``, the
+    :class:`Action` each entry takes where it does not compute (default REUSE); ``unit_flops`` ``[num_units]``,
+    what ``flops=`` budgets are counted in; metadata ``flops_range`` ``[low, high]``, the budgets it serves.
     """
 
     def __init__(self, num_steps: int, num_units: int, *, threshold: float = DEFAULT_THRESHOLD,
-                 fixed_rows: torch.Tensor | None = None, metadata: dict | None = None, generator=None):
+                 fixed_rows: torch.Tensor | None = None, metadata: dict | None = None, generator=None,
+                 cheap_actions: torch.Tensor | None = None, unit_flops: torch.Tensor | None = None):
         super().__init__()
         if num_steps < 1 or num_units < 1:
             raise ValueError(f"A router needs num_steps >= 1 and num_units >= 1, got {num_steps} and {num_units}.")
@@ -42,6 +54,9 @@ class CacheRouter(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.randn(num_steps, num_units, generator=generator))
         self.threshold = threshold
         self.metadata = dict(metadata or {})
+        # Plain attributes, not buffers: RouterModule checkpoints of routers without them keep loading.
+        self.cheap_actions = _checked_actions(cheap_actions, num_steps, num_units)
+        self.unit_flops = None if unit_flops is None else check_unit_weights(unit_flops, num_units)
         self.clamp_()
 
     @property
@@ -79,6 +94,68 @@ class CacheRouter(torch.nn.Module):
         mask = self.scores().detach().cpu() > threshold
         mask[self.fixed_rows.cpu()] = True  # pinned rows compute whatever the threshold
         return CacheSchedule(mask)
+
+    def plan(self, threshold: float | None = None, *, flops: float | None = None) -> CachePlan:
+        """The hard decisions as a :class:`CachePlan`: computed entries COMPUTE, the others take their cheap action
+        (REUSE for routers without ``cheap_actions``, so ``plan() == CachePlan.from_schedule(schedule())``).
+
+        ``flops``: the share of the units' FLOPs to skip (counted with the router's ``unit_flops``), for routers
+        that serve a range of budgets (metadata ``flops_range``); the threshold is then chosen for it. A FORECAST
+        entry whose unit has not computed often enough at that budget falls back to REUSE.
+        """
+        if threshold is not None and flops is not None:
+            raise ValueError("Pass threshold= or flops=, not both: flops= chooses the threshold.")
+        if flops is not None:
+            threshold = self.threshold_for_flops(flops)
+        mask = self.schedule(threshold).mask
+        if self.cheap_actions is None:
+            return CachePlan.from_schedule(CacheSchedule(mask))
+        return plan_with_fallbacks(torch.where(mask, int(Action.COMPUTE), self.cheap_actions))
+
+    @property
+    def flops_range(self) -> tuple[float, float] | None:
+        """The budgets (shares of the units' FLOPs skipped) this router serves, or None (one budget)."""
+        low_high = self.metadata.get("flops_range")
+        return None if low_high is None else (float(low_high[0]), float(low_high[1]))
+
+    def threshold_for_flops(self, flops: float) -> float:
+        """The threshold whose plan skips the share ``flops`` of the units' FLOPs most closely.
+
+        Entries with equal scores (a search removes a whole branch group at once) are cached together, so every
+        budget gives one of the plans the router was built from."""
+        span = self.flops_range
+        if span is None or self.unit_flops is None:
+            raise ValueError("This router serves one budget (its threshold, "
+                             f"{self.threshold:.4g}); flops= needs a router with a searched budget range "
+                             "(dit-cache-train fit --config training/configs/embedded_search.yaml). "
+                             "Pass threshold= instead, or calibrate_threshold(target, unit_weights=...).")
+        try:
+            flops = float(flops)
+        except (TypeError, ValueError):
+            raise ValueError(f"flops must be a number (the share of FLOPs to skip), got {flops!r}.") from None
+        if not span[0] - BUDGET_TOLERANCE <= flops <= span[1] + BUDGET_TOLERANCE:  # also refuses NaN
+            raise ValueError(f"flops={flops} is outside the budgets this router was searched for: it skips "
+                             f"{span[0]:.0%} to {span[1]:.0%} of the units' FLOPs. Ask for a share in that range, "
+                             "or search a router for a wider one (search.max_flops).")
+        if not bool(torch.isfinite(self.logits).all()):
+            raise ValueError("The router's logits are not all finite (NaN or inf); retrain it.")
+        trainable = ~self.fixed_rows.cpu()
+        scores = self.scores().detach().cpu().double()[trainable]
+        actions = (torch.full_like(scores, int(Action.REUSE), dtype=torch.int8) if self.cheap_actions is None
+                   else self.cheap_actions[trainable])
+        saving = torch.tensor([1.0 - ACTION_COST[Action(int(a))] for a in actions.flatten()],
+                              dtype=torch.float64).view_as(scores)
+        saved = saving * self.unit_flops.expand_as(scores)
+        levels = scores.unique(sorted=True)
+        per_level = torch.stack([saved[scores == level].sum() for level in levels])
+        share = torch.cat([torch.zeros(1, dtype=torch.float64), per_level.cumsum(0)])
+        share = share / (self.unit_flops.sum() * self.num_steps)
+        cached = int((share - flops).abs().argmin())
+        if cached == 0:
+            return float(levels[0]) / 2
+        if cached == len(levels):
+            return (float(levels[-1]) + 1.0) / 2
+        return (float(levels[cached - 1]) + float(levels[cached])) / 2
 
     @torch.no_grad()
     def calibrate_threshold(self, target_cache_ratio: float, unit_weights: torch.Tensor | None = None) -> float:
@@ -124,6 +201,10 @@ class CacheRouter(torch.nn.Module):
         info = {**self.metadata, **metadata, "threshold": self.threshold, "cache_ratio": self.schedule().cache_ratio}
         header = {"format": ROUTER_FORMAT, **{key: json.dumps(value) for key, value in info.items()}}
         tensors = {"logits": self.logits.detach().cpu().contiguous(), "fixed_rows": self.fixed_rows.cpu().to(torch.uint8)}
+        if self.cheap_actions is not None:
+            tensors["cheap_actions"] = self.cheap_actions.contiguous()
+        if self.unit_flops is not None:
+            tensors["unit_flops"] = self.unit_flops.contiguous()
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
@@ -150,7 +231,8 @@ class CacheRouter(torch.nn.Module):
             raise ValueError(f"{path} holds non-finite logits (NaN or inf): the router is unusable; retrain it, "
                              "e.g. with a lower learning rate.")
         try:
-            router = cls(*logits.shape, threshold=threshold, fixed_rows=fixed_rows, metadata=metadata)
+            router = cls(*logits.shape, threshold=threshold, fixed_rows=fixed_rows, metadata=metadata,
+                         cheap_actions=tensors.get("cheap_actions"), unit_flops=tensors.get("unit_flops"))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
         with torch.no_grad():
@@ -173,6 +255,33 @@ class CacheRouter(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_steps={self.num_steps}, num_units={self.num_units}, threshold={self.threshold}"
+
+
+def plan_with_fallbacks(codes: torch.Tensor) -> CachePlan:
+    """A plan from action codes, each FORECAST lowered to the order its unit's computed history allows by then
+    (FORECAST2 -> FORECAST1 -> REUSE), so a nested plan cut at any budget is valid."""
+    codes = torch.as_tensor(codes).to(torch.int8).clone()
+    computed = torch.zeros(codes.shape[1], dtype=torch.long)
+    for row in codes:
+        row[(row == Action.FORECAST2) & (computed < 3)] = int(Action.FORECAST1)
+        row[(row == Action.FORECAST1) & (computed < 2)] = int(Action.REUSE)
+        computed += (row == Action.COMPUTE).long()
+    return CachePlan(codes)
+
+
+def _checked_actions(actions, num_steps: int, num_units: int) -> torch.Tensor | None:
+    if actions is None:
+        return None
+    actions = torch.as_tensor(actions)
+    if tuple(actions.shape) != (num_steps, num_units) or actions.is_floating_point():
+        raise ValueError(f"cheap_actions must be integer Action codes of shape ({num_steps}, {num_units}), got "
+                         f"{actions.dtype} {tuple(actions.shape)}.")
+    allowed = {int(a) for a in CHEAP_ACTIONS}
+    bad = sorted(set(actions.flatten().tolist()) - allowed)
+    if bad:
+        raise ValueError(f"cheap_actions holds codes {bad}; allowed: "
+                         + ", ".join(f"{a.name}={int(a)}" for a in CHEAP_ACTIONS) + ".")
+    return actions.to(torch.int8).cpu().clone()
 
 
 def check_threshold(threshold) -> float:

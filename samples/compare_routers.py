@@ -5,15 +5,24 @@
     python samples/compare_routers.py
 
 Error is measured on the final images against the uncached pipeline with the same seeds.
+
+With ``--budgets`` it compares at matched FLOP shares instead (docs/router.md): the searched router (one file, any
+budget), the HarmoniCa router calibrated to each budget, the whole-step greedy search, and the fixed presets
+(uniform, taylor) at their own shares, paired per image with bootstrap intervals:
+
+    OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets [0.45,0.55,0.65] --count 40 --seed 80000 \
+        --output docs/results/router_budgets.json
 """
 
 import json
+import resource
 import statistics
+from pathlib import Path
 
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
-from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, embedded_model_path
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, CachePlan, CacheRouter, CacheSchedule, embedded_model_path
 from dit_cache.evaluation import concept_rate, generate, image_error, paired_difference, prompt_set
 from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
@@ -23,14 +32,23 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
          uniform_interval: int = 2, match_flops: bool = False, count: int = 100, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
-         seed: int = 20_000, output: str = "samples/results/router_comparison.json"):
+         seed: int = 20_000, output: str = "samples/results/router_comparison.json",
+         budgets: list[float] | None = None, searched: str = "runs/router/embedded_search/router.safetensors",
+         whole_steps: str = "runs/router/embedded_search_steps/router.safetensors",
+         presets: list[str] = ["uniform:2", "uniform:3", "taylor:2:1", "taylor:3:1", "taylor:3:2"]):
     """Args:
         routers: name -> router file.
         uniform_interval: the FORA baseline recomputes everything every this many steps.
         match_flops: move each router's threshold so it skips the same share of the units' FLOPs as the uniform
             schedule (default: the threshold it was trained with).
         count: prompts (half one-object, half two-object), each with its own seed.
+        budgets: compare at these shares of the units' FLOPs skipped (see the module docstring); ``routers`` then
+            names the single-budget routers calibrated to each (default here: the HarmoniCa one).
+        searched, whole_steps: router files of ``embedded_search.yaml`` and ``embedded_search_steps.yaml``.
+        presets: fixed plans (``CachePlan.parse``) measured at their own shares.
     """
+    if budgets is not None:
+        return compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output)
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
@@ -81,6 +99,96 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
         json.dump({"command": "python samples/compare_routers.py", "count": count, "steps": steps,
                    "match_flops": match_flops,
                    "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)
+
+
+def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output):
+    from dit_cache.embedded import ASSETS
+
+    pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
+    seeds = list(range(seed, seed + count))
+    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)
+    reference = generate(pipe, prompts, seeds, desc="uncached", **call)
+    unit_flops, total_flops = step_flops(pipe.transformer)
+    units = len(unit_flops)
+    harmonica_file = ASSETS / "embedded_router_harmonica.safetensors"
+    harmonica = CacheRouter.load(harmonica_file if harmonica_file.exists() else ASSETS / "embedded_router.safetensors")
+    searched_router, steps_router = CacheRouter.load(searched), CacheRouter.load(whole_steps)
+    plans = {}
+    for budget in budgets:
+        harmonica.calibrate_threshold(budget, unit_weights=unit_flops)
+        plans[f"searched@{budget}"] = ("searched", budget, searched_router.plan(flops=budget))
+        plans[f"harmonica@{budget}"] = ("harmonica", budget, harmonica.plan())
+        plans[f"whole-step greedy@{budget}"] = ("whole-step greedy", budget, steps_router.plan(flops=budget))
+    for spec in presets:
+        plan = CachePlan.parse(spec, steps, units)
+        plans[spec] = (spec, plan.cached_share(unit_flops), plan)
+    rows = {}
+    for name, (method, budget, plan) in plans.items():
+        cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, plan=plan)
+        cached.set_progress_bar_config(disable=True)
+        run = generate(cached, prompts, seeds, desc=name, **call)
+        rows[name] = {"method": method, "budget": budget, "flop_share_skipped": plan.cached_share(unit_flops),
+                      "theoretical_speedup": plan.theoretical_speedup(unit_flops, total_flops),
+                      "counts": {k: v for k, v in plan.counts().items() if v},
+                      "seconds": run.seconds, **image_error(run, reference)}
+    for budget in budgets:
+        ours = rows[f"searched@{budget}"]["per_image_mse"]
+        for name, row in rows.items():
+            if row["budget"] == budget and row["method"] != "searched":
+                row["searched_minus_this"] = paired_difference(ours, row["per_image_mse"])
+    for name, row in rows.items():  # the presets against the searched router at the nearest budget
+        if row["method"] not in ("searched", "harmonica", "whole-step greedy"):
+            nearest = min(budgets, key=lambda b: abs(b - row["budget"]))
+            if abs(nearest - row["budget"]) <= 0.02:
+                row["searched_minus_this"] = paired_difference(rows[f"searched@{nearest}"]["per_image_mse"],
+                                                               row["per_image_mse"])
+    lines = [f"{count} held-out prompts (half one-object, half two-object), seeds {seed}-{seed + count - 1}, "
+             f"{steps} DPM-Solver steps, cfg {guidance_scale}; error of the final images against the uncached ones.",
+             "", "| plan | FLOPs skipped (units) | FLOP speedup (transformer) | image MSE | PSNR (dB) | searched minus "
+             "this, per image [95% bootstrap] | images where searched is better | wall clock (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in sorted(rows.items(), key=lambda item: (round(item[1]["budget"], 3), item[0])):
+        difference = row.get("searched_minus_this")
+        paired = " | " if difference is None else (f"{difference['mean']:+.5f} [{difference['low']:+.5f}, "
+                                                    f"{difference['high']:+.5f}] | {difference['lower_share']:.0%}")
+        lines.append(f"| {name} | {row['flop_share_skipped']:.1%} | {row['theoretical_speedup']:.2f}x | "
+                     f"{row['mse']:.5f} | {row['psnr']:.2f} | {paired} | {row['seconds']:.1f} |")
+    lines.append(f"\nuncached: {reference.seconds:.1f} s; peak RSS of this process "
+                 f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    table = "\n".join(lines)
+    print(table)
+    command = (f"OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets {json.dumps(budgets)} --count {count} "
+               f"--seed {seed} --output {output}")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as file:
+        json.dump({"command": command, "count": count, "steps": steps, "guidance_scale": guidance_scale,
+                   "seeds": [seed, seed + count - 1], "searched": searched, "whole_steps": whole_steps,
+                   "uncached_seconds": reference.seconds, "rows": rows}, file, indent=2)
+    Path(output).with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
+    _plot(rows, budgets, Path(output).with_suffix(".png"))
+
+
+def _plot(rows, budgets, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    methods = dict.fromkeys(row["method"] for row in rows.values())
+    for method in methods:
+        points = sorted((row["flop_share_skipped"], row["psnr"]) for row in rows.values() if row["method"] == method)
+        style = "o-" if method in ("searched", "harmonica", "whole-step greedy") else "s"
+        axis.plot(*zip(*points), style, label=method)
+    axis.set_xlabel("share of the units' FLOPs skipped")
+    axis.set_ylabel("PSNR vs uncached (dB)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

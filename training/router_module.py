@@ -20,6 +20,7 @@ from dit_cache.units import unit_layout
 from .denoising import (GuidedDenoiser, class_conditioning, fresh_scheduler, init_noise_sigma, latent_noise,
                         load_denoising_components, prompt_conditioning, sample_latents, scale_model_input,
                         static_shift)
+from .plan_search import GreedyPlanSearch, SearchSettings, TrajectoryRunner
 from .proxies import image_error_proxy
 
 
@@ -56,7 +57,9 @@ class RouterModule(L.LightningModule):
         num_steps: denoising steps of the router (= ``num_inference_steps`` at generation time).
         guidance_scale: classifier-free guidance used along the training trajectories, as at inference.
         objective: ``harmonica`` (SDT + image-error proxy), ``sdt`` (SDT, plain MSE), ``l2c`` (Learning-to-Cache
-            baseline: x0 = samples of the uncached model, noised to an even step; every other step computes).
+            baseline: x0 = samples of the uncached model, noised to an even step; every other step computes),
+            ``search`` (greedy search of a plan on the final-latent error, one move per training step; the move
+            order is the router, which then serves any budget up to ``search.max_flops``: see ``plan_search``).
         proxy: ``paper`` (final-latent error with caching disabled at step t only), ``cumulative`` (official code)
             or ``sensitivity`` (ours: final-latent change between step t fully computed and fully cached).
         proxy_interval: trajectories between proxy refreshes (C).
@@ -74,17 +77,18 @@ class RouterModule(L.LightningModule):
         threshold: hard-gate threshold tau used for cache writes in training and for the exported schedule.
         learning_rate: AdamW learning rate of the router logits (weight decay 0).
         seed: router initialisation.
+        search: settings of ``objective: search`` (:class:`~dit_cache.training.plan_search.SearchSettings`).
         latent_size: side of the transformer's input latents (default: its config's ``sample_size``; FLUX, which has
             none: the side of its packed token grid, 64 = 1024 px).
     """
 
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
-                 objective: Literal["harmonica", "sdt", "l2c"] = "harmonica",
+                 objective: Literal["harmonica", "sdt", "l2c", "search"] = "harmonica",
                  proxy: Literal["paper", "cumulative", "sensitivity"] = "paper", proxy_interval: int = 50,
                  proxy_average: bool = False, beta: float = 1e-4, cost: Literal["units", "flops"] = "units",
                  target_cache_ratio: float | None = None,
                  beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0,
-                 latent_size: int | None = None):
+                 latent_size: int | None = None, search: SearchSettings | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -116,6 +120,11 @@ class RouterModule(L.LightningModule):
         self.register_buffer("log_beta", torch.tensor(math.log(beta) if beta > 0 else -math.inf))
         self.register_buffer("step_weights", torch.ones(num_steps))
         self.register_buffer("proxy_refreshes", torch.zeros((), dtype=torch.long))
+        self.search = None
+        if objective == "search":
+            flops, _ = step_flops(self.transformer)
+            self.search = GreedyPlanSearch(search or SearchSettings(), self.units, flops, num_steps)
+            self._runner = None
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     # The transformer is frozen and reloaded from `model` on resume: a checkpoint keeps only what training
@@ -183,6 +192,8 @@ class RouterModule(L.LightningModule):
         return student.detach(), error
 
     def training_step(self, batch, batch_index):
+        if self.search is not None:
+            return self._search_move()
         prompt_indices, seed = batch
         conditioning = self._conditioning(prompt_indices)
         noise = self._noise(len(prompt_indices), int(seed))
@@ -195,6 +206,30 @@ class RouterModule(L.LightningModule):
         self.log_dict({"train/mse": torch.stack(errors).mean(), "train/cache_ratio": schedule.cache_ratio,
                        "train/cached_share": schedule.cached_share(self.unit_costs), "train/beta": self.beta},
                       prog_bar=True, batch_size=len(prompt_indices))
+
+    def _search_move(self) -> None:
+        """One greedy move on the calibration batch (the data module's first prompts, seeds from
+        ``search.calibration_seed``); the router always holds the move order so far."""
+        settings = self.search.settings
+        if self._runner is None:
+            count = settings.calibration_prompts
+            indices = torch.arange(count) % self.trainer.datamodule.num_conditions
+            noise = torch.cat([self._noise(1, settings.calibration_seed + i) for i in range(count)])
+            self._runner = TrajectoryRunner(self.denoiser, self.inference_scheduler, self.handle, noise,
+                                            self._conditioning(indices), self.hparams.num_steps)
+        outcome = self.search.move(self._runner)
+        # A move changes no parameter, but Lightning counts global steps (and so checkpoints) by optimizer steps:
+        # an empty one (no gradients: AdamW leaves the logits alone) makes every move a step.
+        self.optimizers().step()
+        self.router = self.search.router()
+        if outcome.get("moved"):
+            self.print(f"search move {int(self.search.moves)}: step {outcome['step']}, move {outcome['move']}, "
+                       f"{outcome['action']}: {outcome['share']:.1%} of the FLOPs skipped, final-latent MSE "
+                       f"{outcome['error']:.3g} ({outcome['measured']} plans measured)", flush=True)
+            self.log_dict({"search/skipped_share": outcome["share"], "search/final_latent_mse": outcome["error"],
+                           "search/measured": float(outcome["measured"])}, prog_bar=True, batch_size=1)
+        if self.search.done:
+            self.trainer.should_stop = True
 
     def _sdt_trajectory(self, conditioning, noise) -> list[torch.Tensor]:
         """Step-Wise Denoising Training: follow the student's own cached trajectory from noise."""
@@ -322,4 +357,5 @@ class RouterModule(L.LightningModule):
             # (samples/diagnose_router.py).
             "proxy_weights": self.step_weights.tolist() if self.hparams.objective == "harmonica" else None,
             "model": self.hparams.model,
+            "search": None if self.search is None else vars(self.search.settings),
         }

@@ -1,0 +1,275 @@
+"""Greedy search of a cache plan on the final-latent error (ECAD-style), one move per training step.
+
+The search starts from the uncached plan and, move after move, turns the COMPUTE entries of one
+(step, branch group) into a cheap action (FORECAST1, REUSE, ...), choosing the move that raises the final-latent
+MSE against the uncached run least per FLOP share saved, on a fixed batch of calibration prompts. A group is one
+branch type (attn1, attn2, ff) across all blocks; with ``whole_steps`` a whole step is one more candidate move.
+
+The order of the moves is the router: an entry removed earlier gets a lower logit, so cutting the order at any
+budget gives the plan the search had at that point (``CacheRouter.plan(flops=...)``).
+
+Cost: a move changes the trajectory only from its step on, so every candidate restarts from a snapshot of the
+current plan's trajectory at that step (latents, scheduler, the cache's stored outputs). Lazy greedy: after the
+first full round only the few best-scoring candidates (and the whole-step move at the step of the last move) are
+measured again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dit_cache.cache import CacheHandle
+from dit_cache.hooks import CompiledPlan
+from dit_cache.plan import ACTION_COST, Action, CachePlan
+from dit_cache.router import LOGIT_LIMIT, CacheRouter, plan_with_fallbacks
+
+from .denoising import init_noise_sigma, scale_model_input
+
+HISTORY = 3  # outputs every unit keeps during the search: enough for FORECAST2, so snapshots fit every candidate
+
+
+@dataclass
+class SearchSettings:
+    """Settings of ``objective: search``.
+
+    Args:
+        groups: ``branch``: a move caches one branch type (attn1 / attn2 / ff) of all blocks at one step;
+            ``step``: a move caches a whole step (the whole-step baseline).
+        actions: cheap actions a move may use, by name (FORECAST1, FORECAST2, REUSE, CFG_SHARE); a FORECAST
+            falls back to REUSE where its unit has not computed often enough.
+        whole_steps: with ``groups: branch``, also try caching all remaining groups of a step in one move.
+        calibration_prompts: prompts of the calibration batch (the data module's first ones).
+        calibration_seed: noise seed of the first calibration prompt (each next prompt: +1).
+        max_flops: stop once this share of the units' FLOPs is skipped; the router serves budgets up to it.
+        lazy_candidates: candidates measured again per move after the first round.
+    """
+
+    groups: str = "branch"
+    actions: list[str] = field(default_factory=lambda: ["FORECAST1", "REUSE"])
+    whole_steps: bool = True
+    calibration_prompts: int = 2
+    calibration_seed: int = 10_000
+    max_flops: float = 0.7
+    lazy_candidates: int = 2
+
+    def __post_init__(self):
+        if self.groups not in ("branch", "step"):
+            raise ValueError(f"search.groups must be 'branch' or 'step', got {self.groups!r}.")
+        allowed = ("FORECAST1", "FORECAST2", "REUSE", "CFG_SHARE")
+        if not self.actions or any(name not in allowed for name in self.actions):
+            raise ValueError(f"search.actions must name some of {', '.join(allowed)}; got {self.actions!r}.")
+        if not 0.0 < self.max_flops < 1.0:
+            raise ValueError(f"search.max_flops must be in (0, 1), got {self.max_flops}.")
+        for name in ("calibration_prompts", "lazy_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+def unit_groups(units, groups: str) -> list[list[int]]:
+    """Unit indices of each group: one per branch type (in first-seen order), or all units (``step``)."""
+    if groups == "step":
+        return [[unit.index for unit in units]]
+    branches = list(dict.fromkeys(unit.branch for unit in units))
+    return [[unit.index for unit in units if unit.branch == branch] for branch in branches]
+
+
+class GreedyPlanSearch(torch.nn.Module):
+    """The search's state (buffers, so a checkpoint resumes it) and its moves.
+
+    State: ``rank[step, group]`` (the move order, -1: still computed), ``action[step, group]``, the last measured
+    score of each candidate move ``estimate[step, group or whole-step, action]`` (NaN: to measure), the current
+    error and the (skipped share, error) after each move (``trace``).
+    """
+
+    def __init__(self, settings: SearchSettings, units, unit_flops: torch.Tensor, num_steps: int):
+        super().__init__()
+        self.settings = settings
+        self.groups = unit_groups(units, settings.groups)
+        self.actions = [Action[name] for name in settings.actions]
+        self.num_steps, self.num_units = num_steps, len(units)
+        flops = torch.as_tensor(unit_flops, dtype=torch.float64)
+        self.register_buffer("unit_flops", flops, persistent=False)
+        # share of the whole run's unit FLOPs one group holds at one step
+        self.group_share = [float(flops[g].sum() / (flops.sum() * num_steps)) for g in self.groups]
+        moves = len(self.groups) + (1 if settings.whole_steps and len(self.groups) > 1 else 0)
+        self.register_buffer("rank", torch.full((num_steps, len(self.groups)), -1, dtype=torch.long))
+        self.register_buffer("action", torch.zeros(num_steps, len(self.groups), dtype=torch.int8))
+        self.register_buffer("estimate", torch.full((num_steps, moves, len(self.actions)), math.nan,
+                                                    dtype=torch.float64))
+        self.register_buffer("error", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("trace", torch.full((num_steps * len(self.groups) + 1, 2), math.nan,
+                                                 dtype=torch.float64))
+        self.register_buffer("moves", torch.zeros((), dtype=torch.long))
+        self.register_buffer("evaluations", torch.zeros((), dtype=torch.long))
+        self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
+        self._reference = None
+
+    # ---- plans -------------------------------------------------------------------------------------------
+    def codes(self, rank=None, action=None) -> torch.Tensor:
+        rank = self.rank if rank is None else rank
+        action = self.action if action is None else action
+        codes = torch.full((self.num_steps, self.num_units), int(Action.COMPUTE), dtype=torch.int8)
+        for index, units in enumerate(self.groups):
+            removed = rank[:, index] >= 0
+            codes[:, units] = torch.where(removed, action[:, index].cpu(), codes[:, units[0]])[:, None]
+        return codes
+
+    def plan(self, rank=None, action=None) -> CachePlan:
+        return plan_with_fallbacks(self.codes(rank, action))
+
+    def skipped_share(self, rank=None, action=None) -> float:
+        return self.plan(rank, action).cached_share(self.unit_flops)
+
+    @property
+    def done(self) -> bool:
+        return self.skipped_share() >= self.settings.max_flops - 1e-9 or not self._candidates()
+
+    def _candidates(self) -> list[tuple[int, int, int]]:
+        """(step, move, action index) of every move still possible; move ``len(groups)`` is the whole step."""
+        found = []
+        for step in range(1, self.num_steps):
+            left = [g for g in range(len(self.groups)) if self.rank[step, g] < 0]
+            moves = list(left)
+            if len(left) > 1 and self.estimate.shape[1] > len(self.groups):
+                moves.append(len(self.groups))
+            found += [(step, move, a) for move in moves for a in range(len(self.actions))]
+        return found
+
+    def _with_move(self, step: int, move: int, action_index: int):
+        """Rank and action tensors with the move made (not stored)."""
+        rank, action = self.rank.clone(), self.action.clone()
+        targets = [move] if move < len(self.groups) else [g for g in range(len(self.groups)) if rank[step, g] < 0]
+        start = int(self.rank.max()) + 1
+        for offset, group in enumerate(targets):
+            rank[step, group] = start + offset
+            action[step, group] = int(self.actions[action_index])
+        return rank, action
+
+    # ---- one move ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def move(self, runner: "TrajectoryRunner") -> dict:
+        """Measure the candidates this round needs, make the best move; returns what happened."""
+        if self._reference is None:
+            self._reference = runner.final_latents(CachePlan.full(self.num_steps, self.num_units))
+            self._snapshots = None
+        if self._snapshots is None:
+            final, self._snapshots = runner.recorded(self.plan())
+            self.error.fill_(runner.error(final, self._reference))
+            if int(self.moves) == 0:
+                self.trace[0] = torch.tensor([0.0, float(self.error)], dtype=torch.float64)
+        candidates = self._candidates()
+        if self.done:
+            return {"moved": False}
+        base_share = self.skipped_share()
+        fresh = {}
+
+        def measure(candidate):
+            rank, action = self._with_move(*candidate)
+            plan = self.plan(rank, action)
+            final = runner.final_latents(plan, start=candidate[0], snapshots=self._snapshots)
+            self.evaluations += 1
+            saved = plan.cached_share(self.unit_flops) - base_share
+            fresh[candidate] = (runner.error(final, self._reference) - float(self.error)) / max(saved, 1e-9)
+            self.estimate[candidate] = fresh[candidate]
+
+        # Moves never measured (the first round; the whole-step move at the step of the last move): their first action, whose score
+        # the other actions start from. Then the few best-scoring candidates, measured on the current plan.
+        unmeasured = sorted({(s, m) for s, m, _ in candidates if math.isnan(float(self.estimate[s, m].max()))})
+        for step, move in unmeasured:
+            measure((step, move, 0))
+            scores = self.estimate[step, move]
+            self.estimate[step, move] = torch.where(torch.isnan(scores), fresh[(step, move, 0)], scores)
+        ranked = sorted(candidates, key=lambda c: float(self.estimate[c]))
+        for candidate in [c for c in ranked if c not in fresh][: self.settings.lazy_candidates]:
+            measure(candidate)
+        best = min(fresh, key=fresh.get)
+        step, move_index, action_index = best
+        self.rank, self.action = self._with_move(*best)
+        self.moves += 1
+        # The whole-step move of that step now caches fewer groups: measure it again. (The other moves at that
+        # step keep their stale scores, as every other candidate: lazy greedy measures them again when they rank
+        # among the best.)
+        if self.estimate.shape[1] > len(self.groups):
+            self.estimate[step, len(self.groups)] = math.nan
+        final, self._snapshots = runner.recorded(self.plan())
+        self.error.fill_(runner.error(final, self._reference))
+        share = self.skipped_share()
+        self.trace[int(self.moves)] = torch.tensor([share, float(self.error)], dtype=torch.float64)
+        return {"moved": True, "step": step, "move": move_index, "action": self.actions[action_index].name,
+                "share": share, "error": float(self.error), "measured": len(fresh)}
+
+    # ---- export ------------------------------------------------------------------------------------------
+    def router(self, metadata: dict | None = None, default_flops: float | None = None) -> CacheRouter:
+        """The move order as a router: removed entries get logits in [-4.5, -0.5] by order, the others +5."""
+        removed = self.rank >= 0
+        count = max(int(self.rank.max()) + 1, 1)
+        group_logits = torch.where(removed, -4.5 + 4.0 * self.rank.double() / count,
+                                   torch.full_like(self.rank, LOGIT_LIMIT, dtype=torch.float64))
+        logits = torch.zeros(self.num_steps, self.num_units)
+        actions = torch.full((self.num_steps, self.num_units), int(Action.REUSE), dtype=torch.int8)
+        for index, units in enumerate(self.groups):
+            logits[:, units] = group_logits[:, index, None].float()
+            actions[:, units] = torch.where(removed[:, index], self.action[:, index],
+                                            torch.full_like(self.action[:, index], int(Action.REUSE)))[:, None]
+        reached = self.skipped_share()
+        info = {**(metadata or {}), "flops_range": [0.0, reached],
+                "search_trace": [[round(float(s), 6), float(e)] for s, e in self.trace[: int(self.moves) + 1]],
+                "search_evaluations": int(self.evaluations)}
+        router = CacheRouter(self.num_steps, self.num_units, metadata=info, cheap_actions=actions,
+                             unit_flops=self.unit_flops.cpu())
+        with torch.no_grad():
+            router.logits.copy_(logits)
+        router.threshold = router.threshold_for_flops(min(default_flops or reached, reached))
+        return router
+
+
+class TrajectoryRunner:
+    """Sampling runs of one calibration batch under a plan, on the engine-level state of a cache handle."""
+
+    def __init__(self, denoiser, scheduler, handle: CacheHandle, noise: torch.Tensor, conditioning,
+                 num_steps: int):
+        from .denoising import fresh_scheduler
+
+        self.denoiser, self.handle, self.noise, self.conditioning = denoiser, handle, noise, conditioning
+        self.num_steps = num_steps
+        self.scheduler = fresh_scheduler(scheduler, num_steps, noise.device)
+
+    @staticmethod
+    def error(final: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((final.double() - reference.double()).pow(2).mean())
+
+    def _start(self, plan: CachePlan, snapshot=None):
+        state = self.handle.state
+        state.set_plan(CompiledPlan(plan, HISTORY))
+        if snapshot is None:
+            return copy.deepcopy(self.scheduler), self.noise * init_noise_sigma(self.scheduler), 0
+        step, latents, scheduler, outputs, times = snapshot
+        for history, saved in zip(state.outputs, outputs):
+            history.extend(saved)
+        state.step, state.times, state.last_time = step, list(times), times[-1]
+        return copy.deepcopy(scheduler), latents, step
+
+    def _run(self, plan: CachePlan, snapshot=None, record: bool = False):
+        scheduler, latents, first = self._start(plan, snapshot)
+        state, snapshots = self.handle.state, {}
+        for index in range(first, self.num_steps):
+            t = scheduler.timesteps[index]
+            if record and index > 0:
+                snapshots[index] = (index, latents, copy.deepcopy(scheduler),
+                                    [list(history) for history in state.outputs], list(state.times))
+            output = self.denoiser(scale_model_input(scheduler, latents, t), t, self.conditioning)
+            latents = scheduler.step(output, t, latents).prev_sample
+        state.reset()
+        return latents, snapshots
+
+    def final_latents(self, plan: CachePlan, start: int = 0, snapshots=None) -> torch.Tensor:
+        snapshot = snapshots.get(start) if snapshots and start > 0 else None
+        return self._run(plan, snapshot)[0]
+
+    def recorded(self, plan: CachePlan):
+        """Final latents, and a snapshot before every step after the first."""
+        return self._run(plan, record=True)
