@@ -102,6 +102,8 @@ def _compiled(forward, options: dict):
 
     def cloned(*args, **kwargs):
         output = function(*args, **kwargs)
-        return output.clone() if torch.is_tensor(output) else type(output)(None if o is None else o.clone() for o in output)
+        if torch.is_tensor(output):
+            return output.clone()
+        return type(output)(None if o is None else o.clone() for o in output)
 
     return cloned

@@ -25,6 +25,13 @@ SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
 UNIT_HOOK = "dit_cache.unit"
 
+# An outer torch.compile (of the transformer or its blocks) must not trace the cache decisions: it would guard on
+# them and recompile at every plan change. It breaks its graph at the hooks instead, whichever order it came in;
+# with fullgraph=True it stops there, and this reason is its error.
+_EAGER = torch.compiler.disable(reason=(
+    "dit-cache's hooks decide per step what each unit does and stay eager, so an outer torch.compile cannot use "
+    "fullgraph=True: drop it, or compile the units themselves with dit_cache.accelerate(pipe, ..., compile=True)"))
+
 
 class CompiledPlan:
     """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats."""
@@ -192,9 +199,7 @@ class UnitCacheHook(ModelHook):
         self.unit = unit
         self.compiled_forward = None  # the unit's own computation compiled (dit_cache.compile_units), else None
 
-    # An outer torch.compile (of the transformer or its blocks) must not trace the cache decisions: it would guard
-    # on them and recompile at every plan change. It breaks its graph here instead, whichever order it came in.
-    @torch.compiler.disable
+    @_EAGER
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         forward = self.compiled_forward or self.fn_ref.original_forward
         state = self.handle.active_state()
@@ -236,13 +241,13 @@ class DenoisingStepHook:
             transformer.register_forward_hook(self._end),
         ]
 
-    @torch.compiler.disable
+    @_EAGER
     def _begin(self, module, args, kwargs):
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
 
-    @torch.compiler.disable
+    @_EAGER
     def _end(self, module, args, output):
         state = self.handle.active_state()
         if state is not None:

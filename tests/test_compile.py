@@ -135,3 +135,47 @@ def test_bad_compile_options_are_refused_before_anything_is_installed(compile, e
 def test_compile_units_needs_a_cache_first():
     with pytest.raises(ValueError, match="call dit_cache.apply_cache"):
         compile_units(tiny_pixart())
+
+
+def test_compare_schedules_measures_compiled_plans_against_a_compiled_baseline():
+    from dit_cache.benchmark import compare_schedules
+    from dit_cache.testing import step_inputs
+
+    transformer = tiny_pixart()
+    num_units = len(cache_units(transformer))
+    plans = {"compiled full": CachePlan.full(STEPS, num_units),
+             "compiled uniform 2": CachePlan.uniform(STEPS, num_units, 2)}
+    inputs = step_inputs(transformer)
+    with pytest.raises(ValueError, match="baseline must be 'stock' or one of the schedules"):
+        compare_schedules(transformer, plans, inputs, rounds=1, baseline="compiled")
+    results = compare_schedules(transformer, plans, inputs, rounds=1, compile={"backend": "aot_eager"},
+                                baseline="compiled full")
+    assert [r.name for r in results] == ["stock", "compiled full", "compiled uniform 2"]
+    assert results[1].speedup == 1.0
+    assert counters["frames"]["ok"] > 0  # the units were compiled
+    assert get_cache_handle(transformer) is None
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_compile_repeated_blocks_works_before_or_after_the_cache(order):
+    from dit_cache.testing import tiny_flux
+
+    transformer = tiny_flux()  # of the supported families, only FLUX declares _repeated_blocks in diffusers
+    plan = CachePlan.taylor(STEPS, len(cache_units(transformer)), 2, 1)
+    expected = _eager(transformer, plan)
+    if order == "before":
+        transformer.compile_repeated_blocks(backend="aot_eager")
+    handle = apply_cache(transformer, plan)
+    if order == "after":
+        transformer.compile_repeated_blocks(backend="aot_eager")
+    _assert_close(run_steps(transformer, STEPS), expected)
+    assert handle.stats.forecast > 0
+    assert counters["frames"]["ok"] > 0  # the code between the units was compiled
+
+
+def test_an_outer_fullgraph_compile_fails_with_the_reason_and_the_fix():
+    transformer = tiny_pixart()
+    apply_cache(transformer, CachePlan.uniform(STEPS, len(cache_units(transformer)), 2))
+    transformer.compile(backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"cannot use fullgraph=True: drop it, or compile the units themselves"):
+        run_steps(transformer, 1)
