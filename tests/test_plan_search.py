@@ -236,3 +236,45 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     assert torch.equal(resumed.logits, straight.logits)
     assert torch.equal(resumed.cheap_actions, straight.cheap_actions)
     assert json.dumps(resumed.metadata["search_trace"]) == json.dumps(straight.metadata["search_trace"])
+
+
+# ---- pipelines ---------------------------------------------------------------------------------------------------
+def test_accelerate_with_flops_follows_the_routers_plan_for_that_budget():
+    from dit_cache import accelerate, cache_units
+
+    pipe = tiny_pixart_pipeline()
+    units = len(cache_units(pipe.transformer))
+    router = _budget_router(num_steps=6, num_units=units)
+    with pytest.raises(ValueError, match="outside the budgets"):
+        accelerate(pipe, router=router, flops=0.95)
+    assert not hasattr(pipe, "_dit_cache_plan")  # a refused budget leaves the pipeline stock
+    with pytest.raises(ValueError, match="pass router="):
+        accelerate(pipe, plan=CachePlan.full(6, units), flops=0.5)
+    accelerate(pipe, router=router, flops=0.5)
+    assert pipe._dit_cache_plan == router.plan(flops=0.5)
+    pipe("a red circle", num_inference_steps=6, guidance_scale=2.0, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    assert pipe.cache_stats.forecast + pipe.cache_stats.reused > 0
+
+
+def test_cli_generate_with_flops_uses_that_budget_and_refuses_conflicts(tmp_path, capsys):
+    from dit_cache import cache_units
+    from dit_cache.cli import main as generate_main
+
+    pipe = tiny_pixart_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    router = _budget_router(num_steps=6, num_units=len(cache_units(pipe.transformer)))
+    router.save(tmp_path / "router.safetensors")
+    common = ["generate", "a red circle", "--model", str(tmp_path / "model"), "--router",
+              str(tmp_path / "router.safetensors"), "--steps", "6"]
+    assert generate_main([*common, "--flops", "0.5", "--out", str(tmp_path / "ok")]) == 0
+    record = json.loads(next((tmp_path / "ok").glob("*.json")).read_text())
+    assert record["cache_ratio"] == pytest.approx(router.plan(flops=0.5).cache_ratio, abs=1e-4)
+    capsys.readouterr()
+    assert generate_main([*common, "--flops", "0.5", "--threshold", "0.2", "--out", str(tmp_path / "a")]) == 2
+    assert "--threshold conflicts with --flops" in capsys.readouterr().err
+    assert generate_main([*common, "--flops", "0.95", "--out", str(tmp_path / "b")]) == 2
+    assert "outside the budgets" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        generate_main([*common, "--flops", "1.5"])

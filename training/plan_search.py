@@ -9,9 +9,9 @@ The order of the moves is the router: an entry removed earlier gets a lower logi
 budget gives the plan the search had at that point (``CacheRouter.plan(flops=...)``).
 
 Cost: a move changes the trajectory only from its step on, so every candidate restarts from a snapshot of the
-current plan's trajectory at that step (latents, scheduler, the cache's stored outputs). Lazy greedy: after the
-first full round only the few best-scoring candidates (and the whole-step move at the step of the last move) are
-measured again.
+current plan's trajectory at that step (latents, scheduler, the cache's stored outputs). Lazy greedy: the first
+round measures the whole-step moves only (each group move starts from its step's score per FLOP); after it only
+the few best-scoring candidates (and the whole-step move at the step of the last move) are measured, each move.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class SearchSettings:
         calibration_seed: noise seed of the first calibration prompt (each next prompt: +1).
         max_flops: stop once this share of the units' FLOPs is skipped; the router serves budgets up to it.
         lazy_candidates: candidates measured again per move after the first round.
+        default_flops: the budget of the exported router's threshold (what it does without ``flops=``); None: the
+            largest one searched.
     """
 
     groups: str = "branch"
@@ -55,6 +57,7 @@ class SearchSettings:
     calibration_seed: int = 10_000
     max_flops: float = 0.7
     lazy_candidates: int = 2
+    default_flops: float | None = 0.5
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -179,10 +182,15 @@ class GreedyPlanSearch(torch.nn.Module):
         # Moves never measured (the first round; the whole-step move at the step of the last move): their first action, whose score
         # the other actions start from. Then the few best-scoring candidates, measured on the current plan.
         unmeasured = sorted({(s, m) for s, m, _ in candidates if math.isnan(float(self.estimate[s, m].max()))})
+        whole = len(self.groups) if self.estimate.shape[1] > len(self.groups) else None
         for step, move in unmeasured:
+            if move != whole and (step, whole) in unmeasured:
+                continue  # whole steps first: its group moves start from the whole step's score per FLOP
             measure((step, move, 0))
-            scores = self.estimate[step, move]
-            self.estimate[step, move] = torch.where(torch.isnan(scores), fresh[(step, move, 0)], scores)
+            targets = [move] if move != whole else range(self.estimate.shape[1])
+            for target in targets:
+                scores = self.estimate[step, target]
+                self.estimate[step, target] = torch.where(torch.isnan(scores), fresh[(step, move, 0)], scores)
         ranked = sorted(candidates, key=lambda c: float(self.estimate[c]))
         for candidate in [c for c in ranked if c not in fresh][: self.settings.lazy_candidates]:
             measure(candidate)
@@ -203,7 +211,7 @@ class GreedyPlanSearch(torch.nn.Module):
                 "share": share, "error": float(self.error), "measured": len(fresh)}
 
     # ---- export ------------------------------------------------------------------------------------------
-    def router(self, metadata: dict | None = None, default_flops: float | None = None) -> CacheRouter:
+    def router(self, metadata: dict | None = None) -> CacheRouter:
         """The move order as a router: removed entries get logits in [-4.5, -0.5] by order, the others +5."""
         removed = self.rank >= 0
         count = max(int(self.rank.max()) + 1, 1)
@@ -223,7 +231,8 @@ class GreedyPlanSearch(torch.nn.Module):
                              unit_flops=self.unit_flops.cpu())
         with torch.no_grad():
             router.logits.copy_(logits)
-        router.threshold = router.threshold_for_flops(min(default_flops or reached, reached))
+        default = self.settings.default_flops
+        router.threshold = router.threshold_for_flops(reached if default is None else min(default, reached))
         return router
 
 
