@@ -80,6 +80,20 @@ def _sana_inputs(config, batch, text_tokens, generator, size):
             "encoder_attention_mask": _padded_mask(batch, text_tokens)}
 
 
+def _qwen_image_inputs(config, batch, text_tokens, generator, size):
+    # Packed 2x2 latents like FLUX; ``size`` is the side of the token grid. Rotary positions come from img_shapes.
+    return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "encoder_hidden_states_mask": torch.ones(batch, text_tokens, dtype=torch.long),
+            "img_shapes": [[(1, size, size)]] * batch}
+
+
+def _wan_inputs(config, batch, text_tokens, generator, size):
+    # One frame (an image); a video adds frames along dim 2.
+    return {"hidden_states": torch.randn(batch, config.in_channels, 1, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_dim, generator=generator)}
+
+
 @dataclass(frozen=True)
 class StepFamily:
     """How one denoising step of a transformer family is called.
@@ -108,6 +122,10 @@ STEP_FAMILIES: dict[str, StepFamily] = {
     "FluxTransformer2DModel": StepFamily(_flux_inputs, lambda t, batch: torch.full((batch,), t / 1000),
                                          cfg_batch=1, text_tokens=512, sample_size=8),
     "SanaTransformer2DModel": StepFamily(_sana_inputs, _float_timestep, text_tokens=300),
+    # Qwen-Image and Wan pipelines run classifier-free guidance as two calls per step: one call is batch 1.
+    "QwenImageTransformer2DModel": StepFamily(_qwen_image_inputs, lambda t, batch: torch.full((batch,), t / 1000),
+                                              cfg_batch=1, text_tokens=256, sample_size=8),
+    "WanTransformer3DModel": StepFamily(_wan_inputs, _float_timestep, cfg_batch=1, text_tokens=512, sample_size=8),
 }
 
 

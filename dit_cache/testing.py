@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                       SanaTransformer2DModel, SD3Transformer2DModel)
+                       QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
+                       WanTransformer3DModel)
 
 from .flops import step_family, step_inputs  # noqa: F401  (step_inputs re-exported for the tests and benchmarks)
 
@@ -74,6 +75,22 @@ def tiny_sana(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_siz
         in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
         num_cross_attention_heads=heads, cross_attention_head_dim=head_dim, cross_attention_dim=heads * head_dim,
         caption_channels=caption_channels, sample_size=sample_size, patch_size=1,
+    ).eval()
+
+
+def tiny_qwen_image(num_layers: int = 2, heads: int = 2, head_dim: int = 16, text_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=text_dim, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_wan(num_layers: int = 2, heads: int = 2, head_dim: int = 12, text_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        text_dim=text_dim, freq_dim=16, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=32,
     ).eval()
 
 

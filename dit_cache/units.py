@@ -14,6 +14,8 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 # transformer class name -> attributes holding its lists of blocks, in execution order
 TRANSFORMER_BLOCKS: dict[str, tuple[str, ...]] = {
@@ -22,6 +24,8 @@ TRANSFORMER_BLOCKS: dict[str, tuple[str, ...]] = {
     "SD3Transformer2DModel": ("transformer_blocks",),
     "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
     "SanaTransformer2DModel": ("transformer_blocks",),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+    "WanTransformer3DModel": ("blocks",),
 }
 
 # block class -> candidate branch attributes, in execution order; a branch that is None in a block (DiT blocks
@@ -34,6 +38,8 @@ BLOCK_BRANCHES: dict[type, tuple[str, ...]] = {
     FluxTransformerBlock: ("attn", "ff", "ff_context"),
     FluxSingleTransformerBlock: ("proj_mlp", "attn"),
     SanaTransformerBlock: ("attn1", "attn2", "ff"),
+    QwenImageTransformerBlock: ("attn", "img_mlp", "txt_mlp"),
+    WanTransformerBlock: ("attn1", "attn2", "ffn"),
 }
 
 # (block class, branch) -> how many tensors the branch returns where that is not one: joint attention returns
@@ -41,6 +47,7 @@ BLOCK_BRANCHES: dict[type, tuple[str, ...]] = {
 TUPLE_BRANCHES: dict[tuple[type, str], int] = {
     (JointTransformerBlock, "attn"): 2,
     (FluxTransformerBlock, "attn"): 2,
+    (QwenImageTransformerBlock, "attn"): 2,
 }
 
 

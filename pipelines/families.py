@@ -45,7 +45,9 @@ class StableDiffusion3CallChecks(FamilyCallChecks):
 
 
 def _true_cfg(kwargs) -> bool:
-    negative = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+    # FluxPipeline's own condition for its second (negative) call.
+    negative = kwargs.get("negative_prompt") is not None or (
+        kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
     return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
 
 

@@ -38,8 +38,8 @@ def _sample_size(name: str, transformer, image_tokens: int) -> int:
     return side if name.startswith("flux") else side * transformer.config.patch_size
 
 
-def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 256, full_text: bool = False,
-         num_steps: int = 6, rounds: int = 2, device: str = "cpu"):
+def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
+         num_steps: int = 6, rounds: int = 3, device: str = "cpu"):
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:

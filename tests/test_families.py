@@ -11,8 +11,8 @@ import dit_cache
 from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units, remove_cache
 from dit_cache.pipelines import (AcceleratedFluxPipeline, AcceleratedSanaPipeline,
                                  AcceleratedStableDiffusion3Pipeline, decelerate)
-from dit_cache.testing import (run_steps, tiny_flux, tiny_flux_pipeline, tiny_pixart, tiny_sana, tiny_sana_pipeline,
-                               tiny_sd3, tiny_sd3_pipeline)
+from dit_cache.testing import (run_steps, tiny_flux, tiny_flux_pipeline, tiny_pixart, tiny_qwen_image, tiny_sana,
+                               tiny_sana_pipeline, tiny_sd3, tiny_sd3_pipeline, tiny_wan)
 from dit_cache.units import unit_layout
 
 STEPS = 4
@@ -35,6 +35,9 @@ FAMILIES = {
                    dict(height=32, width=32, max_sequence_length=8, use_resolution_binning=False)),
 }
 NAMES = list(FAMILIES)
+# Model level only (their pipelines run classifier-free guidance as a second transformer call per step).
+MODELS = {**{name: family.model for name, family in FAMILIES.items()}, "qwen-image": tiny_qwen_image,
+          "wan": tiny_wan}
 
 
 def test_sd3_units_skip_the_last_blocks_context_ff_and_take_sd35_dual_attention():
@@ -59,6 +62,12 @@ def test_flux_units_run_double_blocks_then_single_blocks_before_the_shared_proje
         "FluxTransformer2DModel:1xattn+ff+ff_context,2xproj_mlp+attn"
 
 
+def test_qwen_image_and_wan_units():
+    units = cache_units(tiny_qwen_image(num_layers=2))
+    assert [u.branch for u in units] == ["attn", "img_mlp", "txt_mlp"] * 2 and units[0].outputs == 2
+    assert unit_layout(tiny_wan(num_layers=3)) == "WanTransformer3DModel:3xattn1+attn2+ffn"
+
+
 def test_sana_units_and_the_pixart_layout_string_are_unchanged():
     assert [u.branch for u in cache_units(tiny_sana(num_layers=2))] == ["attn1", "attn2", "ff"] * 2
     # Shipped router files store this string: it must not change for the existing families.
@@ -75,9 +84,9 @@ def _unit_flops_of_run(transformer, num_steps):
     return outputs, per_unit
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_full_schedule_is_stock_uniform_skips_the_units_and_removal_restores(name):
-    transformer = FAMILIES[name].model()
+    transformer = MODELS[name]()
     num_units = len(cache_units(transformer))
     stock, stock_flops = _unit_flops_of_run(transformer, STEPS)
     assert all(f > 0 for f in stock_flops)
@@ -103,10 +112,10 @@ def _elements(output):
     return output if isinstance(output, tuple) else (output,)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_reuse_returns_exactly_what_compute_stored(name):
     """No block modifies a branch output in place after it is returned (a cached tensor would change)."""
-    transformer = FAMILIES[name].model()
+    transformer = MODELS[name]()
     units = cache_units(transformer)
     apply_cache(transformer, CacheSchedule.uniform(2, len(units), interval=2))
     returned = {unit.index: [] for unit in units}  # per step: (the objects, their values at return time)
@@ -127,9 +136,9 @@ def test_reuse_returns_exactly_what_compute_stored(name):
         assert all(torch.equal(t, v) for t, v in zip(reused, computed_values)), unit.path
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_a_schedule_or_router_for_another_family_is_refused_with_the_fix(name):
-    transformer = FAMILIES[name].model()
+    transformer = MODELS[name]()
     num_units = len(cache_units(transformer))
     with pytest.raises(ValueError, match=r"num_units=len\(dit_cache.cache_units\(transformer\)\)"):
         apply_cache(transformer, CacheSchedule.full(STEPS, num_units + 1))
@@ -250,7 +259,8 @@ def test_the_supported_models_table_matches_the_unit_tables():
     builders = {
         "DiT": tiny_dit, "PixArt-α, PixArt-Σ": tiny_pixart, "SD3, SD3.5-large": lambda: tiny_sd3(num_layers=3),
         "SD3.5-medium (dual attention)": lambda: tiny_sd3(num_layers=3, dual_attention_layers=(0, 1)),
-        "FLUX.1-dev, FLUX.1-schnell": tiny_flux, "Sana": tiny_sana,
+        "FLUX.1-dev, FLUX.1-schnell": tiny_flux, "Sana": tiny_sana, "Qwen-Image": tiny_qwen_image,
+        "Wan 2.1 / 2.2": tiny_wan,
     }
     table = Path(__file__).parents[1] / "docs" / "models.md"
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()
@@ -291,3 +301,25 @@ def test_every_engine_action_runs_on_each_family(name, spec):
     assert torch.isfinite(cached).all() and not torch.equal(cached, stock)
     decelerate(pipe)
     assert torch.equal(_generate(pipe, name, steps=steps), stock)
+
+
+def test_correction_by_similarities_works_on_flux_t5_embeddings():
+    """The documented route for joint-attention families: correct the T5 embeddings, pass prompt_embeds=."""
+    from dit_cache.concepts import concept_token_groups, correct_by_similarities
+
+    pipe = _pipeline("flux")
+    prompt = "a red circle and a blue square"
+    embeds, pooled, _ = pipe.encode_prompt(prompt, None, max_sequence_length=8)
+    mask = pipe.tokenizer_2(prompt, padding="max_length", max_length=8, truncation=True,
+                            return_tensors="pt").attention_mask
+    concepts = [position for group in concept_token_groups(pipe.tokenizer_2, prompt, ["circle", "square"])
+                for position in group]
+    corrected = correct_by_similarities(embeds, mask, concepts, alpha=0.5, tau=0.0)
+    assert not torch.equal(corrected[0, concepts], embeds[0, concepts])
+    others = [i for i in range(8) if i not in concepts]
+    assert torch.equal(corrected[0, others], embeds[0, others])
+    call = dict(num_inference_steps=2, output_type="pt", height=64, width=64,
+                generator=torch.Generator().manual_seed(0))
+    plain = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **call).images
+    fixed = pipe(prompt_embeds=corrected, pooled_prompt_embeds=pooled, **call).images
+    assert torch.isfinite(fixed).all() and not torch.equal(plain, fixed)
