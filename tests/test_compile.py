@@ -179,3 +179,19 @@ def test_an_outer_fullgraph_compile_fails_with_the_reason_and_the_fix():
     transformer.compile(backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=r"cannot use fullgraph=True: drop it, or compile the units themselves"):
         run_steps(transformer, 1)
+
+
+def test_a_pipeline_whose_transformer_is_wrapped_by_torch_compile_after_accelerate_still_caches():
+    import dit_cache
+
+    call = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=2.0, output_type="pt",
+                height=16, width=16)
+    pipe = tiny_pixart_pipeline()
+    plan = CachePlan.taylor(STEPS, len(cache_units(pipe.transformer)), 2, 1)
+    dit_cache.accelerate(pipe, plan=plan)
+    eager = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    compiled = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(compiled, eager, **TOLERANCE)
+    assert pipe.cache_stats.forecast > 0
+    assert counters["frames"]["ok"] > 0
