@@ -191,8 +191,13 @@ class GreedyPlanSearch(torch.nn.Module):
             for target in targets:
                 scores = self.estimate[step, target]
                 self.estimate[step, target] = torch.where(torch.isnan(scores), fresh[(step, move, 0)], scores)
-        ranked = sorted(candidates, key=lambda c: float(self.estimate[c]))
-        for candidate in [c for c in ranked if c not in fresh][: self.settings.lazy_candidates]:
+        # Lazy greedy: measure in the order of the stale scores until the best fresh score beats the next stale
+        # one (at least lazy_candidates, at most 4x as many), so a move whose score went stale is not taken blind.
+        ranked = sorted((c for c in candidates if c not in fresh), key=lambda c: float(self.estimate[c]))
+        least, most = self.settings.lazy_candidates, 4 * self.settings.lazy_candidates
+        for count, candidate in enumerate(ranked):
+            if count >= most or (count >= least and min(fresh.values()) <= float(self.estimate[candidate])):
+                break
             measure(candidate)
         best = min(fresh, key=fresh.get)
         step, move_index, action_index = best
