@@ -13,6 +13,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from dit_cache import CachePlan, apply_cache, cache_units, compile_units, get_cache_handle, remove_cache
+from dit_cache.compile import uncompile_units
 from dit_cache.testing import run_steps, tiny_pixart, tiny_pixart_pipeline
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
@@ -71,6 +72,11 @@ def test_compiled_units_match_eager_and_a_new_plan_never_recompiles():
     assert _compiled_frames() == frames
     assert not counters["recompiles"]
 
+    uncompile_units(handle)  # back to the eager units: the eager cached result, bitwise
+    assert handle.compile_options is None
+    for output, reference in zip(run_steps(transformer, STEPS), expected["uniform"], strict=True):
+        assert torch.equal(output, reference)
+
     assert remove_cache(transformer)
     stock = tiny_pixart()
     for output, reference in zip(run_steps(transformer, 2), run_steps(stock, 2)):
@@ -78,7 +84,7 @@ def test_compiled_units_match_eager_and_a_new_plan_never_recompiles():
     assert not any(hasattr(module, "_diffusers_hook") for module in transformer.modules())
 
 
-@pytest.mark.parametrize("order", ["wrapped before", "in place after"])
+@pytest.mark.parametrize("order", ["wrapped before", "in place before", "in place after"])
 def test_an_outer_compile_of_the_transformer_works_in_either_order(order):
     transformer = tiny_pixart()
     plans = _plans(len(cache_units(transformer)))
@@ -86,6 +92,10 @@ def test_an_outer_compile_of_the_transformer_works_in_either_order(order):
     if order == "wrapped before":
         model = torch.compile(transformer, backend="aot_eager")
         handle = apply_cache(model, plans["cfg"], compile={"backend": "aot_eager"})
+    elif order == "in place before":
+        model = transformer
+        model.compile(backend="aot_eager")
+        handle = apply_cache(model, plans["cfg"])
     else:
         model = transformer
         handle = apply_cache(model, plans["cfg"])
