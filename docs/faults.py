@@ -205,7 +205,12 @@ def main() -> None:
 Produced by `OMP_NUM_THREADS=1 python docs/faults.py` (tiny random models; rewrite this file by running it).
 "Before" is the outcome reported in issue 18 ("-": not listed there). "Now" is what this run saw: a *clear error*
 is exit code 2 with one error line and no traceback; *correct* is exit code 0 with the output checked.
-Concurrency (pipelines sharing a transformer) is covered by the engine's tests, not here.
+Concurrency (pipelines sharing a transformer) is covered by the engine's tests, not here. Multi-process runs are
+covered by `tests/test_multiprocess.py`: on a CPU-only machine `torchrun --nproc_per_node 2` (or `accelerate launch
+--multi_gpu --num_processes 2`) used to give each process all the prompts, so every image was made and written
+twice, silently; now the processes form a gloo group and split them. `accelerate launch --cpu --num_processes 2`
+starts one process whatever `--num_processes` says (accelerate's launcher forms CPU groups only through mpirun):
+every image is still written once, by that process; the README names the commands that split.
 
 Now: {len(rows)} cases, {len(bad)} silent wrong results, tracebacks or unclear errors.
 
