@@ -201,10 +201,10 @@ class UnitCacheHook(ModelHook):
 
     @_EAGER
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        forward = self.compiled_forward or self.fn_ref.original_forward
         state = self.handle.active_state()
-        if state is None:
-            return forward(*args, **kwargs)
+        if state is None:  # no cached generation: exactly the stock module, not even its compiled twin
+            return self.fn_ref.original_forward(*args, **kwargs)
+        forward = self.compiled_forward or self.fn_ref.original_forward
         unit = self.unit
         action = state.actions[unit]
         if action == REUSE:

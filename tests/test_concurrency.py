@@ -1,5 +1,6 @@
 """The cache belongs to the call, not to the transformer: concurrent calls, shared transformers, early stops."""
 
+import copy
 import threading
 
 import numpy as np
@@ -15,10 +16,12 @@ CALL = dict(num_inference_steps=STEPS, output_type="np", guidance_scale=3.0)
 
 
 def _sibling(stock, plan):
-    """An accelerated pipeline sharing ``stock``'s transformer, with a scheduler of its own (schedulers are
-    stateful, so two concurrent calls could never share one, cached or not)."""
+    """An accelerated pipeline sharing ``stock``'s transformer, with a scheduler and a tokenizer of its own: both are
+    stateful (a fast tokenizer used by two threads at once raises "Already borrowed"), so two concurrent calls could
+    never share them, cached or not."""
     scheduler = type(stock.scheduler).from_config(stock.scheduler.config)
-    return AcceleratedPixArtAlphaPipeline.from_pipe(stock, plan=plan, scheduler=scheduler)
+    return AcceleratedPixArtAlphaPipeline.from_pipe(stock, plan=plan, scheduler=scheduler,
+                                                    tokenizer=copy.deepcopy(stock.tokenizer))
 
 
 def _generate(pipe, prompt, seed, **kwargs):
