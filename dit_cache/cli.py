@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--flops", type=_share, default=None,
                           help="share of the units' FLOPs to skip, e.g. 0.55, for routers that serve a range of "
                                "budgets (the embedded one does; out-of-range budgets are refused)")
+    generate.add_argument("--plan", default=None, metavar="PLAN",
+                          help="a training-free plan instead of a router: uniform:INTERVAL, taylor:INTERVAL:ORDER "
+                               "(forecast between computed steps; e.g. taylor:3:1), cfg:INTERVAL, or a plan "
+                               ".safetensors file")
     generate.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the router's)")
     generate.add_argument("--guidance", type=_guidance, default=None,
                           help="guidance scale; <= 1 turns classifier-free guidance off (default: the router's)")
@@ -115,8 +119,20 @@ def _seed(text: str) -> int:
 
 def _check_arguments(args) -> None:
     """Flags that contradict each other, and a device that does not exist: refused before the model loads."""
+    if args.plan is not None:
+        clashing = [flag for flag, given in (("--router", args.router is not None),
+                                             ("--threshold", args.threshold is not None),
+                                             ("--flops", args.flops is not None)) if given]
+        if clashing:
+            raise ValueError(f"--plan conflicts with {', '.join(clashing)} (they set up a router): pass --plan or "
+                             "the router flags")
+    if args.plan is not None and not args.plan.endswith(".safetensors"):
+        from .plan import CachePlan
+
+        CachePlan.parse(args.plan, 20 if args.steps is None else args.steps, 1)  # the syntax, before loading
     if args.no_cache:
         ignored = [flag for flag, given in (("--router", args.router is not None),
+                                            ("--plan", args.plan is not None),
                                             ("--threshold", args.threshold is not None),
                                             ("--flops", args.flops is not None),
                                             ("--compare", args.compare)) if given]
@@ -190,10 +206,11 @@ def _load(args):
 
     from .pipelines import accelerate
     from .router import CacheRouter
+    from .units import cache_units
 
     model = embedded.resolve_model(args.model)
     router = None
-    if not args.no_cache:
+    if not args.no_cache and args.plan is None:
         router_path = args.router
         if router_path is None:
             if args.model != "embedded":
@@ -209,7 +226,21 @@ def _load(args):
     pipe.set_progress_bar_config(disable=True)
     if router is not None:
         accelerate(pipe, router=router, threshold=args.threshold, flops=args.flops)
+    elif args.plan is not None:
+        plan = _plan(args.plan, 20 if args.steps is None else args.steps, len(cache_units(pipe.transformer)))
+        if args.steps is None:
+            args.steps = plan.num_steps
+        accelerate(pipe, plan=plan)
     return pipe, router
+
+
+def _plan(spec: str, steps: int, num_units: int):
+    """``--plan``: a preset (``taylor:3:1``) or a plan file."""
+    from .plan import CachePlan
+
+    if spec.endswith(".safetensors"):
+        return CachePlan.load(spec)
+    return CachePlan.parse(spec, steps, num_units)
 
 
 def _call_arguments(pipe, args, router, prompt: str) -> dict:
@@ -308,13 +339,13 @@ def _generate(pipe, router, args) -> int:
             stats = getattr(pipe, "cache_stats", None)
             sidecar = {
                 "prompt": prompt, "seed": seed, "model": args.model, "router": None if router is None else
-                (args.router or "embedded"), "cache_ratio": None if stats is None else round(stats.cache_ratio, 4),
+                (args.router or "embedded"), "plan": args.plan, "cache_ratio": None if stats is None else round(stats.cache_ratio, 4),
                 "seconds": round(seconds, 3), "steps": call["num_inference_steps"],
                 "guidance_scale": call["guidance_scale"], "concepts": args.concepts,
                 "concept_config": asdict(args.concept_config) if args.concept_config else None,
                 "process": state.process_index,  # which process of a multi-process run made it
             }
-            if args.compare and router is not None:
+            if args.compare:  # refused with --no-cache, so this call was cached
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
                 print(f"{stem}: speedup {sidecar['speedup']:.2f}x, PSNR {sidecar['psnr']} dB, "
                       f"SSIM {sidecar['ssim']:.4f}")

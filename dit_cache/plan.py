@@ -40,7 +40,6 @@ _HISTORY_NEEDED = {Action.REUSE: 1, Action.FORECAST1: 2, Action.FORECAST2: 3, Ac
 PRESETS = {
     "uniform": ("uniform", ("interval",)),
     "taylor": ("taylor", ("interval", "order")),
-    "linear": ("linear", ("interval", "order")),
     "cfg": ("cfg_share", ("interval",)),
 }
 

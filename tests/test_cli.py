@@ -262,3 +262,27 @@ def test_a_full_disk_leaves_no_half_written_file(model_and_router, tmp_path, cap
     code = main(["generate", "a red circle", "--model", str(model), "--no-cache", "--out", str(tmp_path / "o")])
     assert code == 2 and "No space left on device" in _one_error_line(capsys)
     assert list((tmp_path / "o").iterdir()) == []  # no PNG, no sidecar, no temporary file
+
+
+def test_a_plan_preset_runs_instead_of_a_router(model_and_router, tmp_path):
+    from dit_cache import CachePlan
+
+    model, _, _ = model_and_router
+    assert main(["generate", "a red circle", "--model", str(model), "--plan", "taylor:2:1", "--steps", "6",
+                 "--guidance", "3.0", "--compare", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    expected = CachePlan.taylor(6, len(cache_units(tiny_pixart_pipeline().transformer)), 2, order=1)
+    assert record["plan"] == "taylor:2:1" and record["router"] is None and record["steps"] == 6
+    assert record["cache_ratio"] == pytest.approx(expected.cache_ratio, abs=1e-4) and record["psnr"] != "inf"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--plan", "taylr:3"], "Unknown plan preset 'taylr'"),
+    (["--plan", "taylor:3:5"], "order must be 1 or 2"),
+    (["--plan", "taylor:3:1", "--router", "r.safetensors"], "--plan conflicts with --router"),
+    (["--plan", "uniform:2", "--no-cache"], "--no-cache conflicts with --plan"),
+])
+def test_bad_plan_flags_fail_before_the_model_loads(tmp_path, capsys, flags, expected):
+    code = main(["generate", "a red circle", "--model", str(tmp_path / "no-model-here"), "--out",
+                 str(tmp_path / "o"), *flags])
+    assert code == 2 and expected in capsys.readouterr().err and not (tmp_path / "o").exists()
