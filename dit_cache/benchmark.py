@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -116,20 +116,27 @@ MATPLOTLIB_MISSING = 'the Pareto plot needs matplotlib: pip install "dit-cache[b
 
 @dataclass(frozen=True)
 class ModelKind:
-    """How to call one kind of pipeline: the inputs of each scored image, and whether its CFG batch puts the
-    unconditional half first (FasterCache assumes it does). Supporting a model family is one more entry."""
+    """How to call one kind of pipeline: the inputs of each scored image, whether it has a CFG batch (guidance-
+    distilled FLUX.1 has none) and whether that batch puts the unconditional half first (FasterCache assumes it
+    does). Supporting a model family is one more entry."""
 
     inputs: Callable  # (pipe, count, seed) -> list of pipeline keyword arguments, one per image
     concept_scored: bool  # captions the exact shape detector can score (the embedded model's prompts)
     cfg_uncond_first: bool
+    cfg_batch: bool = True
+
+
+def _prompt_inputs(pipe, count: int, seed: int) -> list[dict]:
+    from .evaluation import prompt_set
+
+    prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
+    return [{"prompt": prompt} for prompt in prompts]
 
 
 def _caption_inputs(pipe, count: int, seed: int) -> list[dict]:
     from .cli import _can_clean_captions
-    from .evaluation import prompt_set
 
-    prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
-    return [{"prompt": prompt, "clean_caption": _can_clean_captions()} for prompt in prompts]
+    return [{**item, "clean_caption": _can_clean_captions()} for item in _prompt_inputs(pipe, count, seed)]
 
 
 def _class_label_inputs(pipe, count: int, seed: int) -> list[dict]:
@@ -144,6 +151,11 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "PixArtAlphaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
     "PixArtSigmaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
     "DiTPipeline": ModelKind(_class_label_inputs, concept_scored=False, cfg_uncond_first=False),
+    # The detector knows the embedded model's scenes only: other text-to-image families are not concept-scored.
+    "StableDiffusion3Pipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=True),
+    "SanaPipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=True),
+    # FLUX.1 is guidance-distilled: guidance_scale is an input of one conditional call per step.
+    "FluxPipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=False, cfg_batch=False),
 }
 
 
@@ -170,6 +182,11 @@ class BenchConfig:
     threads: int = 1
     resamples: int = 10_000
     plot: bool = True
+    # False: speed only (cache ratio, FLOPs skipped, speedup), e.g. on randomly initialised tiny models, where
+    # image quality against the uncached image means nothing. No Pareto plot then (its y axis is PSNR).
+    quality: bool = True
+    # More keyword arguments of every pipeline call (height, width, max_sequence_length, ...).
+    pipeline_kwargs: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """One ValueError naming the fix for bad settings, before any model loads or file is written."""
@@ -190,7 +207,12 @@ class BenchConfig:
         for path in self.routers:
             if not Path(path).is_file():
                 raise ValueError(f"--router {path}: no such file.")
-        if self.plot:
+        reserved = sorted(set(self.pipeline_kwargs) & RESERVED_PIPELINE_KWARGS)
+        if reserved:
+            raise ValueError(f"pipeline keyword argument{'s' if len(reserved) > 1 else ''} {', '.join(reserved)} "
+                             f"{'are' if len(reserved) > 1 else 'is'} set by the benchmark; use --steps, --guidance, "
+                             f"--count and --seed instead.")
+        if self.plot and self.quality:
             require_matplotlib()
 
     @property
@@ -198,6 +220,11 @@ class BenchConfig:
         from .peers import FAMILIES
 
         return tuple(self.families) or tuple(FAMILIES)
+
+
+# Set by the benchmark itself for every call (inputs, seeds, steps, guidance, decoded images).
+RESERVED_PIPELINE_KWARGS = frozenset({"prompt", "class_labels", "generator", "num_inference_steps", "guidance_scale",
+                                      "output_type", "clean_caption"})
 
 
 def require_matplotlib():
@@ -225,7 +252,9 @@ def build_candidates(setup, config: BenchConfig) -> list:
     for name in config.selected_families:
         candidates += _spread(FAMILIES[name](setup), config.settings_per_family)
     if len(candidates) == 1:
-        raise ValueError(f"the selection {', '.join(config.selected_families)} has no candidate for this model.")
+        reasons = f" ({format_left_out(setup.left_out)})" if setup.left_out else ""
+        raise ValueError(f"the selection {', '.join(config.selected_families)} has no candidate for this model"
+                         f"{reasons}.")
     return candidates
 
 
@@ -250,11 +279,21 @@ def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list |
     configuration is removed the model must be structurally stock, and an uncached call must reproduce the
     reference image bitwise (checked once per configuration, and once at the end), or this raises.
 
+    A diffusers cache that fails on this model during its warm-up call (a block type its hook does not know) is
+    left out, with the error, in ``results["left_out"]`` and under the table; a dit-cache configuration that fails
+    raises. ``BenchConfig(quality=False)`` measures speed only (cache ratio, FLOPs skipped, speedup).
+
     Example::
 
         pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
         results = run_benchmark(pipe, BenchConfig(count=4, families=("uniform", "taylorseer")), "bench_out")
         print(results["table"])
+
+    On a tiny random SD3, FLUX.1 or Sana pipeline (speed only)::
+
+        pipe = dit_cache.testing.tiny_flux_pipeline()
+        config = BenchConfig(count=2, steps=6, quality=False, pipeline_kwargs={"height": 64, "width": 64})
+        print(run_benchmark(pipe, config, "bench_flux")["table"])
     """
     config.check()
     threads = torch.get_num_threads()
@@ -275,14 +314,15 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
     kind = model_kind(pipe)
     pipe.set_progress_bar_config(disable=True)
     guidance = config.guidance_scale if config.guidance_scale is not None else EMBEDDED_GUIDANCE_SCALE
-    base_call = {"num_inference_steps": config.steps, "guidance_scale": guidance, "output_type": "np"}
+    base_call = {**config.pipeline_kwargs, "num_inference_steps": config.steps, "guidance_scale": guidance,
+                 "output_type": "np"}
     inputs = kind.inputs(pipe, config.count, config.seed)
     seeds = [config.seed + i for i in range(config.count)]
     meter = peers.StepMeter(pipe.transformer)
     try:
         unit_flops, _ = step_flops(pipe.transformer)
         setup = peers.BenchSetup(pipe, config.steps, unit_flops, meter, router_paths or {},
-                                 cfg_uncond_first=kind.cfg_uncond_first)
+                                 cfg_uncond_first=kind.cfg_uncond_first, cfg_batch=kind.cfg_batch)
         needs_mag = candidates is None and "magcache" in config.selected_families
         total = (config.calibration_count if needs_mag else 0)
         progress = tqdm(total=total, desc="dit-cache bench", unit="image")
@@ -294,8 +334,12 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
         if needs_mag:
             calibration = kind.inputs(pipe, config.calibration_count, config.calibration_seed)
             calls = [call(0, config.calibration_seed + i, item) for i, item in enumerate(calibration)]
-            setup.mag_ratios = peers.calibrate_mag_cache(pipe, calls, config.steps, out / "magcache_ratios.json",
-                                                         progress)
+            try:
+                setup.mag_ratios = peers.calibrate_mag_cache(pipe, calls, config.steps,
+                                                             out / "magcache_ratios.json", progress)
+            except Exception as error:  # MagCache's hook does not know this model's blocks: reported
+                peers.remove_diffusers_hooks(pipe.transformer)
+                setup.leave_out("MagCache", "calibration: " + _failure("MagCache", pipe, error))
         candidates = candidates if candidates is not None else build_candidates(setup, config)
         progress.total += 2 + 2 * (len(candidates) - 1) + config.count * len(candidates)
         progress.refresh()
@@ -326,8 +370,24 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
         # Warm-up: one untimed call per configuration, each followed by the bitwise restoration check.
         warm_reference, _, _ = generate(peers.UNCACHED, 0)
         for candidate in candidates[1:]:
-            generate(candidate, 0)
+            if candidate.family in setup.left_out:
+                continue
+            try:
+                generate(candidate, 0)
+            except RestorationError:
+                raise
+            except Exception as error:
+                if candidate.group != "diffusers":
+                    raise
+                # A diffusers hook that does not support this model's blocks: reported, not crashed on. Its
+                # removal (again, if applying it failed halfway) must still leave the stock model.
+                candidate.remove(pipe)
+                _check_restored(pipe, signature, candidate.label)
+                setup.leave_out(candidate.family, _failure(candidate.label, pipe, error))
             check_bitwise(candidate.label)
+        candidates = [c for c in candidates if c.family not in setup.left_out]
+        if len(candidates) == 1:
+            raise ValueError(f"no configuration runs on {type(pipe).__name__}: {format_left_out(setup.left_out)}")
         records = {c.label: {"images": [None] * config.count, "seconds": [None] * config.count, "counts": []}
                    for c in candidates}
         for index in range(config.count):
@@ -344,15 +404,29 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
     if not np.array_equal(records["uncached"]["images"][0], warm_reference):
         raise RestorationError("the uncached image of the first input changed between warm-up and scoring.")
     results = score(candidates, records, inputs, seeds, kind, config)
+    results["left_out"] = dict(setup.left_out)
     results["meta"] = {"model": model_name or type(pipe).__name__, "pipeline": type(pipe).__name__,
                        "steps": config.steps, "guidance_scale": guidance, "count": config.count,
                        "seeds": [seeds[0], seeds[-1]], "calibration_seed": config.calibration_seed,
                        "calibration_count": config.calibration_count if any(
                            c.family == "MagCache" for c in candidates) else 0,
-                       "torch_threads": config.threads, "mag_ratios": setup.mag_ratios,
+                       "torch_threads": config.threads, "mag_ratios": setup.mag_ratios, "quality": config.quality,
+                       "pipeline_kwargs": config.pipeline_kwargs,
                        "unit_flops": unit_flops.tolist()}
-    write_outputs(results, out, plot=config.plot)
+    write_outputs(results, out, plot=config.plot and config.quality)
     return results
+
+
+def _failure(label: str, pipe, error: Exception) -> str:
+    import diffusers
+
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"{label} failed on {type(pipe).__name__} (diffusers {diffusers.__version__}): "
+            f"{type(error).__name__}: {message[:200]}")
+
+
+def format_left_out(left_out: dict[str, str]) -> str:
+    return "; ".join(f"{family}: {reason}" for family, reason in left_out.items())
 
 
 def _psnr(mse: torch.Tensor) -> torch.Tensor:
@@ -361,34 +435,15 @@ def _psnr(mse: torch.Tensor) -> torch.Tensor:
 
 def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind: ModelKind,
           config: BenchConfig) -> dict:
-    """Per-configuration metrics against the uncached images, per image and aggregated."""
+    """Per-configuration figures, per image and aggregated: speed and measured cache ratios, and (unless
+    ``config.quality`` is off) the error against the uncached images."""
     import numpy as np
-    from PIL import Image
-    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from .evaluation import paired_difference, per_image_mse
-    from .shapes import concept_accuracy
-
-    def as_batch(images):
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-
-    reference = as_batch(records["uncached"]["images"])
     reference_seconds = np.asarray(records["uncached"]["seconds"])
-    captions = [item.get("prompt") for item in inputs]
     rows = []
     for candidate in candidates:
         record = records[candidate.label]
-        batch = as_batch(record["images"])
-        mse = per_image_mse(batch, reference)
-        psnr = _psnr(mse)
-        ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
         ratios = reference_seconds / np.asarray(record["seconds"])
-        # paired_difference against zeros is the plain bootstrap interval of the mean.
-        psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
-        accuracy = None
-        if kind.concept_scored:
-            pil = [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in record["images"]]
-            accuracy = concept_accuracy(pil, captions)
         counts = record["counts"]
         engine = [c["engine_cache_ratio"] for c in counts]
         rows.append({
@@ -399,21 +454,50 @@ def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind:
             "engine_cache_ratio": None if engine[0] is None else float(np.mean(engine)),
             "speedup": float(np.median(ratios)),
             "speedup_iqr": [float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75))],
-            "mse_mean": float(mse.mean()), "mse_median": float(mse.median()),
-            "psnr_mean": psnr_interval["mean"], "psnr_interval": [psnr_interval["low"], psnr_interval["high"]],
-            "ssim_mean": float(ssim.mean()), "concept_accuracy": accuracy,
+            "mse_mean": None, "mse_median": None, "psnr_mean": None, "psnr_interval": None, "ssim_mean": None,
+            "concept_accuracy": None,
             "per_image": [{"input": {k: v for k, v in inputs[i].items() if k != "clean_caption"}, "seed": seeds[i],
-                           "mse": float(mse[i]), "psnr": float(psnr[i]), "ssim": float(ssim[i]),
                            "seconds": float(record["seconds"][i]), "time_ratio": float(ratios[i]),
                            "cache_ratio": counts[i]["cache_ratio"],
                            "skipped_flop_share": counts[i]["skipped_flop_share"]}
                           for i in range(len(seeds))],
         })
+        if config.quality:
+            _score_quality(rows[-1], record["images"], records["uncached"]["images"], inputs, kind, config)
     for row in rows:
-        rival = nearest_rival(row, rows)
+        rival = nearest_rival(row, rows) if config.quality else None
         row["vs_nearest_rival"] = None if rival is None else {"label": rival["label"], **paired_comparison(
             row, rival, config.resamples)}
     return {"rows": rows}
+
+
+def _score_quality(row: dict, images: list, reference_images: list, inputs: list[dict], kind: ModelKind,
+                   config: BenchConfig) -> None:
+    """Fill ``row`` with the error of ``images`` against the uncached ones: MSE, PSNR (bootstrap interval), SSIM,
+    and concept accuracy where the detector knows the captions."""
+    import numpy as np
+    from PIL import Image
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from .evaluation import paired_difference, per_image_mse
+    from .shapes import concept_accuracy
+
+    def as_batch(arrays):
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+
+    batch, reference = as_batch(images), as_batch(reference_images)
+    mse = per_image_mse(batch, reference)
+    psnr = _psnr(mse)
+    ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
+    # paired_difference against zeros is the plain bootstrap interval of the mean.
+    psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
+    if kind.concept_scored:
+        pil = [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in images]
+        row["concept_accuracy"] = concept_accuracy(pil, [item.get("prompt") for item in inputs])
+    row.update({"mse_mean": float(mse.mean()), "mse_median": float(mse.median()), "psnr_mean": psnr_interval["mean"],
+                "psnr_interval": [psnr_interval["low"], psnr_interval["high"]], "ssim_mean": float(ssim.mean())})
+    for i, image in enumerate(row["per_image"]):
+        image.update({"mse": float(mse[i]), "psnr": float(psnr[i]), "ssim": float(ssim[i])})
 
 
 def nearest_rival(row: dict, rows: list[dict]) -> dict | None:
@@ -444,20 +528,29 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| family | configuration | measured CUR | FLOPs skipped | speedup (median) [IQR] | PSNR dB [95% CI] | "
-             "MSE mean / median | SSIM | concept acc. | vs nearest-PSNR rival: ΔPSNR [95% CI], Δtime ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The markdown table of ``results``; speed-only runs (``quality`` off) have no error columns. Families left
+    out on this model follow the table, each with its reason."""
+    speed_only = results["rows"][0]["psnr_mean"] is None
+    lines = (["| family | configuration | measured CUR | FLOPs skipped | speedup (median) [IQR] |", "|---|---|---|---|---|"]
+             if speed_only else
+             ["| family | configuration | measured CUR | FLOPs skipped | speedup (median) [IQR] | PSNR dB [95% CI] | "
+              "MSE mean / median | SSIM | concept acc. | vs nearest-PSNR rival: ΔPSNR [95% CI], Δtime ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"])
     for r in results["rows"]:
-        rival = r["vs_nearest_rival"]
-        versus = "" if rival is None else (
-            f"{rival['label']}: {rival['psnr']['mean']:+.2f} [{rival['psnr']['low']:+.2f}, {rival['psnr']['high']:+.2f}]"
-            f", {rival['time_ratio']['mean']:+.2f}x")
-        accuracy = "" if r["concept_accuracy"] is None else f"{r['concept_accuracy']:.0%}"
-        lines.append(
-            f"| {r['family']} | {r['label']} | {r['cache_ratio']:.1%} | {r['skipped_flop_share']:.1%} | "
-            f"{r['speedup']:.2f}x [{r['speedup_iqr'][0]:.2f}, {r['speedup_iqr'][1]:.2f}] | "
-            f"{r['psnr_mean']:.2f} [{r['psnr_interval'][0]:.2f}, {r['psnr_interval'][1]:.2f}] | "
-            f"{r['mse_mean']:.5f} / {r['mse_median']:.5f} | {r['ssim_mean']:.3f} | {accuracy} | {versus} |")
+        line = (f"| {r['family']} | {r['label']} | {r['cache_ratio']:.1%} | {r['skipped_flop_share']:.1%} | "
+                f"{r['speedup']:.2f}x [{r['speedup_iqr'][0]:.2f}, {r['speedup_iqr'][1]:.2f}] |")
+        if not speed_only:
+            rival = r["vs_nearest_rival"]
+            versus = "" if rival is None else (
+                f"{rival['label']}: {rival['psnr']['mean']:+.2f} [{rival['psnr']['low']:+.2f}, "
+                f"{rival['psnr']['high']:+.2f}], {rival['time_ratio']['mean']:+.2f}x")
+            accuracy = "" if r["concept_accuracy"] is None else f"{r['concept_accuracy']:.0%}"
+            line += (f" {r['psnr_mean']:.2f} [{r['psnr_interval'][0]:.2f}, {r['psnr_interval'][1]:.2f}] | "
+                     f"{r['mse_mean']:.5f} / {r['mse_median']:.5f} | {r['ssim_mean']:.3f} | {accuracy} | {versus} |")
+        lines.append(line)
+    left_out = results.get("left_out") or {}
+    if left_out:
+        lines += ["", "Left out on this model:"] + [f"* {family}: {reason}" for family, reason in left_out.items()]
     return "\n".join(lines)
 
 
@@ -529,6 +622,27 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--calibration-count", type=int, default=BenchConfig.calibration_count,
                        help="MagCache calibration images (prompts and seeds apart from the scored ones)")
     bench.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
+    bench.add_argument("--speed-only", action="store_true", help="no image-quality figures (e.g. a randomly "
+                       "initialised model): cache ratio, FLOPs skipped, speedup; no plot")
+    bench.add_argument("--pipeline-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="another keyword argument of every pipeline call, the value read as JSON where it "
+                       "parses (e.g. height=512, use_resolution_binning=false); repeatable")
+
+
+def parse_pipeline_args(items: list[str]) -> dict:
+    """``["height=512", "use_resolution_binning=false"]`` -> ``{"height": 512, "use_resolution_binning": False}``."""
+    import json
+
+    kwargs = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key.isidentifier():
+            raise ValueError(f"--pipeline-arg {item!r}: write KEY=VALUE, e.g. --pipeline-arg height=512.")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
 
 
 def run_bench(args) -> int:
@@ -543,7 +657,8 @@ def run_bench(args) -> int:
         config = BenchConfig(count=args.count, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                              families=tuple(args.families) if args.families is not None else (),
                              routers=tuple(args.router), settings_per_family=args.settings_per_family,
-                             calibration_count=args.calibration_count, plot=not args.no_plot)
+                             calibration_count=args.calibration_count, plot=not args.no_plot,
+                             quality=not args.speed_only, pipeline_kwargs=parse_pipeline_args(args.pipeline_arg))
         if args.families is not None and not args.families:
             raise ValueError("--families was given no family; name at least one.")
         config.check()

@@ -14,6 +14,9 @@ The diffusers hooks need three things the PixArt / DiT pipelines do not give the
   with a forward pre-hook;
 * module names: TaylorSeer's default patterns match no PixArt module, so it is pointed at each block's ``attn1``,
   ``attn2`` and ``ff``, with its Taylor factors in the model's dtype (its default is bfloat16).
+
+A family that cannot run on a model (FasterCache without a CFG batch; a diffusers hook that fails on a block type)
+is left out with its reason in ``BenchSetup.left_out``, which the benchmark reports.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from .units import _unwrap, cache_units
 
@@ -48,41 +52,65 @@ class Candidate:
 UNCACHED = Candidate("uncached", "uncached", apply=lambda pipe: None, remove=lambda pipe: None, group="reference")
 
 
+METER_HOOK = "dit_cache_bench_meter"
+
+
+class _UnitCallCounter(ModelHook):
+    """Counts the calls of a unit's own computation, weighted by the share of the transformer's batch it saw.
+
+    Registered before any cache, so it is the innermost diffusers hook on the unit: a cache that returns a stored
+    or forecast output never reaches it. (A torch pre-hook would not do: it runs in ``__call__``, before a cache
+    hook decides; and a unit that is itself one layer, FLUX's ``proj_mlp``, has no inner layer to watch.)
+    """
+
+    def __init__(self, meter: "StepMeter", index: int):
+        super().__init__()
+        self.meter, self.index = meter, index
+
+    def pre_forward(self, module, *args, **kwargs):
+        first = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+        self.meter.unit_calls[self.index] += first.shape[0] / self.meter.batch
+        return args, kwargs
+
+
 class StepMeter:
-    """Forward hooks that count what really ran: per transformer call its timestep and batch, and per cacheable
-    unit the calls of its first linear layer weighted by the share of the batch they saw (a unit run on the
+    """Hooks that count what really ran: per transformer call its timestep and batch (a torch pre-hook), and per
+    cacheable unit the calls of its computation weighted by the share of the batch they saw (a unit run on the
     conditional half of a CFG batch counts half).
 
-    Plain torch hooks, installed once for the whole benchmark: they observe and never change an output.
+    Installed once for the whole benchmark: they observe and never change an output. ``remove`` leaves each
+    module as it was.
     """
 
     def __init__(self, transformer: torch.nn.Module):
+        from .flops import step_family
+
         root = _unwrap(transformer)
         self.units = cache_units(transformer)
         self.timestep: float | None = None
+        # PAB and FasterCache take timestep ranges in [0, 1000]; FLUX's pipeline passes t / 1000.
+        self.timestep_scale = 1000.0 / float(step_family(transformer).timestep(1000, 1)[0])
         self.batch = 1
         self.transformer_calls = 0
         self.unit_calls = [0.0] * len(self.units)
         self._handles = [transformer.register_forward_pre_hook(self._on_step, with_kwargs=True)]
+        self._hooked = []
         for unit in self.units:
-            first_linear = next(m for m in root.get_submodule(unit.path).modules() if isinstance(m, torch.nn.Linear))
-            self._handles.append(first_linear.register_forward_pre_hook(self._unit_hook(unit.index)))
+            module = root.get_submodule(unit.path)
+            self._hooked.append((module, hasattr(module, "_diffusers_hook")))
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_UnitCallCounter(self, unit.index),
+                                                                             METER_HOOK)
 
     def _on_step(self, module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         self.batch = hidden_states.shape[0]
-        self.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        self.timestep = timestep * self.timestep_scale
         self.transformer_calls += 1
 
-    def _unit_hook(self, index: int):
-        def count(module, args):
-            self.unit_calls[index] += args[0].shape[0] / self.batch
-
-        return count
-
     def current_timestep(self) -> float:
-        """The callback PAB and FasterCache read (``current_timestep_callback``)."""
+        """The callback PAB and FasterCache read (``current_timestep_callback``), in [0, 1000]."""
         return self.timestep
 
     def reset(self) -> None:
@@ -103,6 +131,13 @@ class StepMeter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, had_registry in self._hooked:
+            module._diffusers_hook.remove_hook(METER_HOOK, recurse=False)
+            if not had_registry and not module._diffusers_hook.hooks:
+                del module._diffusers_hook
+                if getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
+                    del module.forward
+        self._hooked.clear()
 
 
 @dataclass
@@ -115,7 +150,14 @@ class BenchSetup:
     meter: StepMeter
     routers: dict[str, str]  # label -> router file (the shipped one first)
     mag_ratios: list[float] | None = None  # MagCache's calibrated magnitude ratios (see calibrate_mag_cache)
-    cfg_uncond_first: bool = True  # PixArt batches [uncond, cond]; DiT batches [cond, uncond]
+    cfg_uncond_first: bool = True  # PixArt, SD3, Sana batch [uncond, cond]; DiT batches [cond, uncond]
+    cfg_batch: bool = True  # False: no CFG batch (guidance-distilled FLUX.1: one conditional call per step)
+    left_out: dict[str, str] = field(default_factory=dict)  # family -> why it does not run on this model
+
+    def leave_out(self, family: str, reason: str) -> list:
+        """Record why ``family`` has no candidate here; returns the (empty) candidate list."""
+        self.left_out[family] = reason
+        return []
 
 
 # --- dit-cache ------------------------------------------------------------------------------------------------
@@ -252,6 +294,9 @@ TAYLORSEER_INTERVALS = (2, 3, 4)  # 5 skips no more than 4 here (warm-up of 3 st
 MAG_CACHE_THRESHOLDS = (0.12, 0.24, 0.5)
 PAB_SKIPS = ((2, 2), (2, 4), (3, 6))  # (self-attention, cross-attention) block skip range
 FASTER_CACHE_SKIPS = ((2, 5), (2, 3), (2, 2))  # (spatial attention, unconditional batch) skip range
+# The transformer inputs that carry the [uncond, cond] batch: diffusers' default list plus SD3's pooled_projections.
+FASTER_CACHE_BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+                               "encoder_attention_mask", "pooled_projections")
 
 
 def first_block_cache_family(setup: BenchSetup, thresholds=FBC_THRESHOLDS) -> list[Candidate]:
@@ -280,6 +325,8 @@ def taylorseer_family(setup: BenchSetup, intervals=TAYLORSEER_INTERVALS) -> list
 def mag_cache_family(setup: BenchSetup, thresholds=MAG_CACHE_THRESHOLDS) -> list[Candidate]:
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
+    if "MagCache" in setup.left_out:  # its calibration failed on this model
+        return []
     if setup.mag_ratios is None:
         raise ValueError("MagCache needs calibrated magnitude ratios: run calibrate_mag_cache first.")
 
@@ -311,15 +358,21 @@ def pab_family(setup: BenchSetup, skips=PAB_SKIPS) -> list[Candidate]:
 def faster_cache_family(setup: BenchSetup, skips=FASTER_CACHE_SKIPS) -> list[Candidate]:
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
+    pipeline = type(setup.pipe).__name__
+    if not setup.cfg_batch:
+        return setup.leave_out("FasterCache", f"{pipeline} has no CFG batch (one conditional call per step); "
+                                              "FasterCache skips the unconditional half of one.")
     if not setup.cfg_uncond_first:
-        # FasterCache drops the first half of the CFG batch as "unconditional"; DiT puts the conditional half first.
-        return []
+        return setup.leave_out("FasterCache", f"{pipeline} batches CFG as [cond, uncond]; FasterCache would drop "
+                                              "the first half, the conditional one, as unconditional.")
 
     def apply(transformer, spatial, uncond):
         config = FasterCacheConfig(
             spatial_attention_block_skip_range=spatial, unconditional_batch_skip_range=uncond,
             attention_weight_callback=lambda module: 0.5, tensor_format="BCHW",  # images: (batch, channels, h, w)
-            current_timestep_callback=setup.meter.current_timestep)
+            current_timestep_callback=setup.meter.current_timestep,
+            # SD3 batches its pooled CLIP embeddings too; the default list would leave them at double batch.
+            _unconditional_conditional_input_kwargs_identifiers=FASTER_CACHE_BATCHED_INPUTS)
         with contextlib.redirect_stderr(io.StringIO()):  # its "experimental feature" warning, once per setting
             apply_faster_cache(transformer, config)
 
@@ -384,10 +437,14 @@ def calibrate_mag_cache(pipe, calls: list[dict], steps: int, path: Path | None =
 
 
 def module_signature(transformer: torch.nn.Module) -> list[tuple]:
-    """What a cache could leave behind on each module: a diffusers hook registry, an instance-level ``forward``,
-    torch hooks. Equal signatures before and after a candidate mean its removal was structurally complete."""
+    """What a cache could leave behind on each module: diffusers hooks, an instance-level ``forward``, torch
+    hooks. Equal signatures before and after a candidate mean its removal was structurally complete.
+
+    An empty diffusers hook registry counts as none: it changes no call, and the stock FLUX and SD3 pipelines
+    leave one on the transformer themselves (their ``CacheMixin.cache_context`` creates it)."""
     signature = []
     for name, module in _unwrap(transformer).named_modules():
-        signature.append((name, hasattr(module, "_diffusers_hook"), "forward" in module.__dict__,
+        registry = getattr(module, "_diffusers_hook", None)
+        signature.append((name, tuple(registry.hooks) if registry is not None else (), "forward" in module.__dict__,
                           len(module._forward_hooks), len(module._forward_pre_hooks)))
     return signature
