@@ -479,20 +479,17 @@ def _score_quality(row: dict, images: list, reference_images: list, inputs: list
     from PIL import Image
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from .evaluation import paired_difference, per_image_mse
+    from .evaluation import image_batch, paired_difference, per_image_mse, to_uint8
     from .shapes import concept_accuracy
 
-    def as_batch(arrays):
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-
-    batch, reference = as_batch(images), as_batch(reference_images)
+    batch, reference = image_batch(images), image_batch(reference_images)
     mse = per_image_mse(batch, reference)
     psnr = _psnr(mse)
     ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
     # paired_difference against zeros is the plain bootstrap interval of the mean.
     psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
     if kind.concept_scored:
-        pil = [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in images]
+        pil = [Image.fromarray(to_uint8(a)) for a in images]
         row["concept_accuracy"] = concept_accuracy(pil, [item.get("prompt") for item in inputs])
     row.update({"mse_mean": float(mse.mean()), "mse_median": float(mse.median()), "psnr_mean": psnr_interval["mean"],
                 "psnr_interval": [psnr_interval["low"], psnr_interval["high"]], "ssim_mean": float(ssim.mean())})

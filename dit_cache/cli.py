@@ -13,10 +13,10 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -169,20 +169,23 @@ def _check_device(name: str) -> None:
 
 
 def _add_concept_options(generate: argparse.ArgumentParser) -> None:
-    """One flag per ``MultiConceptConfig`` field (``--correction-alpha``, ``--no-nms``, ...), help from its docstring."""
+    """One flag per ``MultiConceptConfig`` field (``--correction-alpha``, ``--no-nms``, ...), from the field's type
+    and its help metadata."""
     from .pipelines import MultiConceptConfig
 
-    documented = dict(re.findall(r"^\s+(\w+): (.+)$", MultiConceptConfig.__doc__, re.MULTILINE))
+    types = typing.get_type_hints(MultiConceptConfig)
     group = generate.add_argument_group("multi-concept fixes", "with --concepts; unset flags keep the defaults")
     for field in fields(MultiConceptConfig):
         options = {"dest": f"concept_{field.name}", "default": None,
-                   "help": f"{documented[field.name].rstrip('.')} (default: {field.default})"}
-        if isinstance(field.default, bool):
+                   "help": f"{field.metadata['help']} (default: {field.default})"}
+        kind = types[field.name]
+        if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif field.name == "nms_blocks":
-            options.update(nargs="+", type=int, metavar="BLOCK")
-        else:
-            options.update(type=type(field.default), metavar=type(field.default).__name__.upper())
+        elif kind in (int, float):
+            options.update(type=kind, metavar=kind.__name__.upper())
+        else:  # a tuple of ints, or None
+            item = typing.get_args(next(a for a in typing.get_args(kind) if a is not type(None)))[0]
+            options.update(nargs="+", type=item, metavar=field.name.split("_")[-1].rstrip("s").upper())
         group.add_argument("--" + field.name.replace("_", "-"), **options)
 
 
@@ -283,11 +286,13 @@ def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from .evaluation import image_batch
+
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    reference = _as_tensor(pipe(**call, generator=generator, cache=False, output_type="np").images)
+    reference = image_batch(pipe(**call, generator=generator, cache=False, output_type="np").images)
     seconds = time.perf_counter() - start
-    cached = _as_tensor(cached_image)
+    cached = image_batch(cached_image)
     return {
         "uncached_seconds": round(seconds, 3),
         "speedup": round(seconds / cached_seconds, 3),
@@ -318,6 +323,7 @@ def _generate(pipe, router, args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from .evaluation import to_uint8
     from .pipelines import concept_positions
 
     state = PartialState()
@@ -349,7 +355,7 @@ def _generate(pipe, router, args) -> int:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
                 print(f"{stem}: speedup {sidecar['speedup']:.2f}x, PSNR {sidecar['psnr']} dB, "
                       f"SSIM {sidecar['ssim']:.4f}")
-            pixels = (image[0] * 255).round().clip(0, 255).astype("uint8")
+            pixels = to_uint8(image[0])
             _save(out, stem, pixels, sidecar)  # only once an image exists: a failed run leaves no folder
     return 0
 
@@ -385,13 +391,6 @@ def _save(out: Path, stem: str, pixels, sidecar: dict) -> None:
 def _finite(value: float):
     """JSON has no infinity: identical images (PSNR = inf) are written as the string "inf"."""
     return round(value, 3) if value != float("inf") else "inf"
-
-
-def _as_tensor(images):
-    """Pipelines' numpy output (batch, height, width, 3) in [0, 1] -> a torch batch for torchmetrics."""
-    import torch
-
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float()
 
 
 def _slug(text: str) -> str:

@@ -1,7 +1,7 @@
 """Multi-Concept T2I-Zero for PixArt-style DiTs that cross-attend to T5 tokens.
 
 * :func:`correct_by_similarities` - Correction by Similarities (CbS) on the text-encoder output.
-* :func:`concept_token_groups` / :func:`concept_token_indices` - concept words or phrases -> token positions.
+* :func:`concept_token_groups` - concept words or phrases -> token positions.
 * :class:`CrossTokenNMSProcessor` / :func:`apply_cross_token_nms` - Cross-Token NMS inside ``attn2``.
 """
 
@@ -14,23 +14,16 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .kernels import cross_token_nms
-from .kernels.cross_token_nms import Concepts, concept_groups
+from .kernels.cross_token_nms import Concepts, check_fraction, concept_groups
 
 __all__ = [
     "correct_by_similarities",
     "concept_token_groups",
-    "concept_token_indices",
     "CrossTokenNMSProcessor",
     "cross_attention_probs",
     "apply_cross_token_nms",
     "remove_cross_token_nms",
 ]
-
-
-def check_fraction(name: str, value: float) -> None:
-    """Strengths, suppression scales and step fractions all live in [0, 1]."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 # --------------------------------------------------------------------------- CbS
@@ -131,12 +124,6 @@ def concept_token_groups(tokenizer, prompt: str, concepts: Sequence[str]) -> lis
                              "give each concept its own words")
         groups.append(hits)
     return groups
-
-
-def concept_token_indices(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
-    """Token positions of all concept words or phrases of ``prompt`` (see :func:`concept_token_groups`),
-    concept by concept, for Correction by Similarities."""
-    return [t for group in concept_token_groups(tokenizer, prompt, words) for t in group]
 
 
 # --------------------------------------------------------------------------- Cross-Token NMS

@@ -33,13 +33,19 @@ def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 25, d
         seconds += time.perf_counter() - begin
         arrays.append(output.images)
     arrays = np.concatenate(arrays)
-    images = [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in arrays]
+    images = [Image.fromarray(to_uint8(a)) for a in arrays]
     return GenerationRun(images, arrays, seconds)
 
 
-def concept_rate(images: list[Image.Image], prompts: list[str]) -> float:
-    """Fraction of images in which the detector finds every concept of the caption."""
-    return shapes.concept_accuracy(images, prompts)
+def image_batch(arrays) -> torch.Tensor:
+    """Pipelines' numpy images ``(batch, height, width, 3)`` in [0, 1] (an array or a list of images) as the float
+    ``(batch, 3, height, width)`` tensor torchmetrics takes."""
+    return torch.from_numpy(np.stack(arrays) if isinstance(arrays, list) else arrays).permute(0, 3, 1, 2).float()
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """A [0, 1] float image as 8-bit pixels, rounded as PIL would save it."""
+    return (array * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def per_image_mse(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
@@ -52,8 +58,7 @@ def image_error(run: GenerationRun, reference: GenerationRun) -> dict:
     each image (for paired comparisons: a few images whose composition changes dominate the mean)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    ours = torch.from_numpy(run.arrays).permute(0, 3, 1, 2).float()
-    theirs = torch.from_numpy(reference.arrays).permute(0, 3, 1, 2).float()
+    ours, theirs = image_batch(run.arrays), image_batch(reference.arrays)
     per_image = per_image_mse(ours, theirs)
     psnr = float(peak_signal_noise_ratio(ours, theirs, data_range=1.0))
     return {"mse": float(per_image.mean()), "psnr": psnr, "per_image_mse": per_image.tolist()}

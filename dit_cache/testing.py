@@ -12,6 +12,7 @@ from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTran
                        WanTransformer3DModel)
 
 from .flops import step_family, step_inputs  # noqa: F401  (step_inputs re-exported for the tests and benchmarks)
+from .tokenizers import word_tokenizer
 
 
 def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, seed: int = 0):
@@ -109,12 +110,7 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
 
 
 def tiny_tokenizer():
-    from transformers import T5Tokenizer
-
-    words = ["a", "and", "red", "green", "blue", "circle", "square", "triangle", "cat", "dog"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0)] + [("▁" + w, -1.0) for w in words]
-    vocab += [(letter, -10.0) for letter in "abcdefghijklmnopqrstuvwxyz,"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return word_tokenizer(["a", "and", "red", "green", "blue", "circle", "square", "triangle", "cat", "dog"])
 
 
 def tiny_vae(shift_factor: float | None = None):

@@ -46,6 +46,12 @@ GAUSSIAN_3X3 = [[_G2 / _GSUM, _G1 / _GSUM, _G2 / _GSUM],
 Concepts = Sequence[int | Sequence[int]]
 
 
+
+def check_fraction(name: str, value: float) -> None:
+    """Strengths, suppression scales and step fractions all live in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
 def _columns(concept) -> list[int]:
     try:  # operator.index takes ints, numpy integers and one-element integer tensors, and refuses floats
         return [operator.index(concept)]
@@ -83,8 +89,7 @@ def _check(probs: torch.Tensor, concepts: Concepts, height: int, width: int,
                          f"use 0 <= index < {n_text}")
     if len(set(columns)) != len(columns):
         raise ValueError(f"concepts {groups} list a text token twice; each token may belong to one concept only")
-    if not 0.0 <= suppression <= 1.0:
-        raise ValueError(f"suppression must be in [0, 1] (0 = hard NMS), got {suppression}")
+    check_fraction("suppression", suppression)
     return groups, columns, owner
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,29 +12,28 @@ from dit_cache.concepts import (apply_cross_token_nms, check_fraction, concept_t
                                 remove_cross_token_nms)
 
 
+def _setting(default, help: str):
+    """A config field with its help text: ``dit-cache generate`` turns each field into a flag with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class MultiConceptConfig:
     """Parameters of the two training-free fixes; ``correction_alpha=0`` and ``nms=False`` turn them off.
 
-    Args:
-        correction_alpha: strength of Correction by Similarities (0 = off).
-        correction_threshold: tau, similarity threshold after normalising by the maximum.
-        correction_window: gamma, how many tokens on each side of a concept may contribute.
-        nms: apply Cross-Token Non-Maximum Suppression in every cross-attention.
-        nms_suppression: scale of the losing concepts' attention (0 = the paper's hard suppression).
-        nms_step_fraction: NMS runs for this fraction of the first denoising steps.
-        nms_renormalize: rescale attention rows to sum to 1 after suppression.
-        nms_blocks: indices of the transformer blocks whose cross-attention gets NMS (None = every block).
+    Each field's help is in its metadata (``dataclasses.fields(MultiConceptConfig)``).
     """
 
-    correction_alpha: float = 0.25
-    correction_threshold: float = 0.5
-    correction_window: int = 2
-    nms: bool = True
-    nms_suppression: float = 0.0
-    nms_step_fraction: float = 0.5
-    nms_renormalize: bool = True
-    nms_blocks: tuple[int, ...] | None = None
+    correction_alpha: float = _setting(0.25, "strength of Correction by Similarities (0 = off)")
+    correction_threshold: float = _setting(0.5, "tau, similarity threshold after normalising by the maximum")
+    correction_window: int = _setting(2, "gamma, how many tokens on each side of a concept may contribute")
+    nms: bool = _setting(True, "apply Cross-Token Non-Maximum Suppression in every cross-attention")
+    nms_suppression: float = _setting(0.0, "scale of the losing concepts' attention (0 = the paper's hard "
+                                           "suppression)")
+    nms_step_fraction: float = _setting(0.5, "NMS runs for this fraction of the first denoising steps")
+    nms_renormalize: bool = _setting(True, "rescale attention rows to sum to 1 after suppression")
+    nms_blocks: tuple[int, ...] | None = _setting(None, "indices of the transformer blocks whose cross-attention "
+                                                        "gets NMS (None = every block)")
 
     def __post_init__(self):
         # Checked here, so a bad value fails when the config is built rather than midway through a call.

@@ -11,7 +11,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
-from dit_cache.evaluation import concept_rate, generate, grid, prompt_set
+from dit_cache.evaluation import generate, grid, prompt_set
+from dit_cache.shapes import concept_accuracy
 
 
 def main(model: str | None = None, count: int = 200, steps: int = 20,
@@ -35,8 +36,8 @@ def main(model: str | None = None, count: int = 200, steps: int = 20,
         one = generate(pipe, single, seeds, desc=f"one object, cfg {guidance}", **call)
         two = generate(pipe, double, seeds, desc=f"two objects, cfg {guidance}", **call)
         results[guidance] = {
-            "single_object_concept_accuracy": concept_rate(one.images, single),
-            "two_object_both_present_rate": concept_rate(two.images, double),
+            "single_object_concept_accuracy": concept_accuracy(one.images, single),
+            "two_object_both_present_rate": concept_accuracy(two.images, double),
             "seconds_per_image": (one.seconds + two.seconds) / (2 * count),
         }
         print(f"cfg {guidance}: {json.dumps(results[guidance])}")

@@ -10,7 +10,6 @@ from dit_cache.concepts import (
     CrossTokenNMSProcessor,
     apply_cross_token_nms,
     concept_token_groups,
-    concept_token_indices,
     correct_by_similarities,
     remove_cross_token_nms,
 )
@@ -116,6 +115,11 @@ def tokenizer():
 
 def _tokens(tok, prompt):
     return tok.convert_ids_to_tokens(tok(prompt)["input_ids"])
+
+
+def concept_token_indices(tokenizer, prompt, words):
+    """Every concept's positions, concept by concept (what Correction by Similarities reads)."""
+    return [t for group in concept_token_groups(tokenizer, prompt, words) for t in group]
 
 
 def test_concept_token_indices(tokenizer):

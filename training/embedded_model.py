@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from dit_cache.tokenizers import word_tokenizer
+
 from dit_cache import shapes
 
 # Token positions are measured in patches of this many latent pixels whatever the patch size, so weights
@@ -45,12 +47,8 @@ CAPTION_TOKENS = 16  # longest caption ("a red circle, a blue square and a green
 
 
 def build_tokenizer() -> T5Tokenizer:
-    """A T5 (Unigram) tokenizer whose pieces are the caption vocabulary; unknown words fall back to letters."""
-    words = ["a", "and", *shapes.COLORS, *shapes.SHAPES]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0), (",", -1.0)]
-    vocab += [("▁" + word, -1.0) for word in words]
-    vocab += [(letter, -10.0) for letter in "abcdefghijklmnopqrstuvwxyz"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    """The embedded model's tokenizer: the caption vocabulary as whole-word pieces."""
+    return word_tokenizer(["a", "and", *shapes.COLORS, *shapes.SHAPES])
 
 
 @dataclass
