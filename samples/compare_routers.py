@@ -23,7 +23,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, CachePlan, CacheRouter, CacheSchedule, embedded_model_path
-from dit_cache.evaluation import concept_rate, generate, image_error, paired_difference, prompt_set
+from dit_cache.evaluation import generate, image_error, paired_difference, prompt_set
+from dit_cache.shapes import concept_accuracy
 from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 
@@ -35,7 +36,8 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
          seed: int = 20_000, output: str = "samples/results/router_comparison.json",
          budgets: list[float] | None = None, searched: str = "runs/router/embedded_search/router.safetensors",
          whole_steps: str = "runs/router/embedded_search_steps/router.safetensors",
-         presets: list[str] = ["uniform:2", "uniform:3", "taylor:2:1", "taylor:3:1", "taylor:3:2"]):
+         presets: list[str] = ["uniform:2", "uniform:3", "taylor:2:1", "taylor:3:1", "taylor:3:2"],
+         previous: list[str] = [], only: list[str] | None = None):
     """Args:
         routers: name -> router file.
         uniform_interval: the FORA baseline recomputes everything every this many steps.
@@ -46,9 +48,14 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
             names the single-budget routers calibrated to each (default here: the HarmoniCa one).
         searched, whole_steps: router files of ``embedded_search.yaml`` and ``embedded_search_steps.yaml``.
         presets: fixed plans (``CachePlan.parse``) measured at their own shares.
+        previous: result JSONs of earlier ``--budgets`` runs on the same prompts and seeds: their rows are kept and
+            only the plans they lack run (wall-clock seconds then come from several runs). ``--searched ""``: no
+            searched router (e.g. the baselines first, while the search runs).
+        only: run only these methods (searched, harmonica, whole-step greedy, or a preset), e.g. in two processes.
     """
     if budgets is not None:
-        return compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output)
+        return compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output,
+                               previous, only)
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
@@ -67,7 +74,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
             source["router"].calibrate_threshold(skipped, unit_weights=per_unit_flops)
     candidates[uniform_name] = {"schedule": uniform_schedule}
     rows = {"uncached": {"cache_ratio": 0.0, "theoretical_speedup": 1.0,
-                         "concept_accuracy": concept_rate(reference.images, prompts), "mse": 0.0,
+                         "concept_accuracy": concept_accuracy(reference.images, prompts), "mse": 0.0,
                          "psnr": float("inf"), "per_image_mse": [0.0] * count, "seconds": reference.seconds}}
     for name, source in candidates.items():
         cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, **source)
@@ -77,7 +84,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
         schedule = source["router"].schedule() if "router" in source else source["schedule"]
         rows[name] = {"cache_ratio": cached.cache_stats.cache_ratio,
                       "theoretical_speedup": schedule.theoretical_speedup(per_unit_flops, total_flops),
-                      "concept_accuracy": concept_rate(run.images, prompts),
+                      "concept_accuracy": concept_accuracy(run.images, prompts),
                       **image_error(run, reference), "seconds": run.seconds}
     uniform = rows[uniform_name]["per_image_mse"]
     print(f"{count} prompts x seeds, {steps} DPM-Solver steps, cfg {guidance_scale}")
@@ -101,7 +108,8 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
                    "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)
 
 
-def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output):
+def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guidance_scale, seed, output, previous,
+                    only=None):
     from dit_cache.embedded import ASSETS
 
     pipe = PixArtAlphaPipeline.from_pretrained(embedded_model_path())
@@ -115,18 +123,28 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
     units = len(unit_flops)
     harmonica_file = ASSETS / "embedded_router_harmonica.safetensors"
     harmonica = CacheRouter.load(harmonica_file if harmonica_file.exists() else ASSETS / "embedded_router.safetensors")
-    searched_router, steps_router = CacheRouter.load(searched), CacheRouter.load(whole_steps)
+    searched_router, steps_router = CacheRouter.load(searched) if searched else None, CacheRouter.load(whole_steps)
     plans = {}
     for budget in budgets:
         harmonica.calibrate_threshold(budget, unit_weights=unit_flops)
-        plans[f"searched@{budget}"] = ("searched", budget, searched_router.plan(flops=budget))
+        if searched_router is not None:
+            plans[f"searched@{budget}"] = ("searched", budget, searched_router.plan(flops=budget))
         plans[f"harmonica@{budget}"] = ("harmonica", budget, harmonica.plan())
         plans[f"whole-step greedy@{budget}"] = ("whole-step greedy", budget, steps_router.plan(flops=budget))
     for spec in presets:
         plan = CachePlan.parse(spec, steps, units)
         plans[spec] = (spec, plan.cached_share(unit_flops), plan)
+    if only is not None:
+        plans = {name: entry for name, entry in plans.items() if entry[0] in only}
     rows = {}
+    for earlier_path in previous:
+        earlier = json.loads(Path(earlier_path).read_text())
+        if (earlier["count"], earlier["seeds"][0], earlier["steps"]) != (count, seed, steps):
+            raise ValueError(f"{earlier_path} measured other prompts, seeds or steps; rerun without it.")
+        rows.update({name: row for name, row in earlier["rows"].items() if name in plans})
     for name, (method, budget, plan) in plans.items():
+        if name in rows:
+            continue
         cached = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, plan=plan)
         cached.set_progress_bar_config(disable=True)
         run = generate(cached, prompts, seeds, desc=name, **call)
@@ -134,13 +152,13 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
                       "theoretical_speedup": plan.theoretical_speedup(unit_flops, total_flops),
                       "counts": {k: v for k, v in plan.counts().items() if v},
                       "seconds": run.seconds, **image_error(run, reference)}
-    for budget in budgets:
+    for budget in budgets if f"searched@{budgets[0]}" in rows else []:
         ours = rows[f"searched@{budget}"]["per_image_mse"]
         for name, row in rows.items():
             if row["budget"] == budget and row["method"] != "searched":
                 row["searched_minus_this"] = paired_difference(ours, row["per_image_mse"])
     for name, row in rows.items():  # the presets against the searched router at the nearest budget
-        if row["method"] not in ("searched", "harmonica", "whole-step greedy"):
+        if f"searched@{budgets[0]}" in rows and row["method"] not in ("searched", "harmonica", "whole-step greedy"):
             nearest = min(budgets, key=lambda b: abs(b - row["budget"]))
             if abs(nearest - row["budget"]) <= 0.02:
                 row["searched_minus_this"] = paired_difference(rows[f"searched@{nearest}"]["per_image_mse"],
@@ -161,7 +179,8 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
     table = "\n".join(lines)
     print(table)
     command = (f"OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets {json.dumps(budgets)} --count {count} "
-               f"--seed {seed} --output {output}")
+               f"--seed {seed} --output {output}" + (f" --previous {json.dumps(previous)}" if previous else "")
+               + (f" --only {json.dumps(only)}" if only else ""))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as file:
         json.dump({"command": command, "count": count, "steps": steps, "guidance_scale": guidance_scale,

@@ -5,6 +5,7 @@ import json
 import math
 import sys
 
+import lightning as L
 import pytest
 import torch
 
@@ -213,20 +214,40 @@ def _cli(args):
 
 
 def _search_args(model, folder, moves):
-    return ["fit", "--config", "training/configs/embedded_search.yaml", "--model.model", model,
-            "--model.num_steps", "5", "--model.search.max_flops", "0.6", "--data.prompts", '["a red circle", "a cat"]',
+    """The shipped search config with the tiny model and paths of its own."""
+    import yaml
+
+    config = yaml.safe_load(open("training/configs/embedded_search.yaml"))
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
+    config["trainer"]["callbacks"][1]["init_args"]["path"] = str(folder / "router.safetensors")
+    config["trainer"].pop("logger")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["fit", "--config", str(folder / "config.yaml"), "--model.model", model, "--model.num_steps", "5",
+            "--model.search.max_flops", "0.6", "--data.prompts", '["a red circle", "a cat"]',
             "--data.num_trajectories", str(moves), "--trainer.logger", "false", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder),
-            "--trainer.callbacks.0.init_args.dirpath", str(folder / "checkpoints"),
-            "--trainer.callbacks.1.init_args.path", str(folder / "router.safetensors")]
+            "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder)]
+
+
+class KillAt(L.Callback):
+    """Simulates a crash at the start of a given move."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index):
+        if batch_index == self.batch:
+            raise RuntimeError("simulated crash")
 
 
 def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     _cli(_search_args(pixart_folder, tmp_path / "straight", 40))
     straight = CacheRouter.load(tmp_path / "straight" / "router.safetensors")
     assert straight.metadata["objective"] == "search" and straight.flops_range[1] >= 0.6
-    # Stopped after 2 moves, then resumed from the checkpoint: the same move order as the straight run.
-    _cli(_search_args(pixart_folder, tmp_path / "split", 2))
+    # Killed at the start of move 3 (a checkpoint after every move), then resumed: the same moves as straight.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _cli(_search_args(pixart_folder, tmp_path / "split", 40)
+             + [f"--trainer.callbacks+={__name__}.KillAt", "--trainer.callbacks.batch", "2"])
     checkpoint = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(checkpoint["state_dict"]["search.moves"]) == 2
     assert not any(key.startswith("transformer.") for key in checkpoint["state_dict"])
@@ -235,6 +256,7 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     resumed = CacheRouter.load(tmp_path / "split" / "router.safetensors")
     assert torch.equal(resumed.logits, straight.logits)
     assert torch.equal(resumed.cheap_actions, straight.cheap_actions)
+    assert resumed.threshold == straight.threshold
     assert json.dumps(resumed.metadata["search_trace"]) == json.dumps(straight.metadata["search_trace"])
 
 
