@@ -117,8 +117,6 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
     prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
     seeds = list(range(seed, seed + count))
     call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
-    generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)
-    reference = generate(pipe, prompts, seeds, desc="uncached", **call)
     unit_flops, total_flops = step_flops(pipe.transformer)
     units = len(unit_flops)
     harmonica_file = ASSETS / "embedded_router_harmonica.safetensors"
@@ -136,12 +134,17 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
         plans[spec] = (spec, plan.cached_share(unit_flops), plan)
     if only is not None:
         plans = {name: entry for name, entry in plans.items() if entry[0] in only}
-    rows = {}
+    rows, uncached_seconds = {}, None
     for earlier_path in previous:
         earlier = json.loads(Path(earlier_path).read_text())
+        uncached_seconds = earlier["uncached_seconds"]
         if (earlier["count"], earlier["seeds"][0], earlier["steps"]) != (count, seed, steps):
             raise ValueError(f"{earlier_path} measured other prompts, seeds or steps; rerun without it.")
         rows.update({name: row for name, row in earlier["rows"].items() if name in plans})
+    if set(plans) - set(rows):
+        generate(pipe, prompts[:1], seeds[:1], desc="warm-up", **call)
+        reference = generate(pipe, prompts, seeds, desc="uncached", **call)
+        uncached_seconds = reference.seconds
     for name, (method, budget, plan) in plans.items():
         if name in rows:
             continue
@@ -174,7 +177,7 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
                                                     f"{difference['high']:+.5f}] | {difference['lower_share']:.0%}")
         lines.append(f"| {name} | {row['flop_share_skipped']:.1%} | {row['theoretical_speedup']:.2f}x | "
                      f"{row['mse']:.5f} | {row['psnr']:.2f} | {paired} | {row['seconds']:.1f} |")
-    lines.append(f"\nuncached: {reference.seconds:.1f} s; peak RSS of this process "
+    lines.append(f"\nuncached: {uncached_seconds:.1f} s; peak RSS of this process "
                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     table = "\n".join(lines)
     print(table)
@@ -185,7 +188,7 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
     with open(output, "w") as file:
         json.dump({"command": command, "count": count, "steps": steps, "guidance_scale": guidance_scale,
                    "seeds": [seed, seed + count - 1], "searched": searched, "whole_steps": whole_steps,
-                   "uncached_seconds": reference.seconds, "rows": rows}, file, indent=2)
+                   "uncached_seconds": uncached_seconds, "rows": rows}, file, indent=2)
     Path(output).with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
     _plot(rows, budgets, Path(output).with_suffix(".png"))
 
