@@ -16,6 +16,7 @@ budget), the HarmoniCa router calibrated to each budget, the whole-step greedy s
 
 import json
 import resource
+import shlex
 import statistics
 from pathlib import Path
 
@@ -181,9 +182,10 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     table = "\n".join(lines)
     print(table)
-    command = (f"OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets {json.dumps(budgets)} --count {count} "
-               f"--seed {seed} --output {output}" + (f" --previous {json.dumps(previous)}" if previous else "")
-               + (f" --only {json.dumps(only)}" if only else ""))
+    quoted = lambda value: shlex.quote(json.dumps(value))  # noqa: E731
+    command = (f"OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets {quoted(budgets)} --count {count} "
+               f"--seed {seed} --output {output}" + (f" --previous {quoted(previous)}" if previous else "")
+               + (f" --only {quoted(only)}" if only else ""))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as file:
         json.dump({"command": command, "count": count, "steps": steps, "guidance_scale": guidance_scale,
