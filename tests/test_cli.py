@@ -178,15 +178,17 @@ def test_guidance_zero_is_honoured_not_replaced_by_the_default(model_and_router,
     from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 
     model, router_path, _ = model_and_router
-    assert main(["generate", "a red circle", "--model", str(model), "--router", str(router_path),
-                 "--guidance", "0", "--out", str(tmp_path)]) == 0
+    with pytest.warns(UserWarning, match="trained at guidance_scale=3.0 but the call uses 0.0"):
+        assert main(["generate", "a red circle", "--model", str(model), "--router", str(router_path),
+                     "--guidance", "0", "--out", str(tmp_path)]) == 0
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["guidance_scale"] == 0.0
     written = np.asarray(Image.open(next(tmp_path.glob("*.png"))))
     pipe = AcceleratedPixArtAlphaPipeline.from_pretrained(model, router=str(router_path))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=6, guidance_scale=0.0,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    with pytest.warns(UserWarning, match="trained at guidance_scale=3.0"):
+        image = pipe("a red circle", num_inference_steps=6, guidance_scale=0.0,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert np.array_equal(written, (image * 255).round().clip(0, 255).astype("uint8"))
 
 
