@@ -181,7 +181,7 @@ def dit_cache_candidate(family: str, label: str, settings: dict, **accelerate_kw
 
 UNIFORM_INTERVALS = (2, 3, 4, 5)
 # Shares of the units' FLOPs a router skips; the shipped router was trained near 0.5.
-ROUTER_FLOP_BUDGETS = (0.35, 0.5, 0.65)
+ROUTER_FLOP_BUDGETS = (0.35, 0.45, 0.55, 0.65)
 
 
 def uniform_family(setup: BenchSetup, intervals=UNIFORM_INTERVALS) -> list[Candidate]:
@@ -213,11 +213,16 @@ def router_family(setup: BenchSetup, budgets=ROUTER_FLOP_BUDGETS) -> list[Candid
             router = CacheRouter.load(path)
             if router.num_steps != setup.steps:
                 router = router.resample(setup.steps)
-            threshold = router.calibrate_threshold(budget, unit_weights=setup.unit_flops)
-            schedule = router.schedule(threshold)
+            span = router.flops_range
+            if span is not None:  # one file, any budget in its searched range: the router picks the plan
+                if not span[0] <= budget <= span[1]:
+                    continue
+                threshold = router.threshold_for_flops(budget)
+            else:
+                threshold = router.calibrate_threshold(budget, unit_weights=setup.unit_flops)
             candidates.append(dit_cache_candidate(
                 "router" if name == "shipped" else f"router {name}", f"router {name} {budget:.0%} FLOPs",
-                {"router": str(path), "flop_budget": budget, "threshold": threshold}, schedule=schedule))
+                {"router": str(path), "flop_budget": budget, "threshold": threshold}, plan=router.plan(threshold)))
     return candidates
 
 
