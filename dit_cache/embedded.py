@@ -25,10 +25,21 @@ def embedded_model_path() -> str:
 
 
 def embedded_router_path() -> str:
-    """The HarmoniCa router trained for the embedded model at its default step count (``embedded_flops.yaml``)."""
+    """The router searched for the embedded model at its default step count (``embedded_search.yaml``): one file
+    for every FLOP budget up to 70% (``accelerate(pipe, router=..., flops=...)``)."""
     return _existing(
         ASSETS / "embedded_router.safetensors",
         "embedded router",
+        "dit-cache-train fit --config training/configs/embedded_search.yaml",
+    )
+
+
+def embedded_harmonica_router_path() -> str:
+    """The HarmoniCa router (SDT + IEPO, ``embedded_flops.yaml``) shipped before the searched one; kept for
+    comparisons."""
+    return _existing(
+        ASSETS / "embedded_router_harmonica.safetensors",
+        "HarmoniCa router",
         "dit-cache-train fit --config training/configs/embedded_flops.yaml",
     )
 

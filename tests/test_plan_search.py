@@ -4,6 +4,7 @@ search on a synthetic error, and the Lightning run (export, resume) on a tiny ra
 import json
 import math
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -217,7 +218,7 @@ def _search_args(model, folder, moves):
     """The shipped search config with the tiny model and paths of its own."""
     import yaml
 
-    config = yaml.safe_load(open("training/configs/embedded_search.yaml"))
+    config = yaml.safe_load(Path("training/configs/embedded_search.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
     config["trainer"]["callbacks"][1]["init_args"]["path"] = str(folder / "router.safetensors")
     config["trainer"].pop("logger")
