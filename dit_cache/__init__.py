@@ -2,7 +2,8 @@
 
 from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
 from .compile import compile_units
-from .embedded import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path
+from .embedded import (EMBEDDED_GUIDANCE_SCALE, embedded_harmonica_router_path, embedded_model_path,
+                       embedded_router_path)
 from .flops import unit_flops
 from .forecast import fit_linear_forecaster
 from .plan import Action, CachePlan
@@ -36,6 +37,7 @@ __all__ = [
     "cache_units",
     "compile_units",
     "decelerate",
+    "embedded_harmonica_router_path",
     "embedded_model_path",
     "embedded_router_path",
     "get_cache_handle",
