@@ -1,6 +1,6 @@
 """Where a pixel's conditional cross-attention goes on two-object prompts: the share of each kind of token.
 
-    OMP_NUM_THREADS=1 python samples/attention_shares.py        # 30 tuning prompts, ~2 min on one CPU thread
+    OMP_NUM_THREADS=1 python experiments/attention_shares.py        # 30 tuning prompts, ~2 min on one CPU thread
 
 Cross-Token NMS only rescales the concept columns, so their share bounds how much of the attention it steers.
 """

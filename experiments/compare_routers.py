@@ -2,7 +2,7 @@
 
     dit-cache-train fit --config training/configs/embedded_flops.yaml # -> runs/router/embedded_flops/router.safetensors
     dit-cache-train fit --config training/configs/embedded_l2c.yaml   # -> runs/router/embedded_l2c/router.safetensors
-    python samples/compare_routers.py
+    python experiments/compare_routers.py            # writes outputs/router_comparison.json
 
 Error is measured on the final images against the uncached pipeline with the same seeds.
 
@@ -10,7 +10,7 @@ With ``--budgets`` it compares at matched FLOP shares instead (docs/router.md): 
 budget), the HarmoniCa router calibrated to each budget, the whole-step greedy search, and the fixed presets
 (uniform, taylor) at their own shares, paired per image with bootstrap intervals:
 
-    OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets [0.45,0.55,0.65] --count 40 --seed 80000 \
+    OMP_NUM_THREADS=1 python experiments/compare_routers.py --budgets [0.45,0.55,0.65] --count 40 --seed 80000 \
         --output docs/results/router_budgets.json
 """
 
@@ -18,6 +18,7 @@ import json
 import resource
 import shlex
 import statistics
+import sys
 from pathlib import Path
 
 from diffusers import PixArtAlphaPipeline
@@ -34,7 +35,7 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
                                     "l2c": "runs/router/embedded_l2c/router.safetensors"},
          uniform_interval: int = 2, match_flops: bool = False, count: int = 100, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE,
-         seed: int = 20_000, output: str = "samples/results/router_comparison.json",
+         seed: int = 20_000, output: str = "outputs/router_comparison.json",
          budgets: list[float] | None = None, searched: str = "runs/router/embedded_search/router.safetensors",
          whole_steps: str = "runs/router/embedded_search_steps/router.safetensors",
          presets: list[str] = ["uniform:2", "uniform:3", "taylor:2:1", "taylor:3:1", "taylor:3:2"],
@@ -45,6 +46,8 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
         match_flops: move each router's threshold so it skips the same share of the units' FLOPs as the uniform
             schedule (default: the threshold it was trained with).
         count: prompts (half one-object, half two-object), each with its own seed.
+        output: result JSON (with ``--budgets`` also a ``.md`` table and a ``.png`` plot beside it); the default
+            is under the untracked ``outputs/``, so a run never overwrites the tracked results in docs/results/.
         budgets: compare at these shares of the units' FLOPs skipped (see the module docstring); ``routers`` then
             names the single-budget routers calibrated to each (default here: the HarmoniCa one).
         searched, whole_steps: router files of ``embedded_search.yaml`` and ``embedded_search_steps.yaml``.
@@ -103,8 +106,9 @@ def main(routers: dict[str, str] = {"harmonica": "runs/router/embedded_flops/rou
         median = statistics.median(row["per_image_mse"])
         print(f"| {name} | {row['cache_ratio']:.1%} | {row['mse']:.5f} | {median:.5f} | {row['psnr']:.2f} | {paired} | "
               f"{row['concept_accuracy']:.1%} | {speedup:.2f}x | {row['theoretical_speedup']:.2f}x |")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as file:
-        json.dump({"command": "python samples/compare_routers.py", "count": count, "steps": steps,
+        json.dump({"command": shlex.join(["python", *sys.argv]), "count": count, "steps": steps,
                    "match_flops": match_flops,
                    "guidance_scale": guidance_scale, "rows": rows}, file, indent=2)
 
@@ -183,7 +187,7 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
     table = "\n".join(lines)
     print(table)
     quoted = lambda value: shlex.quote(json.dumps(value))  # noqa: E731
-    command = (f"OMP_NUM_THREADS=1 python samples/compare_routers.py --budgets {quoted(budgets)} --count {count} "
+    command = (f"OMP_NUM_THREADS=1 python experiments/compare_routers.py --budgets {quoted(budgets)} --count {count} "
                f"--seed {seed} --output {output}" + (f" --previous {quoted(previous)}" if previous else "")
                + (f" --only {quoted(only)}" if only else ""))
     Path(output).parent.mkdir(parents=True, exist_ok=True)

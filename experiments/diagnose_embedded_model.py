@@ -1,8 +1,8 @@
 """Why single-object prompts fail on the embedded model: right, wrong shape, wrong color or nothing found,
 at several sampler step counts (same prompts and seeds for each).
 
-    OMP_NUM_THREADS=1 python samples/diagnose_embedded_model.py
-    OMP_NUM_THREADS=1 python samples/diagnose_embedded_model.py --count 100 --step_counts "[20, 50]"
+    OMP_NUM_THREADS=1 python experiments/diagnose_embedded_model.py
+    OMP_NUM_THREADS=1 python experiments/diagnose_embedded_model.py --count 100 --step_counts "[20, 50]"
 """
 
 from collections import Counter

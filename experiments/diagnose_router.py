@@ -1,8 +1,8 @@
 """Where a learned router stands against a uniform schedule: its training objective, and its error in latent and
 in pixel space, per image.
 
-    python samples/diagnose_router.py                                   # the shipped router
-    python samples/diagnose_router.py --router runs/router/embedded/router.safetensors
+    python experiments/diagnose_router.py                                   # the shipped router
+    python experiments/diagnose_router.py --router runs/router/embedded/router.safetensors
 
 ``compare_routers.py`` scores final images; the router is trained on latents. This script separates the two:
 * objective: the HarmoniCa loss the router minimizes, sum over steps of lambda_t x the local error of the

@@ -1,14 +1,17 @@
 """Both-concepts-present rate of two-object prompts on the embedded model: baseline vs Correction by
 Similarities vs Cross-Token NMS vs both, with and without caching, and the time each fix costs.
 
-    python samples/evaluate_multi_concept.py
-    python samples/evaluate_multi_concept.py --correction_alpha 0.5 --nms_step_fraction 0.3
-    python samples/evaluate_multi_concept.py --with_cache false --count 100 --methods "[both]"   # a sweep point
+    python experiments/evaluate_multi_concept.py            # writes outputs/multi_concept.json
+    python experiments/evaluate_multi_concept.py --correction_alpha 0.5 --nms_step_fraction 0.3
+    python experiments/evaluate_multi_concept.py --with_cache false --count 100 --methods "[both]"   # a sweep point
 """
 
 import json
 import math
+import shlex
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from diffusers import PixArtAlphaPipeline
@@ -47,7 +50,7 @@ def main(model: str | None = None, count: int = 200, steps: int = 20,
          nms_suppression: float = 0.0, nms_step_fraction: float = 0.5, nms_blocks: list[int] | None = None,
          nms_renormalize: bool = True,
          concept_words: Literal["shapes", "colors", "objects"] = "shapes", with_cache: bool = True,
-         methods: list[str] = list(METHODS), output: str = "samples/results/multi_concept.json"):
+         methods: list[str] = list(METHODS), output: str = "outputs/multi_concept.json"):
     """Args:
         model: a PixArt pipeline folder or hub id (default: the embedded model). The cached rows use the embedded
             model's router, which fits the embedded architecture only: pass ``--with_cache false`` for another one.
@@ -59,6 +62,7 @@ def main(model: str | None = None, count: int = 200, steps: int = 20,
             the objects' phrases ("red circle", "blue square"; each phrase's tokens win or lose NMS together).
         with_cache: also evaluate with the embedded router's caching (off for quick parameter sweeps).
         methods: which of the four rows to run (the time ratio needs ``baseline`` among them).
+        output: result JSON (default under the untracked ``outputs/``; the tracked results are in docs/results/).
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -138,8 +142,9 @@ def main(model: str | None = None, count: int = 200, steps: int = 20,
                             if before != after and before != "all present")
             print(f"{cache_name}, {method}: baseline failures it changed: "
                   + "; ".join(f"{before} -> {after}: {n}" for (before, after), n in sorted(moved.items())))
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as file:
-        json.dump({"command": "python samples/evaluate_multi_concept.py", "count": count,
+        json.dump({"command": shlex.join(["python", *sys.argv]), "count": count,
                    "parameters": {**correction, **nms, "concept_words": concept_words},
                    "model": model or "embedded",
                    "rows": [{"caching": c, "method": m, **r} for (c, m), r in rows.items()]}, file, indent=2)

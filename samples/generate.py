@@ -1,8 +1,10 @@
 """Generate a list of prompts with the embedded model, uncached and cached, and save them side by side.
 
-    python samples/generate.py
+    python samples/generate.py                                # writes outputs/side_by_side.png
     python samples/generate.py --prompts "[a red circle, a green triangle and a blue square]" --out side.png
 """
+
+from pathlib import Path
 
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
@@ -18,10 +20,11 @@ DEFAULT_PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a purp
 
 def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20,
          guidance_scale: float = EMBEDDED_GUIDANCE_SCALE, seed: int = 0,
-         repeats: int = 3, out: str = "samples/side_by_side.png"):
+         repeats: int = 3, out: str = "outputs/side_by_side.png"):
     """Args:
         prompts: one image per prompt, seeds seed, seed + 1, ...
         repeats: timed repetitions (the fastest is reported, to damp background noise).
+        out: the image to write (docs/images/side_by_side.png is this script's output with ``--out`` pointing there).
     """
     pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
@@ -40,6 +43,7 @@ def main(prompts: list[str] = DEFAULT_PROMPTS, steps: int = 20,
         canvas.paste(left.resize((size, size)), (0, y))
         canvas.paste(right.resize((size, size)), (size, y))
         draw.text((2 * size + 8, y + size // 2), prompt, fill="black")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     print(f"{len(prompts)} images: uncached {uncached.seconds:.2f} s, cached {cached.seconds:.2f} s "
           f"({speedup:.2f}x, CUR {pipe.cache_stats.cache_ratio:.1%}); saved {out}")
