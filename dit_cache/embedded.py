@@ -5,7 +5,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 
 # Classifier-free guidance the embedded model is evaluated and its router trained at: the scale with the best
-# concept accuracy in `samples/evaluate_embedded_model.py --guidance_scales` (provenance.json has the sweep).
+# concept accuracy in `experiments/evaluate_embedded_model.py --guidance_scales` (provenance.json has the sweep).
 EMBEDDED_GUIDANCE_SCALE = 2.0
 
 

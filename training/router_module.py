@@ -354,7 +354,7 @@ class RouterModule(L.LightningModule):
             "cost": self.hparams.cost,
             "proxy": self.hparams.proxy if self.hparams.objective == "harmonica" else None,
             # The lambda_t the router was last trained with, so its objective can be re-evaluated later
-            # (samples/diagnose_router.py).
+            # (experiments/diagnose_router.py).
             "proxy_weights": self.step_weights.tolist() if self.hparams.objective == "harmonica" else None,
             "model": self.hparams.model,
             "search": None if self.search is None else vars(self.search.settings),
