@@ -50,8 +50,10 @@ def test_every_script_prints_its_help_from_the_repository_root():
 
 def _defaults(path: Path) -> dict:
     """The literal defaults of ``main``'s parameters, read without running the script."""
-    main = next(node for node in ast.parse(path.read_text()).body
-                if isinstance(node, ast.FunctionDef) and node.name == "main")
+    main = next((node for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name == "main"), None)
+    if main is None:
+        return {}
     parameters = main.args.args[len(main.args.args) - len(main.args.defaults):]
     return {parameter.arg: ast.literal_eval(default) for parameter, default in zip(parameters, main.args.defaults)
             if isinstance(default, ast.Constant)}
