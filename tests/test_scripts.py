@@ -1,5 +1,5 @@
-"""The scripts in samples/ and experiments/: they start from the repository root, write under the untracked
-outputs/ unless told otherwise, and every path the docs name exists."""
+"""The scripts in samples/ and experiments/, and docs/faults.py: they start from the repository root, write under
+the untracked outputs/ unless told otherwise, and every path the docs name exists."""
 
 import ast
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(ROOT.glob("samples/*.py")) + sorted(ROOT.glob("experiments/*.py"))
+SCRIPTS = sorted(ROOT.glob("samples/*.py")) + sorted(ROOT.glob("experiments/*.py")) + [ROOT / "docs" / "faults.py"]
 # Parameters that name a file a script writes.
 OUTPUT_PARAMETERS = {"out", "output", "grid_path"}
 
@@ -71,6 +71,7 @@ def test_output_defaults_are_read():
     # The check above must see the parameters it guards.
     assert _defaults(ROOT / "samples" / "generate.py")["out"] == "outputs/side_by_side.png"
     assert _defaults(ROOT / "experiments" / "compare_routers.py")["output"] == "outputs/router_comparison.json"
+    assert _defaults(ROOT / "docs" / "faults.py")["out"] == "outputs/faults.md"
 
 
 def test_gpu_compile_benchmark_rejects_unknown_arguments():
@@ -87,8 +88,8 @@ LINK = re.compile(r"\]\(([^)#\s]+)\)")
 
 
 def test_paths_named_in_docs_and_scripts_exist():
-    files = (sorted(ROOT.glob("docs/*.md")) + sorted(ROOT.glob("docs/results/*.md")) + [ROOT / "docs" / "faults.py"]
-             + SCRIPTS + sorted(ROOT.glob("samples/*.sh")))
+    files = (sorted(ROOT.glob("docs/*.md")) + sorted(ROOT.glob("docs/results/*.md")) + SCRIPTS
+             + sorted(ROOT.glob("samples/*.sh")))
     named, missing = 0, []
     for file in files:
         text = file.read_text()
