@@ -215,16 +215,9 @@ def _cli(args):
 
 
 def _search_args(model, folder, moves):
-    """The shipped search config with the tiny model and paths of its own."""
-    import yaml
-
-    config = yaml.safe_load(Path("training/configs/embedded_search.yaml").read_text())
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
-    config["trainer"]["callbacks"][1]["init_args"]["path"] = str(folder / "router.safetensors")
-    config["trainer"].pop("logger")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return ["fit", "--config", str(folder / "config.yaml"), "--model.model", model, "--model.num_steps", "5",
+    """The shipped search config with the tiny model, run in a folder of its own (router, checkpoints)."""
+    config = Path(__file__).parents[1] / "training" / "configs" / "embedded_search.yaml"
+    return ["fit", "--config", str(config), "--model.model", model, "--model.num_steps", "5",
             "--model.search.max_flops", "0.6", "--data.prompts", '["a red circle", "a cat"]',
             "--data.num_trajectories", str(moves), "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder)]
@@ -253,7 +246,7 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     assert int(checkpoint["state_dict"]["search.moves"]) == 2
     assert not any(key.startswith("transformer.") for key in checkpoint["state_dict"])
     _cli(_search_args(pixart_folder, tmp_path / "split", 40)
-         + ["--ckpt_path", str(tmp_path / "split" / "checkpoints" / "last.ckpt")])
+         + ["--ckpt_path", "last"])  # <run dir>/checkpoints/last.ckpt
     resumed = CacheRouter.load(tmp_path / "split" / "router.safetensors")
     assert torch.equal(resumed.logits, straight.logits)
     assert torch.equal(resumed.cheap_actions, straight.cheap_actions)

@@ -404,19 +404,15 @@ def resumed_run(pixart_folder, tmp_path_factory):
     common = ["fit", "--model.model", pixart_folder, "--model.num_steps", "6", "--model.target_cache_ratio", "0.5",
               "--model.beta", str(BETA), "--model.learning_rate", "0.2", "--model.proxy_interval", "3",
               "--data.batch_size", "2", "--data.num_trajectories", "6", "--data.prompts", json.dumps(PROMPTS), "--trainer.max_epochs", "1",
-              "--trainer.default_root_dir", str(folder / "run"), *QUIET,
-              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(folder / "checkpoints"),
-              "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
-              "--trainer.callbacks.every_n_train_steps", "5",  # one trajectory = num_steps - 1 optimizer steps
+              "--trainer.default_root_dir", str(folder), *QUIET,  # the CLI checkpoints and exports in there
+              "--checkpoint.save_top_k", "0",
+              "--checkpoint.every_n_train_steps", "5",  # one trajectory = num_steps - 1 optimizer steps
               f"--trainer.callbacks+={__name__}.RecordTrajectories"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         _cli([*common, "--trainer.callbacks.path", str(folder / "first.jsonl"),
               f"--trainer.callbacks+={__name__}.KillAt", "--trainer.callbacks.batch", "3"])
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    _cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"),
-          "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
-          "--trainer.callbacks.path", str(folder / "router.safetensors"),
-          "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
+    _cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"), "--ckpt_path", "last"])
     final = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return folder, _records(folder / "first.jsonl"), checkpoint, _records(folder / "second.jsonl"), final
 
