@@ -12,7 +12,8 @@ class ExportRouter(L.Callback):
     """Writes ``router.safetensors`` (logits + metadata) when training ends.
 
     Args:
-        path: output file (relative paths are relative to the working directory).
+        path: output file (relative paths are relative to the working directory); ``dit-cache-train`` sets it to
+            ``<run dir>/router.safetensors`` (``training/cli.py``).
         tolerance: with ``target_cache_ratio``, the largest miss accepted before the threshold is calibrated, in
             what the target steers: the cache usage ratio, or with ``cost="flops"`` the share of FLOPs skipped.
     """
