@@ -31,7 +31,7 @@ from .router_module import RouterModule
 
 # A router trains in one pass over its trajectories, on one device unless told otherwise.
 TRAINER_DEFAULTS = {"devices": 1, "max_epochs": 1, "log_every_n_steps": 10}
-# Checkpoints keep only the router's state (a few KB), so `last.ckpt` can be written often.
+# `last.ckpt` is what `--ckpt_path last` resumes; a checkpoint holds the router's state only (a few KB).
 CHECKPOINT_DEFAULTS = {"save_last": True, "every_n_train_steps": 500}
 
 
