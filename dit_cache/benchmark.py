@@ -524,6 +524,40 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: r["speedup"])
 
 
+FRONT_LEVELS = (*range(20, 31), 32, 34, 36)  # PSNR levels (dB) at which the fronts are compared
+
+
+def front_by_level(rows: list[dict], levels=FRONT_LEVELS) -> list[dict]:
+    """At each PSNR level: the fastest dit-cache and the fastest diffusers configuration whose mean PSNR reaches it,
+    and the ratio of their speedups (> 1: dit-cache is ahead there)."""
+    table = []
+    for level in levels:
+        best = {}
+        for group in ("dit-cache", "diffusers"):
+            reaching = [r for r in rows if r["group"] == group and r["psnr_mean"] >= level]
+            best[group] = max(reaching, key=lambda r: r["speedup"]) if reaching else None
+        ours, theirs = best["dit-cache"], best["diffusers"]
+        ratio = ours["speedup"] / theirs["speedup"] if ours and theirs else None
+        table.append({"level": level, "dit-cache": ours and ours["label"], "diffusers": theirs and theirs["label"],
+                      "dit-cache_speedup": ours and ours["speedup"], "diffusers_speedup": theirs and theirs["speedup"],
+                      "ratio": ratio})
+    return table
+
+
+def format_front(results: dict) -> str:
+    """The fronts compared level by level (see :func:`front_by_level`)."""
+    lines = ["| PSNR >= | fastest dit-cache configuration | speedup | fastest diffusers configuration | speedup | "
+             "dit-cache / diffusers |", "|---|---|---|---|---|---|"]
+    for row in front_by_level(results["rows"]):
+        def cell(group):
+            return (row[group] or "none", f"{row[group + '_speedup']:.2f}x" if row[group] else "")
+        ratio = f"**{row['ratio']:.2f}x**" if row["ratio"] and row["ratio"] >= 1 else (
+            f"{row['ratio']:.2f}x" if row["ratio"] else "")
+        lines.append(f"| {row['level']} dB | {' | '.join(cell('dit-cache'))} | {' | '.join(cell('diffusers'))} | "
+                     f"{ratio} |")
+    return "\n".join(lines)
+
+
 def format_table(results: dict) -> str:
     """The markdown table of ``results``; speed-only runs (``quality`` off) have no error columns. Families left
     out on this model follow the table, each with its reason."""
@@ -545,6 +579,8 @@ def format_table(results: dict) -> str:
             line += (f" {r['psnr_mean']:.2f} [{r['psnr_interval'][0]:.2f}, {r['psnr_interval'][1]:.2f}] | "
                      f"{r['mse_mean']:.5f} / {r['mse_median']:.5f} | {r['ssim_mean']:.3f} | {accuracy} | {versus} |")
         lines.append(line)
+    if not speed_only:
+        lines += ["", format_front(results)]
     left_out = results.get("left_out") or {}
     if left_out:
         lines += ["", "Left out on this model:"] + [f"* {family}: {reason}" for family, reason in left_out.items()]

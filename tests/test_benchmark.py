@@ -99,3 +99,17 @@ def test_the_run_times_on_one_torch_thread_and_restores_the_callers_setting(tmp_
         assert set(seen) == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_fronts_are_compared_level_by_level_on_the_fastest_configuration_reaching_each():
+    from dit_cache.benchmark import front_by_level
+
+    rows = [{"group": "dit-cache", "label": "a", "speedup": 2.0, "psnr_mean": 25.0},
+            {"group": "dit-cache", "label": "b", "speedup": 3.0, "psnr_mean": 21.0},
+            {"group": "diffusers", "label": "p", "speedup": 2.5, "psnr_mean": 23.0},
+            {"group": "reference", "label": "uncached", "speedup": 1.0, "psnr_mean": 100.0}]
+    table = {row["level"]: row for row in front_by_level(rows, levels=(21, 23, 25, 26))}
+    assert table[21]["dit-cache"] == "b" and table[21]["ratio"] == pytest.approx(3.0 / 2.5)
+    assert table[23]["dit-cache"] == "a" and table[23]["ratio"] == pytest.approx(2.0 / 2.5)
+    assert table[25]["diffusers"] is None and table[25]["ratio"] is None
+    assert table[26]["dit-cache"] is None
