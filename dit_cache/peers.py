@@ -192,7 +192,7 @@ def uniform_family(setup: BenchSetup, intervals=UNIFORM_INTERVALS) -> list[Candi
                                 schedule=CacheSchedule.uniform(setup.steps, units, n)) for n in intervals]
 
 
-TAYLOR_INTERVALS = (2, 3, 4)  # 5 is dominated by uniform interval 4 (docs/results/bench_first_run)
+TAYLOR_INTERVALS = (2, 3, 4)  # 5 is dominated by uniform interval 4 (docs/results/bench_with_harmonica)
 
 
 def taylor_family(setup: BenchSetup, intervals=TAYLOR_INTERVALS, order: int = 1) -> list[Candidate]:
