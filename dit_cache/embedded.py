@@ -20,7 +20,7 @@ def embedded_model_path() -> str:
     return _existing(
         ASSETS / "embedded_model",
         "embedded model",
-        "dit-cache-train-embedded fit --config training/configs/embedded_model.yaml",
+        "dit-cache-train-embedded --config training/configs/embedded_model.yaml",
     )
 
 
