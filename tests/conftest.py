@@ -1,5 +1,6 @@
 import os
 
+import lightning as L
 import pytest
 import torch
 
@@ -13,3 +14,15 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+class KillAt(L.Callback):
+    """Simulates a crash at the start of training batch ``batch`` (a trajectory, or a search move), for resume tests;
+    the CLI finds it as ``conftest.KillAt``."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index):
+        if batch_index == self.batch:
+            raise RuntimeError("simulated crash")

@@ -251,8 +251,11 @@ def test_a_router_trains_a_few_steps_exports_and_drives_the_pipeline(name, tmp_p
     assert type(other) is type(_pipeline("sana" if name != "sana" else "sd3"))
 
 
-def test_the_supported_models_table_matches_the_unit_tables():
-    """docs/models.md's "units per block" column is what each family's tiny model really has."""
+@pytest.mark.parametrize("document, heading", [("docs/models.md", "## The table"),
+                                               ("README.md", "## Supported models")])
+def test_the_supported_models_table_matches_the_unit_tables(document, heading):
+    """The "units per block" column of the models tables (docs/models.md, README) is what each family's tiny model
+    really has."""
     from pathlib import Path
 
     from dit_cache.testing import tiny_dit
@@ -263,8 +266,8 @@ def test_the_supported_models_table_matches_the_unit_tables():
         "FLUX.1-dev, FLUX.1-schnell": tiny_flux, "Sana": tiny_sana, "Qwen-Image": tiny_qwen_image,
         "Wan 2.1 / 2.2": tiny_wan,
     }
-    table = Path(__file__).parents[1] / "docs" / "models.md"
-    section = table.read_text().split("## The table")[1].split("\n## ")[0]  # the models table, not the benchmark's
+    table = Path(__file__).parents[1] / document
+    section = table.read_text().split(heading)[1].split("\n## ")[0]  # the models table, not the benchmark's
     rows = [line.split("|")[1:-1] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
     documented = {cells[0].strip(): cells[2].replace("`", "").strip() for cells in rows}

@@ -6,13 +6,13 @@ import math
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from dit_cache import Action, CachePlan, CacheRouter, embedded_router_path
 from dit_cache.router import plan_with_fallbacks
 from dit_cache.testing import tiny_pixart_pipeline
+from conftest import KillAt
 from dit_cache.training.cli import main
 from dit_cache.training.plan_search import GreedyPlanSearch, SearchSettings, unit_groups
 from dit_cache.units import CacheUnit
@@ -223,16 +223,6 @@ def _search_args(model, folder, moves):
             "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder)]
 
 
-class KillAt(L.Callback):
-    """Simulates a crash at the start of a given move."""
-
-    def __init__(self, batch: int):
-        self.batch = batch
-
-    def on_train_batch_start(self, trainer, module, batch, batch_index):
-        if batch_index == self.batch:
-            raise RuntimeError("simulated crash")
-
 
 def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     _cli(_search_args(pixart_folder, tmp_path / "straight", 40))
@@ -241,7 +231,7 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     # Killed at the start of move 3 (a checkpoint after every move), then resumed: the same moves as straight.
     with pytest.raises(RuntimeError, match="simulated crash"):
         _cli(_search_args(pixart_folder, tmp_path / "split", 40)
-             + [f"--trainer.callbacks+={__name__}.KillAt", "--trainer.callbacks.batch", "2"])
+             + [f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "2"])
     checkpoint = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(checkpoint["state_dict"]["search.moves"]) == 2
     assert not any(key.startswith("transformer.") for key in checkpoint["state_dict"])

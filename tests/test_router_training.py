@@ -14,6 +14,7 @@ from dit_cache import CacheRouter, CacheSchedule
 from dit_cache.flops import unit_flops
 from dit_cache.testing import step_inputs, tiny_dit_pipeline, tiny_pixart_pipeline
 from dit_cache.training.callbacks import ExportRouter
+from conftest import KillAt
 from dit_cache.training.cli import main
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
 from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
@@ -66,16 +67,6 @@ class RecordTrajectories(L.Callback):
                      "log_beta": float(module.log_beta), "cache_ratio": module.router.schedule().cache_ratio,
                      "step_weights": module.step_weights.tolist()})
 
-
-class KillAt(L.Callback):
-    """Simulates a crash at the start of a given trajectory."""
-
-    def __init__(self, batch: int):
-        self.batch = batch
-
-    def on_train_batch_start(self, trainer, module, batch, batch_index):
-        if batch_index == self.batch:
-            raise RuntimeError("simulated crash")
 
 
 def _cli(args):
@@ -410,7 +401,7 @@ def resumed_run(pixart_folder, tmp_path_factory):
               f"--trainer.callbacks+={__name__}.RecordTrajectories"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         _cli([*common, "--trainer.callbacks.path", str(folder / "first.jsonl"),
-              f"--trainer.callbacks+={__name__}.KillAt", "--trainer.callbacks.batch", "3"])
+              f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "3"])
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     _cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"), "--ckpt_path", "last"])
     final = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
