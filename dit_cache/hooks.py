@@ -84,7 +84,8 @@ class CacheState:
             time = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
         if self.step >= self.compiled.num_steps:
             self.reset()
-        elif self.detect_new_generation and self.step > 0 and time is not None and time >= self.last_time:
+        elif (self.detect_new_generation and self.step > 0 and time is not None and self.last_time is not None
+              and time >= self.last_time):
             self.reset()  # the timesteps of a generation decrease: a larger one starts a new generation
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
