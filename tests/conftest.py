@@ -1,12 +1,13 @@
 import os
 
-import lightning as L
 import pytest
 import torch
 
 # Kernels are checked against their references on the CPU through Triton's interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402  (after TRITON_INTERPRET: lightning imports triton through torch)
 # The test models are tiny: thread start-up costs more than it saves, and far more on a busy machine.
 torch.set_num_threads(1)
 
