@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry
 
-from .hooks import BYPASSED, GATED, SCHEDULE, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
+from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
 from .plan import as_plan
 from .units import CacheUnit, _unwrap, cache_units
 
@@ -77,7 +77,6 @@ class CacheHandle:
         self.schedule, self.plan, self.compiled = plan, compiled.plan, compiled
         self.state.set_plan(compiled)
 
-    set_plan = set_schedule
 
     def compile(self, plan) -> CompiledPlan:
         """``plan`` checked against this transformer and prepared for the hooks (reused across calls)."""
@@ -135,10 +134,6 @@ class CacheHandle:
     def bypassed(self):
         """Run the stock computation: no cache reads or writes, the step counter does not move."""
         return self._mode(BYPASSED)
-
-    def scheduled(self):
-        """Follow the plan (the default after ``apply_cache``)."""
-        return self._mode(SCHEDULE)
 
     def gated(self):
         """Training mode: every unit after the first step blends fresh and cached outputs (see ``set_gate``)."""
