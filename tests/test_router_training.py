@@ -17,6 +17,7 @@ from dit_cache.training.callbacks import ExportRouter
 from conftest import KillAt
 from dit_cache.training.cli import main
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
+from dit_cache.training.objectives import update_beta
 from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
 from dit_cache.training.router_module import RouterModule
 
@@ -139,7 +140,7 @@ def test_flops_cost_weights_the_sparsity_term_and_the_target_by_unit_flops(pixar
     assert by_flops.cached_share() > by_units.cached_share() == pytest.approx(5 / (6 * len(flops)))
     for module in (by_units, by_flops):
         before = float(module.log_beta)
-        module._update_beta()
+        update_beta(module)
         assert float(module.log_beta) - before == pytest.approx(0.5 * (0.3 - module.cached_share()), rel=1e-5)
     assert "unit_costs" not in by_flops.state_dict()  # derived from the model, so old checkpoints still load
     with pytest.raises(ValueError, match="cost must be"):
@@ -149,6 +150,57 @@ def test_flops_cost_weights_the_sparsity_term_and_the_target_by_unit_flops(pixar
 def test_beta_zero_is_accepted(pixart_folder):
     module = RouterModule(pixart_folder, num_steps=6, beta=0.0)
     assert module.beta == 0.0
+
+
+def test_an_unknown_objective_or_proxy_is_refused_before_training_naming_the_choices(pixart_folder):
+    with pytest.raises(ValueError, match="'sdtt'.*'harmonica', 'l2c', 'sdt', 'search'"):
+        RouterModule(pixart_folder, num_steps=6, objective="sdtt")
+    with pytest.raises(ValueError, match="'paperz'.*'cumulative', 'paper', 'sensitivity'"):
+        RouterModule(pixart_folder, num_steps=6, proxy="paperz")
+    assert RouterModule(pixart_folder, num_steps=6, objective="sdt", proxy="paperz").hparams.objective == "sdt"
+
+
+# ---- batches and callbacks ---------------------------------------------------------------------------------
+def test_a_batch_carries_the_conditioning_rows_of_its_prompts(pixart_folder):
+    data = RouterDataModule(pixart_folder, prompts=PROMPTS, batch_size=3, num_trajectories=2)
+    data.setup()
+    encoded = data.conditioning
+    trajectories = TrajectorySeeds(num_prompts=len(PROMPTS), batch_size=3, num_trajectories=2, seed=0)
+    batches = list(data.train_dataloader())
+    assert len(batches) == 2
+    for (rows, seed), (indices, expected_seed) in zip(batches, trajectories):
+        assert int(seed) == int(expected_seed)
+        assert torch.equal(rows["prompt_embeds"], encoded["prompt_embeds"][indices])
+        assert torch.equal(rows["prompt_mask"], encoded["prompt_mask"][indices])
+        assert torch.equal(rows["negative_embeds"], encoded["negative_embeds"])  # one row every prompt shares
+    # The search's calibration batch: the first prompts, repeated when there are fewer.
+    calibration = data.calibration_conditioning(3)
+    assert torch.equal(calibration["prompt_embeds"], encoded["prompt_embeds"][torch.tensor([0, 1, 0])])
+
+
+def test_peak_memory_measures_a_training_step_above_an_inference_step_and_leaves_the_router(pixart_folder):
+    from dit_cache.training.callbacks import PeakMemory, step_memory
+
+    module = RouterModule(pixart_folder, num_steps=4, objective="sdt")
+    data = RouterDataModule(pixart_folder, prompts=PROMPTS, batch_size=2, num_trajectories=1)
+    data.setup()
+    logits = module.router.logits.detach().clone()
+    report = step_memory(module, next(iter(data.train_dataloader())))
+    weights = sum(t.numel() * t.element_size() for t in module.transformer.state_dict().values())
+    assert weights < report["inference"] < report["train"]  # + the cache; + what autograd saves for backward
+    assert torch.equal(module.router.logits, logits) and module.router.logits.grad is None
+    trainer = _fit(module, pixart_folder, num_trajectories=1, callbacks=[PeakMemory()])
+    for name in ("train", "inference"):  # the CPU estimate depends on the shapes only
+        assert float(trainer.callback_metrics[f"memory/{name}_mib"]) == pytest.approx(report[name] / 2**20)
+
+
+def test_a_search_step_prints_the_summary_the_search_gives(pixart_folder, monkeypatch, capsys):
+    from dit_cache.training.plan_search import GreedyPlanSearch, SearchSettings
+
+    monkeypatch.setattr(GreedyPlanSearch, "move", lambda self, runner: {"moved": False, "summary": "refined step 2"})
+    module = RouterModule(pixart_folder, num_steps=4, objective="search", search=SearchSettings(max_flops=0.5))
+    _fit(module, pixart_folder, num_trajectories=2)
+    assert capsys.readouterr().out.count("refined step 2") == 2
 
 
 # ---- image error proxies ------------------------------------------------------------------------------------
@@ -248,7 +300,7 @@ def test_step_weights_follow_the_latest_proxy_or_the_mean_of_all(pixart_folder, 
     proxies = [torch.tensor([0.0, 4.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 10.0]),
                torch.tensor([0.0, 2.0, 2.0, 2.0])]
     served = iter(proxies)
-    monkeypatch.setattr("dit_cache.training.router_module.image_error_proxy", lambda *args: next(served))
+    monkeypatch.setattr("dit_cache.training.objectives.image_error_proxy", lambda *args: next(served))
     module = RouterModule(pixart_folder, num_steps=4, proxy_interval=1, proxy_average=average)
     _fit(module, pixart_folder, num_trajectories=3)
     normalized = [w / w[1:].mean() for w in proxies]

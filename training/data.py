@@ -1,6 +1,7 @@
 """Image-free training data for routers: prompts (or class labels) and a seed per trajectory.
 
-Text embeddings are computed once with the pipeline's own ``encode_prompt``; the text encoder is then freed.
+Text embeddings are computed once with the pipeline's own ``encode_prompt``; the text encoder is then freed. A batch
+is one trajectory: ``(conditioning rows, seed)``, the rows of its prompts' embeddings (or its class labels).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from diffusers import DiffusionPipeline
 from dit_cache import shapes
 from dit_cache.embedded import resolve_model
 
-from .denoising import encode_prompts
+from .denoising import conditioning_rows, encode_prompts
 
 DEFAULT_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road at sunset",
@@ -124,6 +125,15 @@ class RouterDataModule(L.LightningDataModule):
         key = "class_labels" if "class_labels" in self.conditioning else "prompt_embeds"
         return self.conditioning[key].shape[0]
 
+    def calibration_conditioning(self, count: int) -> dict:
+        """The conditioning rows of the first ``count`` prompts (or labels), repeated if there are fewer: a fixed
+        batch that does not depend on where a run resumes (``objective: search`` calibrates on it)."""
+        return conditioning_rows(self.conditioning, torch.arange(count) % self.num_conditions)
+
+    def _with_conditioning(self, trajectory):
+        prompt_indices, seed = trajectory
+        return conditioning_rows(self.conditioning, prompt_indices), seed
+
     def train_dataloader(self):
         # After a mid-epoch resume Lightning goes on counting batches but restarts the loader: shift the loader
         # to where the interrupted run stopped (see state_dict). Every epoch also gets trajectories of its own.
@@ -132,4 +142,4 @@ class RouterDataModule(L.LightningDataModule):
         self._resume_offset = 0
         dataset = TrajectorySeeds(self.num_conditions, self.hparams.batch_size, self.hparams.num_trajectories,
                                   self.hparams.seed, offset)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=self._with_conditioning)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel
+from diffusers import DiffusionPipeline
 
 from dit_cache.embedded import resolve_model
 
@@ -51,31 +51,30 @@ def class_conditioning(class_labels: torch.Tensor, null_class: int = 1000) -> Co
     return Conditioning({"class_labels": torch.cat([class_labels, null])}, class_labels.shape[0])
 
 
-def _flux_conditioning(data, indices, transformer) -> Conditioning:
+def _flux_conditioning(rows, transformer) -> Conditioning:
     """FLUX.1 is guidance-distilled: one call per step on the prompts alone, no negative half."""
-    kwargs = {"encoder_hidden_states": data["prompt_embeds"][indices],
-              "pooled_projections": data["pooled_embeds"][indices], "txt_ids": data["text_ids"]}
-    return Conditioning(kwargs, len(indices))
+    kwargs = {"encoder_hidden_states": rows["prompt_embeds"], "pooled_projections": rows["pooled_embeds"],
+              "txt_ids": rows["text_ids"]}
+    return Conditioning(kwargs, rows["prompt_embeds"].shape[0])
 
 
-def _sd3_conditioning(data, indices, transformer) -> Conditioning:
-    count = len(indices)
-    kwargs = {"encoder_hidden_states": torch.cat([data["negative_embeds"].expand(count, -1, -1),
-                                                  data["prompt_embeds"][indices]]),
-              "pooled_projections": torch.cat([data["negative_pooled_embeds"].expand(count, -1),
-                                               data["pooled_embeds"][indices]])}
+def _sd3_conditioning(rows, transformer) -> Conditioning:
+    count = rows["prompt_embeds"].shape[0]
+    kwargs = {"encoder_hidden_states": torch.cat([rows["negative_embeds"].expand(count, -1, -1),
+                                                  rows["prompt_embeds"]]),
+              "pooled_projections": torch.cat([rows["negative_pooled_embeds"].expand(count, -1),
+                                               rows["pooled_embeds"]])}
     return Conditioning(kwargs, count)
 
 
-def _masked_text_conditioning(data, indices, transformer) -> Conditioning:
-    count = len(indices)
-    return text_conditioning(data["prompt_embeds"][indices], data["prompt_mask"][indices],
-                             data["negative_embeds"].expand(count, -1, -1), data["negative_mask"].expand(count, -1),
-                             transformer)
+def _masked_text_conditioning(rows, transformer) -> Conditioning:
+    count = rows["prompt_embeds"].shape[0]
+    return text_conditioning(rows["prompt_embeds"], rows["prompt_mask"], rows["negative_embeds"].expand(count, -1, -1),
+                             rows["negative_mask"].expand(count, -1), transformer)
 
 
-def _sana_conditioning(data, indices, transformer) -> Conditioning:
-    conditioning = _masked_text_conditioning(data, indices, transformer)
+def _sana_conditioning(rows, transformer) -> Conditioning:
+    conditioning = _masked_text_conditioning(rows, transformer)
     conditioning.kwargs.pop("added_cond_kwargs")  # PixArt's; Sana has no size conditioning
     return conditioning
 
@@ -112,7 +111,8 @@ class DenoisingFamily:
     """How a family's pipeline encodes prompts, batches one step and calls its transformer; one row per family.
 
     ``encode(pipe, prompts, max_sequence_length)`` -> named tensors (``negative_*`` ones hold one row, shared by
-    every prompt); ``conditioning(data, indices, transformer)`` -> the forward kwargs of a step; ``cfg_batch``:
+    every prompt); ``conditioning(rows, transformer)`` -> the forward kwargs of a step on a batch's rows of them
+    (:func:`conditioning_rows`); ``cfg_batch``:
     the pipeline batches the unconditional half in (FLUX.1 is guidance-distilled: the scale is an input);
     ``timestep(t, transformer)``: what the pipeline passes for the scheduler's timestep ``t``.
     """
@@ -150,9 +150,21 @@ def encode_prompts(pipe, transformer_class: str, prompts: list[str], max_sequenc
         return family.encode(pipe, prompts, max_sequence_length)
 
 
-def prompt_conditioning(data: dict, indices: torch.Tensor, transformer) -> Conditioning:
-    """Forward kwargs of the prompts ``indices`` of ``data`` (from :func:`encode_prompts`)."""
-    return denoising_family(type(transformer).__name__).conditioning(data, indices, transformer)
+# Tensors every prompt of a batch shares: the empty negative prompt's embeddings (one row) and FLUX's text ids.
+_SHARED_BY_PROMPTS = ("negative_", "text_ids")
+
+
+def conditioning_rows(conditioning: dict, indices: torch.Tensor) -> dict:
+    """The rows ``indices`` of encoded prompts (:func:`encode_prompts`) or class labels: one batch's conditioning."""
+    return {key: value if key.startswith(_SHARED_BY_PROMPTS) else value[indices]
+            for key, value in conditioning.items()}
+
+
+def step_conditioning(rows: dict, transformer) -> Conditioning:
+    """Forward kwargs of a batch's conditioning rows (:func:`conditioning_rows`), batched as the pipeline does."""
+    if "class_labels" in rows:
+        return class_conditioning(rows["class_labels"], transformer.config.num_embeds_ada_norm)
+    return denoising_family(type(transformer).__name__).conditioning(rows, transformer)
 
 
 def latent_noise(transformer, batch_size: int, generator: torch.Generator, latent_size: int | None = None):

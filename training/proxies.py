@@ -75,11 +75,15 @@ def sensitivity_proxy(schedule: CacheSchedule, final_latents: FinalLatents, cond
 PROXIES = {"paper": paper_proxy, "cumulative": cumulative_proxy, "sensitivity": sensitivity_proxy}
 
 
+def check_proxy(kind: str) -> None:
+    if kind not in PROXIES:
+        raise ValueError(f"Unknown proxy {kind!r}; choose one of {sorted(PROXIES)}.")
+
+
 def image_error_proxy(kind: str, schedule, final_latents: FinalLatents, conditioning, noise,
                       floor: float = 0.01) -> torch.Tensor:
     """The chosen proxy, floored at ``floor`` x its mean so no step's error term vanishes entirely."""
-    if kind not in PROXIES:
-        raise ValueError(f"Unknown proxy {kind!r}; choose one of {sorted(PROXIES)}.")
+    check_proxy(kind)
     weights = PROXIES[kind](schedule, final_latents, conditioning, noise)
     trained = weights[1:]
     if trained.numel():
