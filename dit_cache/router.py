@@ -36,12 +36,15 @@ class CacheRouter(torch.nn.Module):
 
     Optional parts (routers from ``objective: search``): ``cheap_actions`` ``[num_steps, num_units]``, the
     :class:`Action` each entry takes where it does not compute (default REUSE); ``unit_flops`` ``[num_units]``,
-    what ``flops=`` budgets are counted in; metadata ``flops_range`` ``[low, high]``, the budgets it serves.
+    what ``flops=`` budgets are counted in; metadata ``flops_range`` ``[low, high]``, the budgets it serves;
+    ``refined_plans`` ``[K, num_steps, num_units]``, action codes of plans the search improved at single budgets,
+    each replacing the nested plan (the threshold's) that skips the same share.
     """
 
     def __init__(self, num_steps: int, num_units: int, *, threshold: float = DEFAULT_THRESHOLD,
                  fixed_rows: torch.Tensor | None = None, metadata: dict | None = None, generator=None,
-                 cheap_actions: torch.Tensor | None = None, unit_flops: torch.Tensor | None = None):
+                 cheap_actions: torch.Tensor | None = None, unit_flops: torch.Tensor | None = None,
+                 refined_plans: torch.Tensor | None = None):
         super().__init__()
         if num_steps < 1 or num_units < 1:
             raise ValueError(f"A router needs num_steps >= 1 and num_units >= 1, got {num_steps} and {num_units}.")
@@ -57,6 +60,7 @@ class CacheRouter(torch.nn.Module):
         # Plain attributes, not buffers: RouterModule checkpoints of routers without them keep loading.
         self.cheap_actions = _checked_actions(cheap_actions, num_steps, num_units)
         self.unit_flops = None if unit_flops is None else check_unit_weights(unit_flops, num_units)
+        self.refined_plans = self._checked_refined_plans(refined_plans)
         self.clamp_()
 
     @property
@@ -110,7 +114,28 @@ class CacheRouter(torch.nn.Module):
         mask = self.schedule(threshold).mask
         if self.cheap_actions is None:
             return CachePlan.from_schedule(CacheSchedule(mask))
-        return plan_with_fallbacks(torch.where(mask, int(Action.COMPUTE), self.cheap_actions))
+        nested = plan_with_fallbacks(torch.where(mask, int(Action.COMPUTE), self.cheap_actions))
+        if self.refined_plans is not None:
+            share = nested.cached_share(self.unit_flops)
+            for codes in self.refined_plans:
+                refined = CachePlan(codes)
+                if abs(refined.cached_share(self.unit_flops) - share) < 1e-9:
+                    return refined
+        return nested
+
+    def _checked_refined_plans(self, plans) -> torch.Tensor | None:
+        if plans is None:
+            return None
+        plans = torch.as_tensor(plans)
+        if plans.ndim != 3 or tuple(plans.shape[1:]) != (self.num_steps, self.num_units) or plans.is_floating_point():
+            raise ValueError(f"refined_plans must be integer Action codes of shape (K, {self.num_steps}, "
+                             f"{self.num_units}), got {plans.dtype} {tuple(plans.shape)}.")
+        if self.unit_flops is None or self.cheap_actions is None:
+            raise ValueError("refined_plans need the router's unit_flops and cheap_actions (a searched router): "
+                             "they replace its nested plan at the same FLOP share.")
+        for codes in plans:
+            CachePlan(codes)  # refuses unknown codes and forecasts without the history they need
+        return plans.to(torch.int8).cpu().clone()
 
     @property
     def flops_range(self) -> tuple[float, float] | None:
@@ -205,6 +230,8 @@ class CacheRouter(torch.nn.Module):
             tensors["cheap_actions"] = self.cheap_actions.contiguous()
         if self.unit_flops is not None:
             tensors["unit_flops"] = self.unit_flops.contiguous()
+        if self.refined_plans is not None:
+            tensors["refined_plans"] = self.refined_plans.contiguous()
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
@@ -232,7 +259,8 @@ class CacheRouter(torch.nn.Module):
                              "e.g. with a lower learning rate.")
         try:
             router = cls(*logits.shape, threshold=threshold, fixed_rows=fixed_rows, metadata=metadata,
-                         cheap_actions=tensors.get("cheap_actions"), unit_flops=tensors.get("unit_flops"))
+                         cheap_actions=tensors.get("cheap_actions"), unit_flops=tensors.get("unit_flops"),
+                         refined_plans=tensors.get("refined_plans"))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
         with torch.no_grad():

@@ -8,6 +8,13 @@ branch type (attn1, attn2, ff) across all blocks; with ``whole_steps`` a whole s
 The order of the moves is the router: an entry removed earlier gets a lower logit, so cutting the order at any
 budget gives the plan the search had at that point (``CacheRouter.plan(flops=...)``).
 
+Refinement (``refine_from``): a nested order is greedy, so its coarsest plans inherit every early choice (on the
+embedded model the 75% plan left a six-step gap no later move could close). Once the order is complete, the plan at
+each budget from ``refine_from`` up is improved on its own by local search at that budget: move a computed entry up
+to ``refine_radius`` steps, or switch a cached entry to another action of the same cost, keeping the best improving
+change, up to ``refine_moves`` changes; one budget per training step. The router keeps these plans next to the order
+(``CacheRouter.refined_plans``): they replace the nested plan that skips the same share.
+
 Cost: a move changes the trajectory only from its step on, so every candidate restarts from a snapshot of the
 current plan's trajectory at that step (latents, scheduler, the cache's stored outputs). Lazy greedy: the first
 round measures the whole-step moves only (each group move starts from its step's score per FLOP); after it only
@@ -48,6 +55,10 @@ class SearchSettings:
         lazy_candidates: candidates measured again per move after the first round.
         default_flops: the budget of the exported router's threshold (what it does without ``flops=``); None: the
             largest one searched.
+        refine_from: after the order is complete, refine the plan of every budget from this skipped share up
+            (None: no refinement).
+        refine_radius: how many steps a refinement may move a computed entry.
+        refine_moves: improving changes per refined budget, at most.
     """
 
     groups: str = "branch"
@@ -58,6 +69,9 @@ class SearchSettings:
     max_flops: float = 0.7
     lazy_candidates: int = 2
     default_flops: float | None = 0.5
+    refine_from: float | None = None
+    refine_radius: int = 1
+    refine_moves: int = 3
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -67,7 +81,10 @@ class SearchSettings:
             raise ValueError(f"search.actions must name some of {', '.join(allowed)}; got {self.actions!r}.")
         if not 0.0 < self.max_flops < 1.0:
             raise ValueError(f"search.max_flops must be in (0, 1), got {self.max_flops}.")
-        for name in ("calibration_prompts", "lazy_candidates"):
+        if self.refine_from is not None and not 0.0 < self.refine_from <= self.max_flops:
+            raise ValueError(f"search.refine_from must be in (0, search.max_flops], or null for no refinement; "
+                             f"got {self.refine_from}.")
+        for name in ("calibration_prompts", "lazy_candidates", "refine_radius", "refine_moves"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
 
@@ -108,28 +125,54 @@ class GreedyPlanSearch(torch.nn.Module):
                                                  dtype=torch.float64))
         self.register_buffer("moves", torch.zeros((), dtype=torch.long))
         self.register_buffer("evaluations", torch.zeros((), dtype=torch.long))
+        # refined[R]: the refined group codes of the plan that caches the R first entries of the order (0: not
+        # refined); refined_errors[R]: (error before, error after) on the calibration batch.
+        entries = num_steps * len(self.groups) + 1
+        self.register_buffer("refined", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
+        self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = None
 
     # ---- plans -------------------------------------------------------------------------------------------
-    def codes(self, rank=None, action=None) -> torch.Tensor:
-        rank = self.rank if rank is None else rank
-        action = self.action if action is None else action
-        codes = torch.full((self.num_steps, self.num_units), int(Action.COMPUTE), dtype=torch.int8)
+    def group_codes(self, rank=None, action=None, removed: int | None = None) -> torch.Tensor:
+        """Action codes ``[num_steps, num_groups]``: the entries the order caches (its ``removed`` first ones, or
+        all so far) take their action, the others COMPUTE."""
+        rank = (self.rank if rank is None else rank).cpu()
+        action = (self.action if action is None else action).cpu()
+        cached = (rank >= 0) if removed is None else (rank >= 0) & (rank < removed)
+        return torch.where(cached, action, torch.full_like(action, int(Action.COMPUTE)))
+
+    def codes(self, rank=None, action=None, group_codes=None) -> torch.Tensor:
+        """Unit-level action codes ``[num_steps, num_units]`` of the order so far (or of ``group_codes``)."""
+        group_codes = self.group_codes(rank, action) if group_codes is None else group_codes
+        codes = torch.empty((self.num_steps, self.num_units), dtype=torch.int8)
         for index, units in enumerate(self.groups):
-            removed = rank[:, index] >= 0
-            codes[:, units] = torch.where(removed, action[:, index].cpu(), codes[:, units[0]])[:, None]
+            codes[:, units] = group_codes[:, index, None]
         return codes
 
-    def plan(self, rank=None, action=None) -> CachePlan:
-        return plan_with_fallbacks(self.codes(rank, action))
+    def plan(self, rank=None, action=None, group_codes=None) -> CachePlan:
+        return plan_with_fallbacks(self.codes(rank, action, group_codes))
 
     def skipped_share(self, rank=None, action=None) -> float:
         return self.plan(rank, action).cached_share(self.unit_flops)
 
     @property
-    def done(self) -> bool:
+    def ordered(self) -> bool:
+        """The greedy order is complete: it reached ``max_flops``, or nothing is left to cache."""
         return self.skipped_share() >= self.settings.max_flops - 1e-9 or not self._candidates()
+
+    @property
+    def done(self) -> bool:
+        return self.ordered and not self._levels_to_refine()
+
+    def _levels_to_refine(self) -> list[int]:
+        """The R (entries of the order cached) of the budgets still to refine, coarsest first."""
+        if self.settings.refine_from is None:
+            return []
+        total = int((self.rank >= 0).sum())
+        return [removed for removed in range(total, 0, -1) if not bool(self.refined[removed].any())
+                and self.plan(group_codes=self.group_codes(removed=removed)).cached_share(self.unit_flops)
+                >= self.settings.refine_from - 1e-9]
 
     def _candidates(self) -> list[tuple[int, int, int]]:
         """(step, move, action index) of every move still possible; move ``len(groups)`` is the whole step."""
@@ -164,9 +207,9 @@ class GreedyPlanSearch(torch.nn.Module):
             self.error.fill_(runner.error(final, self._reference))
             if int(self.moves) == 0:
                 self.trace[0] = torch.tensor([0.0, float(self.error)], dtype=torch.float64)
+        if self.ordered:
+            return self._refine_next(runner)
         candidates = self._candidates()
-        if self.done:
-            return {"moved": False}
         base_share = self.skipped_share()
         fresh = {}
 
@@ -215,6 +258,61 @@ class GreedyPlanSearch(torch.nn.Module):
         return {"moved": True, "step": step, "move": move_index, "action": self.actions[action_index].name,
                 "share": share, "error": float(self.error), "measured": len(fresh)}
 
+    # ---- refinement ------------------------------------------------------------------------------------------
+    def _neighbours(self, codes: torch.Tensor):
+        """(start step, codes) of every change refinement tries: a computed entry moved up to ``refine_radius``
+        steps (the entry it swaps with keeps its action), or a cached entry switched to another action of the
+        same cost; both keep the skipped share."""
+        radius, compute = self.settings.refine_radius, int(Action.COMPUTE)
+        for group in range(codes.shape[1]):
+            for step in range(1, self.num_steps):
+                code = int(codes[step, group])
+                if code == compute:
+                    for other in range(max(1, step - radius), min(self.num_steps, step + radius + 1)):
+                        if int(codes[other, group]) != compute:
+                            moved = codes.clone()
+                            moved[step, group], moved[other, group] = codes[other, group], compute
+                            yield min(step, other), moved
+                    continue
+                for action in self.actions:
+                    if int(action) != code and ACTION_COST[action] == ACTION_COST[Action(code)]:
+                        switched = codes.clone()
+                        switched[step, group] = int(action)
+                        yield step, switched
+
+    def _refine_next(self, runner: "TrajectoryRunner") -> dict:
+        """Refine the coarsest budget not refined yet: best improving change, up to ``refine_moves`` times."""
+        levels = self._levels_to_refine()
+        if not levels:
+            return {"moved": False}
+        removed = levels[0]
+        codes = self.group_codes(removed=removed)
+        final, snapshots = runner.recorded(self.plan(group_codes=codes))
+        before = error = runner.error(final, self._reference)
+        changes = 0
+        for _ in range(self.settings.refine_moves):
+            best, current = None, self.plan(group_codes=codes)
+            for start, candidate in self._neighbours(codes):
+                plan = self.plan(group_codes=candidate)
+                if plan == current:
+                    continue  # a switch to a forecast its unit lacks the history for: it falls back, nothing changes
+                final = runner.final_latents(plan, start=start, snapshots=snapshots)
+                self.evaluations += 1
+                measured = runner.error(final, self._reference)
+                if measured < (error if best is None else best[0]):
+                    best = (measured, candidate)
+            if best is None:
+                break
+            error, codes = best
+            changes += 1
+            final, snapshots = runner.recorded(self.plan(group_codes=codes))
+        self.refined[removed] = codes
+        self.refined_errors[removed] = torch.tensor([before, error], dtype=torch.float64)
+        share = self.plan(group_codes=codes).cached_share(self.unit_flops)
+        return {"moved": False, "refined": share, "error": error, "error_before": before, "changes": changes,
+                "summary": f"refined the {share:.1%} plan: final-latent MSE {before:.3g} -> {error:.3g} "
+                           f"({changes} changes)"}
+
     # ---- export ------------------------------------------------------------------------------------------
     def router(self, metadata: dict | None = None) -> CacheRouter:
         """The move order as a router: removed entries get logits in [-4.5, -0.5] by order, the others +5."""
@@ -232,8 +330,14 @@ class GreedyPlanSearch(torch.nn.Module):
         info = {**(metadata or {}), "flops_range": [0.0, reached],
                 "search_trace": [[round(float(s), 6), float(e)] for s, e in self.trace[: int(self.moves) + 1]],
                 "search_evaluations": int(self.evaluations)}
+        levels = [removed for removed in range(self.refined.shape[0]) if bool(self.refined[removed].any())]
+        refined = None
+        if levels:
+            refined = torch.stack([self.plan(group_codes=self.refined[r]).actions for r in levels])
+            info["refined_errors"] = [[round(self.plan(group_codes=self.refined[r]).cached_share(self.unit_flops), 6),
+                                       *map(float, self.refined_errors[r])] for r in levels]
         router = CacheRouter(self.num_steps, self.num_units, metadata=info, cheap_actions=actions,
-                             unit_flops=self.unit_flops.cpu())
+                             unit_flops=self.unit_flops.cpu(), refined_plans=refined)
         with torch.no_grad():
             router.logits.copy_(logits)
         default = self.settings.default_flops

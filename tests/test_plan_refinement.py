@@ -1,0 +1,117 @@
+"""Refinement of the searched plans at single budgets (``search.refine_from``) and the router's refined plans."""
+
+import math
+
+import pytest
+import torch
+
+from dit_cache import Action, CachePlan, CacheRouter
+from dit_cache.training.plan_search import SearchSettings
+from test_plan_search import SyntheticRunner, _search
+
+C, R, F = int(Action.COMPUTE), int(Action.REUSE), int(Action.FORECAST1)
+
+
+class GapRunner(SyntheticRunner):
+    """A 'final latent' whose error grows with the square of each run of cached steps (later runs a little
+    more): where a step is cached matters, not only how many are, so a greedy order is not optimal."""
+
+    def _final(self, plan):
+        self.runs += 1
+        cached = (plan.actions != Action.COMPUTE).any(dim=1).tolist()
+        total, run = 0.0, 0
+        for step, is_cached in enumerate(cached + [False]):
+            if is_cached:
+                run += 1
+            else:
+                total, run = total + run ** 2 * (1 + 0.1 * step), 0
+        return torch.tensor([math.sqrt(total)])
+
+
+def _searched(refine_from=0.6, steps=10, **settings):
+    search = _search(torch.ones(steps, 3), groups="step", max_flops=0.8, actions=["REUSE"],
+                     refine_from=refine_from, refine_radius=2, **settings)
+    runner = GapRunner(torch.ones(steps, 3))
+    outcomes = []
+    while not search.done:
+        outcomes.append(search.move(runner))
+    return search, runner, outcomes
+
+
+def _error(runner, plan):
+    return runner.error(runner.final_latents(plan), torch.zeros(1))
+
+
+def test_refinement_improves_the_coarse_plans_and_keeps_their_share():
+    search, runner, outcomes = _searched()
+    refined = [o for o in outcomes if "refined" in o]
+    assert [round(o["refined"], 6) for o in refined] == [0.8, 0.7, 0.6]  # coarsest first, from refine_from up
+    assert all(o["error"] <= o["error_before"] for o in refined)
+    assert all(o["error"] < o["error_before"] for o in refined)  # the gap cost makes every greedy plan improvable
+    router = search.router()
+    nested = CacheRouter(router.num_steps, router.num_units, cheap_actions=router.cheap_actions,
+                         unit_flops=router.unit_flops, metadata=router.metadata)
+    nested.logits.data.copy_(router.logits.data)
+    for outcome in refined:
+        plan, greedy = router.plan(flops=outcome["refined"]), nested.plan(flops=outcome["refined"])
+        assert plan.cached_share(router.unit_flops) == pytest.approx(outcome["refined"])
+        assert plan != greedy
+        assert _error(runner, plan) == pytest.approx(outcome["error"])
+        assert _error(runner, greedy) == pytest.approx(outcome["error_before"])
+    # below refine_from the router's plans are the nested ones
+    assert router.plan(flops=0.5) == nested.plan(flops=0.5)
+
+
+def test_refined_plans_round_trip_through_a_router_file(tmp_path):
+    router = _searched()[0].router()
+    router.save(tmp_path / "router.safetensors")
+    loaded = CacheRouter.load(tmp_path / "router.safetensors")
+    assert torch.equal(loaded.refined_plans, router.refined_plans)
+    for share in (0.3, 0.5, 0.6, 0.7, 0.8):
+        assert loaded.plan(flops=share) == router.plan(flops=share)
+
+
+def test_refinement_resumes_from_a_state_dict():
+    straight = _searched()[0]
+    first = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.6,
+                    refine_radius=2)
+    runner = GapRunner(torch.ones(10, 3))
+    while not first.ordered:
+        first.move(runner)
+    first.move(runner)  # one budget refined, then "killed"
+    resumed = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.6,
+                      refine_radius=2)
+    resumed.load_state_dict(first.state_dict())
+    while not resumed.done:
+        resumed.move(runner)
+    assert torch.equal(resumed.refined, straight.refined)
+
+
+def test_without_refine_from_nothing_is_refined():
+    search, _, outcomes = _searched(refine_from=None)
+    assert not any("refined" in o for o in outcomes)
+    assert search.router().refined_plans is None
+
+
+@pytest.mark.parametrize("settings, message", [({"refine_from": 0.9}, "refine_from"),
+                                               ({"refine_from": 0.0}, "refine_from"),
+                                               ({"refine_radius": 0}, "refine_radius"),
+                                               ({"refine_moves": 0}, "refine_moves")])
+def test_bad_refinement_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SearchSettings(max_flops=0.8, **settings)
+
+
+def test_bad_refined_plans_are_refused():
+    cheap = torch.full((4, 3), R, dtype=torch.int8)
+    flops = torch.ones(3)
+    with pytest.raises(ValueError, match=r"shape \(K, 4, 3\)"):
+        CacheRouter(4, 3, cheap_actions=cheap, unit_flops=flops, refined_plans=torch.ones(4, 3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="need the router's unit_flops and cheap_actions"):
+        CacheRouter(4, 3, refined_plans=torch.ones(1, 4, 3, dtype=torch.int8))
+    forecast_too_early = torch.full((1, 4, 3), C, dtype=torch.int8)
+    forecast_too_early[0, 1] = F  # one computed output before it: a FORECAST1 needs two
+    with pytest.raises(ValueError):
+        CacheRouter(4, 3, cheap_actions=cheap, unit_flops=flops, refined_plans=forecast_too_early)
+    assert CacheRouter(4, 3, cheap_actions=cheap, unit_flops=flops,
+                       refined_plans=CachePlan.uniform(4, 3, 2).actions[None]).refined_plans is not None
