@@ -21,6 +21,7 @@ from .cache import apply_cache, remove_cache
 from .flops import unit_flops
 from .plan import CachePlan
 from .schedule import CacheSchedule
+from .units import transformer_blocks
 
 
 @dataclass
@@ -43,31 +44,62 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _generation_seconds(transformer, inputs: dict, num_steps: int) -> float:
+class _BlockClock:
+    """Seconds spent inside the transformer blocks (forward pre-hook to forward hook of each block)."""
+
+    def __init__(self, transformer, device):
+        self.seconds, self.device = 0.0, device
+        self._handles = [hook for block in transformer_blocks(transformer)
+                         for hook in (block.register_forward_pre_hook(self._start),
+                                      block.register_forward_hook(self._stop))]
+
+    def _start(self, module, args):
+        _synchronize(self.device)
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        _synchronize(self.device)
+        self.seconds += time.perf_counter() - self._started
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bool = False) -> float:
+    """Seconds of one generation of ``num_steps`` steps: the whole forward, or (``per_block``) the blocks only."""
     device = inputs["hidden_states"].device
     # Decreasing timesteps, as a sampler gives them: forecasting extrapolates over them, and a timestep that goes
     # up again starts a new generation. Built before the clock starts.
     timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
+    clock = _BlockClock(transformer, device) if per_block else None
     _synchronize(device)
     start = time.perf_counter()
     for timestep in timesteps:
         transformer(**{**inputs, "timestep": timestep})
     _synchronize(device)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if clock is None:
+        return elapsed
+    clock.remove()
+    return clock.seconds
 
 
 def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePlan], inputs: dict, rounds: int = 5,
-                      warmup: int = 1, compile=False, baseline: str = "stock") -> list[SpeedResult]:
+                      warmup: int = 1, compile=False, baseline: str = "stock",
+                      per_block: bool = False) -> list[SpeedResult]:
     """Time one generation per schedule, interleaved over ``rounds``; the stock model runs in every round too.
 
     ``compile``: passed to ``apply_cache`` (the warmup rounds then also compile). Speedups are over ``baseline``,
     the stock model or one of ``schedules`` (e.g. the full plan, compiled: compiled + cached over compiled).
+    ``per_block``: time and count FLOPs inside the transformer blocks only, leaving out the embeddings and the
+    final layer, which a shallow copy of a deep model (1-2 of its 20-60 blocks) would otherwise overweight.
 
     Interleaving spreads background noise (other processes, thermal state) evenly over the candidates, so the
     ratios stay meaningful on a busy machine. Returns the stock model first.
     """
     num_steps = next(iter(schedules.values())).num_steps
-    per_unit, total = unit_flops(transformer, **inputs)
+    per_unit, total = unit_flops(transformer, blocks_only=per_block, **inputs)
     candidates = {"stock": None, **schedules}
     seconds = {name: [] for name in candidates}
     if baseline not in seconds:
@@ -80,7 +112,7 @@ def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePla
             schedule = candidates[name]
             if schedule is not None:
                 apply_cache(transformer, schedule, compile=compile)
-            elapsed = _generation_seconds(transformer, inputs, num_steps)
+            elapsed = _generation_seconds(transformer, inputs, num_steps, per_block)
             remove_cache(transformer)
             if round_index >= warmup:
                 seconds[name].append(elapsed)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .units import _unwrap, cache_units
+from .units import _block_lists, _unwrap, cache_units
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -23,18 +23,26 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
 
 
 @torch.no_grad()
-def unit_flops(transformer: torch.nn.Module, **forward_kwargs) -> tuple[torch.Tensor, int]:
+def unit_flops(transformer: torch.nn.Module, blocks_only: bool = False, **forward_kwargs) -> tuple[torch.Tensor, int]:
     """Per-unit FLOPs ``[num_units]`` and the FLOPs of the whole forward, for the given inputs.
 
-    Call with the exact keyword arguments of one denoising step (batch included: CFG doubles it).
+    Call with the exact keyword arguments of one denoising step (batch included: CFG doubles it). With
+    ``blocks_only`` the second figure counts the transformer blocks only, without the embeddings and the final
+    layer: what a block-level benchmark of a shallow copy measures (in the real model they amortize over its depth).
     """
     root = _unwrap(transformer)
     with FlopCounterMode(display=False, depth=None, custom_mapping=_EXTRA_FORMULAS) as counter:
         transformer(**forward_kwargs)
     by_module = counter.get_flop_counts()
     prefix = type(root).__name__
-    per_unit = [sum(by_module.get(f"{prefix}.{unit.path}", {}).values()) for unit in cache_units(transformer)]
-    return torch.tensor(per_unit, dtype=torch.float64), int(counter.get_total_flops())
+
+    def flops(path: str) -> int:
+        return sum(by_module.get(f"{prefix}.{path}", {}).values())
+
+    per_unit = [flops(unit.path) for unit in cache_units(transformer)]
+    total = (sum(flops(f"{attribute}.{index}") for attribute, blocks in _block_lists(transformer)
+                 for index in range(len(blocks))) if blocks_only else int(counter.get_total_flops()))
+    return torch.tensor(per_unit, dtype=torch.float64), total
 
 
 def _dit_inputs(config, batch, text_tokens, generator, size):

@@ -4,8 +4,10 @@ measured in the same run (as samples/benchmark_speed.py does for PixArt-alpha).
     OMP_NUM_THREADS=1 python samples/benchmark_families.py                  # CPU, ~6 min on one thread
     python samples/benchmark_families.py --device cuda --image_tokens 4096 --full_text  # the real token counts
 
-Widths, heads and branch structure are the real models'; depth is 1-2 blocks (per-block figures: the units'
-share of the work, hence the speedup of a uniform schedule, is per block). On a CPU the token counts are scaled
+Widths, heads and branch structure are the real models'; depth is 1-2 blocks, and the figures are per block: the
+clock runs inside the transformer blocks only and the FLOP-theoretical speedup counts the blocks' FLOPs only, since
+the embeddings and the final layer, run once per step, weigh 20-60x more in a 1-2 block copy than in the real
+model (``--whole_model`` times the whole forward instead). On a CPU the token counts are scaled
 down from the real ones (FLUX.1-dev 4096 image + 512 text tokens at 1024 px, SD3.5-large 4096 + 333, Sana 1600M
 1024 + 300) keeping each model's image:text ratio, so that the whole run takes minutes. Random weights: speed does
 not depend on what the weights are.
@@ -39,7 +41,7 @@ def _sample_size(name: str, transformer, image_tokens: int) -> int:
 
 
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
-         num_steps: int = 6, rounds: int = 3, device: str = "cpu"):
+         num_steps: int = 6, rounds: int = 3, device: str = "cpu", whole_model: bool = False):
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
@@ -48,6 +50,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.
         rounds: timed generations per schedule (the median is reported), after one warm-up round.
+        whole_model: time the whole forward (embeddings and final layer included) instead of the blocks.
     """
     for name in families:
         build, real_image_tokens, real_text_tokens = FAMILIES[name]
@@ -64,12 +67,13 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
             "uniform interval 2": CacheSchedule.uniform(num_steps, num_units, 2),
             "uniform interval 3": CacheSchedule.uniform(num_steps, num_units, 3),
         }
-        results = compare_schedules(transformer, schedules, inputs, rounds=rounds)
+        results = compare_schedules(transformer, schedules, inputs, rounds=rounds, per_block=not whole_model)
         config = transformer.config
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
               f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {image_tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
-              f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}")
+              f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}, "
+              f"timed: {'whole forward' if whole_model else 'blocks'}")
         print(format_results(results))
         print(f"hook overhead with the full schedule: {results[1].seconds / results[0].seconds - 1:+.2%}")
         del transformer

@@ -129,3 +129,28 @@ def test_bad_pipeline_arguments_give_one_line_and_write_nothing(argument, messag
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and message in errors[0]
     assert not out.exists()
+
+
+def test_per_block_figures_time_and_count_the_blocks_only():
+    from dit_cache import CacheSchedule, cache_units
+    from dit_cache.benchmark import _BlockClock, compare_schedules
+    from dit_cache.flops import step_inputs, unit_flops
+
+    transformer = tiny_sd3_pipeline().transformer
+    inputs = step_inputs(transformer, batch=2, text_tokens=8)
+    per_unit, whole = unit_flops(transformer, **inputs)
+    _, blocks = unit_flops(transformer, blocks_only=True, **inputs)
+    assert float(per_unit.sum()) < blocks < whole  # blocks hold the units and their norms, not the embeddings
+
+    clock = _BlockClock(transformer, torch.device("cpu"))
+    with torch.no_grad():
+        transformer(**inputs)
+    clock.remove()
+    assert clock.seconds > 0
+    assert not any(block._forward_hooks or block._forward_pre_hooks for block in transformer.transformer_blocks)
+
+    uniform = {"uniform 2": CacheSchedule.uniform(4, len(cache_units(transformer)), 2)}
+    by_block = compare_schedules(transformer, uniform, inputs, rounds=1, warmup=0, per_block=True)
+    by_model = compare_schedules(transformer, uniform, inputs, rounds=1, warmup=0)
+    # the same schedule saves a larger share of the blocks' work than of the whole forward's
+    assert by_block[1].theoretical_speedup > by_model[1].theoretical_speedup
