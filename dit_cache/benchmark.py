@@ -43,7 +43,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 class _BlockClock:
     """Seconds spent inside the transformer blocks (forward pre-hook to forward hook of each block)."""
 
@@ -66,6 +65,7 @@ class _BlockClock:
             handle.remove()
 
 
+@torch.no_grad()
 def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bool = False) -> float:
     """Seconds of one generation of ``num_steps`` steps: the whole forward, or (``per_block``) the blocks only."""
     device = inputs["hidden_states"].device
