@@ -38,6 +38,19 @@ def weighted_sum(weights, outputs):
     return total
 
 
+def extrapolate(weights, outputs):
+    """:func:`weighted_sum` for Lagrange weights (they sum to 1): two points as one ``lerp`` pass over memory
+    instead of a multiply and an add, the cost that makes a forecast slower than a reuse."""
+    if len(outputs) != 2:
+        return weighted_sum(weights, outputs)
+    newer, older = outputs[1], outputs[0]
+    if newer is None:
+        return None
+    if not torch.is_tensor(newer):
+        return type(newer)(extrapolate(weights, [o[i] for o in outputs]) for i in range(len(newer)))
+    return torch.lerp(newer, older, weights[0])
+
+
 def linear_sources(plan) -> dict[tuple[int, int], list[int]]:
     """For each LINEAR entry ``(step, unit)``: the steps of the K outputs it combines, newest first."""
     from .plan import Action

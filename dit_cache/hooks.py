@@ -12,7 +12,7 @@ from collections import deque
 import torch
 from diffusers.hooks import ModelHook
 
-from .forecast import lagrange_weights, weighted_sum
+from .forecast import extrapolate, lagrange_weights, weighted_sum
 from .plan import Action, CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
@@ -89,6 +89,7 @@ class CacheState:
             self.reset()  # the timesteps of a generation decrease: a larger one starts a new generation
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
+        self._forecast_weights = {}
         if self.step == 0:
             self.actions = self._compute_row
         elif self.mode == SCHEDULE:
@@ -110,8 +111,12 @@ class CacheState:
     def forecast(self, unit: int, order: int):
         """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
         history = list(self.outputs[unit])[-(order + 1):]
-        weights = lagrange_weights([self.times[step] for step, _ in history], self.times[self.step])
-        return weighted_sum(weights, [output for _, output in history])
+        steps = tuple(step for step, _ in history)
+        weights = self._forecast_weights.get(steps)
+        if weights is None:  # units that computed at the same steps share their weights within a step
+            weights = lagrange_weights([self.times[step] for step in steps], self.times[self.step])
+            self._forecast_weights[steps] = weights
+        return extrapolate(weights, [output for _, output in history])
 
     def linear(self, unit: int):
         """The plan's learned weights over the last K computed outputs, the newest first."""

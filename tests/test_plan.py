@@ -297,3 +297,17 @@ def test_preset_strings_parse_or_name_the_syntax(spec, message):
     with pytest.raises(ValueError, match=message):
         CachePlan.parse(spec, STEPS, 6)
     assert CachePlan.parse("taylor:3:1", STEPS, 6) == CachePlan.taylor(STEPS, 6, interval=3, order=1)
+
+
+def test_extrapolate_equals_the_weighted_sum_for_tensors_and_tuples():
+    from dit_cache.forecast import extrapolate, weighted_sum
+
+    generator = torch.Generator().manual_seed(0)
+    for points in (2, 3):
+        weights = lagrange_weights([900.0, 700.0, 450.0][:points], 300.0)
+        outputs = [(torch.randn(2, 5, generator=generator), None, torch.randn(3, generator=generator))
+                   for _ in range(points)]
+        fast, plain = extrapolate(weights, outputs), weighted_sum(weights, outputs)
+        assert fast[1] is None
+        for a, b in zip((fast[0], fast[2]), (plain[0], plain[2])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
