@@ -96,7 +96,8 @@ def test_without_refine_from_nothing_is_refined():
 @pytest.mark.parametrize("settings, message", [({"refine_from": 0.9}, "refine_from"),
                                                ({"refine_from": 0.0}, "refine_from"),
                                                ({"refine_radius": 0}, "refine_radius"),
-                                               ({"refine_moves": 0}, "refine_moves")])
+                                               ({"refine_moves": 0}, "refine_moves"),
+                                               ({"validation_prompts": -1}, "validation_prompts")])
 def test_bad_refinement_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchSettings(max_flops=0.8, **settings)
@@ -115,3 +116,35 @@ def test_bad_refined_plans_are_refused():
         CacheRouter(4, 3, cheap_actions=cheap, unit_flops=flops, refined_plans=forecast_too_early)
     assert CacheRouter(4, 3, cheap_actions=cheap, unit_flops=flops,
                        refined_plans=CachePlan.uniform(4, 3, 2).actions[None]).refined_plans is not None
+
+
+class ShiftAverse(GapRunner):
+    """A validation batch on which every plan but the greedy one's errs more: its error is the number of steps
+    computed where the plan being refined started does not compute."""
+
+    def __init__(self, cost, start_codes):
+        super().__init__(cost)
+        self.start = start_codes
+
+    def _final(self, plan):
+        computed = (plan.actions == Action.COMPUTE).all(dim=1)
+        return torch.tensor([float((computed & ~self.start).sum())])
+
+
+def test_a_validation_batch_stops_changes_it_does_not_confirm():
+    agreeing = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.8,
+                       refine_radius=2)
+    runner = GapRunner(torch.ones(10, 3))
+    while not agreeing.ordered:
+        agreeing.move(runner)
+    start = (agreeing.plan(group_codes=agreeing.group_codes(removed=8)).actions == Action.COMPUTE).all(dim=1)
+    confirmed = agreeing.move(runner, GapRunner(torch.ones(10, 3)))  # the same error on validation: confirmed
+    assert confirmed["changes"] > 0 and confirmed["error"] < confirmed["error_before"]
+
+    refused = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.8,
+                      refine_radius=2)
+    while not refused.ordered:
+        refused.move(runner)
+    outcome = refused.move(runner, ShiftAverse(torch.ones(10, 3), start))
+    assert outcome["changes"] == 0 and outcome["error"] == outcome["error_before"]
+    assert torch.equal(refused.refined[8], refused.group_codes(removed=8))

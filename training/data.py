@@ -125,10 +125,11 @@ class RouterDataModule(L.LightningDataModule):
         key = "class_labels" if "class_labels" in self.conditioning else "prompt_embeds"
         return self.conditioning[key].shape[0]
 
-    def calibration_conditioning(self, count: int) -> dict:
-        """The conditioning rows of the first ``count`` prompts (or labels), repeated if there are fewer: a fixed
-        batch that does not depend on where a run resumes (``objective: search`` calibrates on it)."""
-        return conditioning_rows(self.conditioning, torch.arange(count) % self.num_conditions)
+    def calibration_conditioning(self, count: int, start: int = 0) -> dict:
+        """The conditioning rows of ``count`` prompts (or labels) from the ``start``-th, repeated if there are
+        fewer: a fixed batch that does not depend on where a run resumes (``objective: search`` calibrates on the
+        first ones and validates on the next ones)."""
+        return conditioning_rows(self.conditioning, torch.arange(start, start + count) % self.num_conditions)
 
     def _with_conditioning(self, trajectory):
         prompt_indices, seed = trajectory

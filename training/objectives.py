@@ -117,7 +117,7 @@ class PlanSearch(Objective):
 
     def __init__(self, settings: SearchSettings | None = None):
         self.settings = settings or SearchSettings()
-        self._runner = None  # the calibration batch's runs; rebuilt after a resume
+        self._runner = self._validation = None  # the calibration (validation) batch's runs; rebuilt after a resume
 
     def attach(self, module) -> None:
         flops, _ = step_flops(module.transformer)
@@ -126,8 +126,10 @@ class PlanSearch(Objective):
     def training_step(self, module, batch, batch_index: int) -> None:
         search = module.search
         if self._runner is None:
-            self._runner = self._calibration_runner(module)
-        outcome = search.move(self._runner)
+            count, validation = self.settings.calibration_prompts, self.settings.validation_prompts
+            self._runner = self._calibration_runner(module, count)
+            self._validation = self._calibration_runner(module, validation, start=count) if validation else None
+        outcome = search.move(self._runner, self._validation)
         # A move changes no parameter, but Lightning counts global steps (and so checkpoints) by optimizer steps:
         # an empty one (no gradients: AdamW leaves the logits alone) makes every move a step.
         module.optimizers().step()
@@ -143,9 +145,10 @@ class PlanSearch(Objective):
         if search.done:
             module.trainer.should_stop = True
 
-    def _calibration_runner(self, module) -> TrajectoryRunner:
-        count, seed = self.settings.calibration_prompts, self.settings.calibration_seed
-        conditioning = module.conditioning(module.trainer.datamodule.calibration_conditioning(count))
+    def _calibration_runner(self, module, count: int, start: int = 0) -> TrajectoryRunner:
+        """Runs of ``count`` prompts from the ``start``-th, noise seeds ``calibration_seed + start`` on."""
+        seed = self.settings.calibration_seed + start
+        conditioning = module.conditioning(module.trainer.datamodule.calibration_conditioning(count, start))
         noise = torch.cat([module.noise(1, seed + i) for i in range(count)])
         return TrajectoryRunner(module.denoiser, module.inference_scheduler, module.handle, noise, conditioning,
                                 module.hparams.num_steps)

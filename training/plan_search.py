@@ -59,6 +59,9 @@ class SearchSettings:
             (None: no refinement).
         refine_radius: how many steps a refinement may move a computed entry.
         refine_moves: improving changes per refined budget, at most.
+        validation_prompts: prompts after the calibration ones (noise seeds following theirs) on which every
+            refinement change must lower the error too, or the refinement of that budget stops: a guard against
+            fitting the calibration batch (0: no guard).
     """
 
     groups: str = "branch"
@@ -72,6 +75,7 @@ class SearchSettings:
     refine_from: float | None = None
     refine_radius: int = 1
     refine_moves: int = 3
+    validation_prompts: int = 0
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -84,6 +88,8 @@ class SearchSettings:
         if self.refine_from is not None and not 0.0 < self.refine_from <= self.max_flops:
             raise ValueError(f"search.refine_from must be in (0, search.max_flops], or null for no refinement; "
                              f"got {self.refine_from}.")
+        if self.validation_prompts < 0:
+            raise ValueError(f"search.validation_prompts must be >= 0, got {self.validation_prompts}.")
         for name in ("calibration_prompts", "lazy_candidates", "refine_radius", "refine_moves"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
@@ -131,7 +137,7 @@ class GreedyPlanSearch(torch.nn.Module):
         self.register_buffer("refined", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
         self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
-        self._reference = None
+        self._reference = self._validation_reference = None
 
     # ---- plans -------------------------------------------------------------------------------------------
     def group_codes(self, rank=None, action=None, removed: int | None = None) -> torch.Tensor:
@@ -197,8 +203,9 @@ class GreedyPlanSearch(torch.nn.Module):
 
     # ---- one move ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def move(self, runner: "TrajectoryRunner") -> dict:
-        """Measure the candidates this round needs, make the best move; returns what happened."""
+    def move(self, runner: "TrajectoryRunner", validation: "TrajectoryRunner | None" = None) -> dict:
+        """Measure the candidates this round needs, make the best move (or, once the order is complete, refine
+        one budget, each change checked on ``validation`` if given); returns what happened."""
         if self._reference is None:
             self._reference = runner.final_latents(CachePlan.full(self.num_steps, self.num_units))
             self._snapshots = None
@@ -208,7 +215,7 @@ class GreedyPlanSearch(torch.nn.Module):
             if int(self.moves) == 0:
                 self.trace[0] = torch.tensor([0.0, float(self.error)], dtype=torch.float64)
         if self.ordered:
-            return self._refine_next(runner)
+            return self._refine_next(runner, validation)
         candidates = self._candidates()
         base_share = self.skipped_share()
         fresh = {}
@@ -280,8 +287,9 @@ class GreedyPlanSearch(torch.nn.Module):
                         switched[step, group] = int(action)
                         yield step, switched
 
-    def _refine_next(self, runner: "TrajectoryRunner") -> dict:
-        """Refine the coarsest budget not refined yet: best improving change, up to ``refine_moves`` times."""
+    def _refine_next(self, runner: "TrajectoryRunner", validation: "TrajectoryRunner | None" = None) -> dict:
+        """Refine the coarsest budget not refined yet: best improving change, up to ``refine_moves`` times; with
+        ``validation``, a change that does not lower the validation error too ends it (and is not made)."""
         levels = self._levels_to_refine()
         if not levels:
             return {"moved": False}
@@ -289,6 +297,12 @@ class GreedyPlanSearch(torch.nn.Module):
         codes = self.group_codes(removed=removed)
         final, snapshots = runner.recorded(self.plan(group_codes=codes))
         before = error = runner.error(final, self._reference)
+        if validation is not None:
+            if self._validation_reference is None:
+                self._validation_reference = validation.final_latents(
+                    CachePlan.full(self.num_steps, self.num_units))
+            held_out = validation.error(validation.final_latents(self.plan(group_codes=codes)),
+                                        self._validation_reference)
         changes = 0
         for _ in range(self.settings.refine_moves):
             best, current = None, self.plan(group_codes=codes)
@@ -303,6 +317,12 @@ class GreedyPlanSearch(torch.nn.Module):
                     best = (measured, candidate)
             if best is None:
                 break
+            if validation is not None:
+                checked = validation.error(validation.final_latents(self.plan(group_codes=best[1])),
+                                           self._validation_reference)
+                if checked >= held_out:
+                    break
+                held_out = checked
             error, codes = best
             changes += 1
             final, snapshots = runner.recorded(self.plan(group_codes=codes))
