@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .schedule import CacheSchedule, check_unit_weights
+from .schedule import CacheSchedule, check_shape, check_unit_weights
 
 PLAN_FORMAT = "dit-cache/plan"
 
@@ -219,7 +219,8 @@ class CachePlan:
         return full / (full - saved)
 
     def check_compatible(self, num_steps: int | None = None, num_units: int | None = None) -> None:
-        CacheSchedule.check_compatible(self, num_steps, num_units)
+        """Raise a ValueError naming both shapes if this plan does not fit the given steps / units."""
+        check_shape(self, "plan", num_steps, num_units)
 
     # ---- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -11,6 +11,22 @@ from safetensors.torch import save_file
 SCHEDULE_FORMAT = "dit-cache/schedule"
 
 
+def check_shape(decisions, kind: str, num_steps: int | None, num_units: int | None) -> None:
+    """Raise a ValueError naming both shapes if ``decisions`` (a schedule or a plan: ``kind``) does not fit the
+    given steps / units."""
+    if num_units is not None and num_units != decisions.num_units:
+        raise ValueError(
+            f"The {kind} has {decisions.num_units} units per step but the transformer has {num_units} "
+            f"cacheable units: it was built for another model. Build one with num_units="
+            f"len(dit_cache.cache_units(transformer)) = {num_units}."
+        )
+    if num_steps is not None and num_steps != decisions.num_steps:
+        raise ValueError(
+            f"The {kind} has {decisions.num_steps} steps but {num_steps} denoising steps were requested. "
+            f"Use num_inference_steps={decisions.num_steps}, or build a {kind} for {num_steps} steps."
+        )
+
+
 def check_unit_weights(unit_weights, num_units: int) -> torch.Tensor:
     """``unit_weights`` as a float64 CPU vector of ``num_units`` positive numbers (``None``: all ones)."""
     if unit_weights is None:
@@ -93,17 +109,7 @@ class CacheSchedule:
 
     def check_compatible(self, num_steps: int | None = None, num_units: int | None = None) -> None:
         """Raise a ValueError naming both shapes if this schedule does not fit the given steps / units."""
-        if num_units is not None and num_units != self.num_units:
-            raise ValueError(
-                f"The schedule has {self.num_units} units per step but the transformer has {num_units} "
-                "cacheable units: it was built for another model. Build one with num_units="
-                f"len(dit_cache.cache_units(transformer)) = {num_units}."
-            )
-        if num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(
-                f"The schedule has {self.num_steps} steps but {num_steps} denoising steps were requested. "
-                f"Use num_inference_steps={self.num_steps}, or build a schedule for {num_steps} steps."
-            )
+        check_shape(self, "schedule", num_steps, num_units)
 
     def save(self, path: str | Path) -> None:
         metadata = {"format": SCHEDULE_FORMAT, "cache_ratio": f"{self.cache_ratio:.6f}"}

@@ -311,3 +311,12 @@ def test_extrapolate_equals_the_weighted_sum_for_tensors_and_tuples():
         assert fast[1] is None
         for a, b in zip((fast[0], fast[2]), (plain[0], plain[2])):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_plan_for_another_shape_is_refused_naming_the_plan_and_the_fix():
+    plan = CachePlan.uniform(4, 3, 2)
+    with pytest.raises(ValueError, match=r"The plan has 3 units per step but the transformer has 5 .* num_units="):
+        plan.check_compatible(num_units=5)
+    with pytest.raises(ValueError, match=r"The plan has 4 steps but 6 .* num_inference_steps=4, or build a plan"):
+        plan.check_compatible(num_steps=6)
+    plan.check_compatible(num_steps=4, num_units=3)
