@@ -242,6 +242,8 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     assert torch.equal(resumed.cheap_actions, straight.cheap_actions)
     assert resumed.threshold == straight.threshold
     assert json.dumps(resumed.metadata["search_trace"]) == json.dumps(straight.metadata["search_trace"])
+    # the shipped config refines its coarse budgets after the order: the refined plans resume too
+    assert straight.refined_plans is not None and torch.equal(resumed.refined_plans, straight.refined_plans)
 
 
 # ---- pipelines ---------------------------------------------------------------------------------------------------
