@@ -133,7 +133,8 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
         if searched_router is not None:
             plans[f"searched@{budget}"] = ("searched", budget, searched_router.plan(flops=budget))
         plans[f"harmonica@{budget}"] = ("harmonica", budget, harmonica.plan())
-        plans[f"whole-step greedy@{budget}"] = ("whole-step greedy", budget, steps_router.plan(flops=budget))
+        if budget <= steps_router.flops_range[1] + 1e-9:  # the baseline was searched to a smaller budget
+            plans[f"whole-step greedy@{budget}"] = ("whole-step greedy", budget, steps_router.plan(flops=budget))
     for spec in presets:
         plan = CachePlan.parse(spec, steps, units)
         plans[spec] = (spec, plan.cached_share(unit_flops), plan)
