@@ -218,7 +218,7 @@ def _search_args(model, folder, moves):
     """The shipped search config with the tiny model, run in a folder of its own (router, checkpoints)."""
     config = Path(__file__).parents[1] / "training" / "configs" / "embedded_search.yaml"
     return ["fit", "--config", str(config), "--model.model", model, "--model.num_steps", "5",
-            "--model.search.max_flops", "0.6", "--data.prompts", '["a red circle", "a cat"]',
+            "--model.search.max_flops", "0.6", "--model.search.refine_from", "0.5", "--data.prompts", '["a red circle", "a cat"]',
             "--data.num_trajectories", str(moves), "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder)]
 
