@@ -228,7 +228,7 @@ class GuidedDenoiser:
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
 
-def load_denoising_components(model: str, scheduler: str | None = None, torch_dtype=torch.float32):
+def load_denoising_components(model: str, scheduler: str | None = None, dtype=torch.float32):
     """Transformer and scheduler of a diffusers pipeline folder or hub id, without its text encoder or VAE.
 
     ``scheduler`` names another diffusers scheduler class to sample with (built from the pipeline's config).
@@ -236,7 +236,7 @@ def load_denoising_components(model: str, scheduler: str | None = None, torch_dt
     model = resolve_model(model)
     config = DiffusionPipeline.load_config(model)
     skip = {name: None for name in ("text_encoder", "tokenizer", "vae") if name in config}
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, **skip)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **skip)
     if scheduler is not None:
         if not hasattr(diffusers, scheduler):
             raise ValueError(f"diffusers has no scheduler {scheduler!r} (e.g. DDIMScheduler, DPMSolverMultistepScheduler).")
