@@ -197,7 +197,7 @@ def test_peak_memory_measures_a_training_step_above_an_inference_step_and_leaves
 def test_a_search_step_prints_the_summary_the_search_gives(pixart_folder, monkeypatch, capsys):
     from dit_cache.training.plan_search import GreedyPlanSearch, SearchSettings
 
-    monkeypatch.setattr(GreedyPlanSearch, "move", lambda self, runner: {"moved": False, "summary": "refined step 2"})
+    monkeypatch.setattr(GreedyPlanSearch, "move", lambda self, runner, validation=None: {"moved": False, "summary": "refined step 2"})
     module = RouterModule(pixart_folder, num_steps=4, objective="search", search=SearchSettings(max_flops=0.5))
     _fit(module, pixart_folder, num_trajectories=2)
     assert capsys.readouterr().out.count("refined step 2") == 2
