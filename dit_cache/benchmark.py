@@ -73,16 +73,16 @@ def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bo
     # up again starts a new generation. Built before the clock starts.
     timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
     clock = _BlockClock(transformer, device) if per_block else None
-    _synchronize(device)
-    start = time.perf_counter()
-    for timestep in timesteps:
-        transformer(**{**inputs, "timestep": timestep})
-    _synchronize(device)
-    elapsed = time.perf_counter() - start
-    if clock is None:
-        return elapsed
-    clock.remove()
-    return clock.seconds
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        for timestep in timesteps:
+            transformer(**{**inputs, "timestep": timestep})
+        _synchronize(device)
+        return time.perf_counter() - start if clock is None else clock.seconds
+    finally:
+        if clock is not None:
+            clock.remove()
 
 
 def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePlan], inputs: dict, rounds: int = 5,

@@ -71,6 +71,8 @@ class CacheState:
         self.step = 0
         self.times: list[float] = []
         self.last_time: float | None = None
+        # (step, the steps its history was computed at) -> Lagrange weights, shared by the units alike there
+        self._forecast_weights: dict[tuple, list[float]] = {}
         self.actions = self._compute_row
         for history in self.outputs:
             history.clear()
@@ -89,7 +91,6 @@ class CacheState:
             self.reset()  # the timesteps of a generation decrease: a larger one starts a new generation
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
-        self._forecast_weights = {}
         if self.step == 0:
             self.actions = self._compute_row
         elif self.mode == SCHEDULE:
@@ -111,11 +112,11 @@ class CacheState:
     def forecast(self, unit: int, order: int):
         """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
         history = list(self.outputs[unit])[-(order + 1):]
-        steps = tuple(step for step, _ in history)
-        weights = self._forecast_weights.get(steps)
-        if weights is None:  # units that computed at the same steps share their weights within a step
-            weights = lagrange_weights([self.times[step] for step in steps], self.times[self.step])
-            self._forecast_weights[steps] = weights
+        sources = tuple(step for step, _ in history)
+        weights = self._forecast_weights.get((self.step, sources))
+        if weights is None:
+            weights = lagrange_weights([self.times[step] for step in sources], self.times[self.step])
+            self._forecast_weights[(self.step, sources)] = weights
         return extrapolate(weights, [output for _, output in history])
 
     def linear(self, unit: int):

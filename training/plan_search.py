@@ -297,12 +297,7 @@ class GreedyPlanSearch(torch.nn.Module):
         codes = self.group_codes(removed=removed)
         final, snapshots = runner.recorded(self.plan(group_codes=codes))
         before = error = runner.error(final, self._reference)
-        if validation is not None:
-            if self._validation_reference is None:
-                self._validation_reference = validation.final_latents(
-                    CachePlan.full(self.num_steps, self.num_units))
-            held_out = validation.error(validation.final_latents(self.plan(group_codes=codes)),
-                                        self._validation_reference)
+        held_out = None  # the validation error of the current plan, measured once a change needs checking
         changes = 0
         for _ in range(self.settings.refine_moves):
             best, current = None, self.plan(group_codes=codes)
@@ -318,8 +313,9 @@ class GreedyPlanSearch(torch.nn.Module):
             if best is None:
                 break
             if validation is not None:
-                checked = validation.error(validation.final_latents(self.plan(group_codes=best[1])),
-                                           self._validation_reference)
+                if held_out is None:
+                    held_out = self._validation_error(validation, codes)
+                checked = self._validation_error(validation, best[1])
                 if checked >= held_out:
                     break
                 held_out = checked
@@ -332,6 +328,11 @@ class GreedyPlanSearch(torch.nn.Module):
         return {"moved": False, "refined": share, "error": error, "error_before": before, "changes": changes,
                 "summary": f"refined the {share:.1%} plan: final-latent MSE {before:.3g} -> {error:.3g} "
                            f"({changes} changes)"}
+
+    def _validation_error(self, validation: "TrajectoryRunner", codes: torch.Tensor) -> float:
+        if self._validation_reference is None:
+            self._validation_reference = validation.final_latents(CachePlan.full(self.num_steps, self.num_units))
+        return validation.error(validation.final_latents(self.plan(group_codes=codes)), self._validation_reference)
 
     # ---- export ------------------------------------------------------------------------------------------
     def router(self, metadata: dict | None = None) -> CacheRouter:
