@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .bench_rounds import RestorationError, Rounds, can_fork, default_workers, measure
 from .cache import apply_cache, remove_cache
 from .flops import unit_flops
 from .plan import CachePlan
@@ -211,7 +212,10 @@ class BenchConfig:
     families: tuple[str, ...] = ()  # empty: all
     routers: tuple[str, ...] = ()  # router files besides the shipped one (embedded model only)
     settings_per_family: int | None = None  # None: all; k: k settings spread over each family's range
-    threads: int = 1
+    threads: int = 1  # torch threads of each worker
+    # Processes measuring shares of the inputs at once (each its own warm-up and checks). None: 2 where there are
+    # two CPUs per worker and processes fork (Linux), else 1.
+    workers: int | None = None
     resamples: int = 10_000
     plot: bool = True
     # False: speed only (cache ratio, FLOPs skipped, speedup), e.g. on randomly initialised tiny models, where
@@ -228,6 +232,10 @@ class BenchConfig:
             raise ValueError(f"--count must be at least 1 (got {self.count}).")
         if self.steps < 2:
             raise ValueError(f"--steps must be at least 2 (got {self.steps}).")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be at least 1 (got {self.workers}).")
+        if (self.workers or 1) > 1 and not can_fork():
+            raise ValueError(f"--workers {self.workers} needs processes that fork (Linux); use --workers 1 here.")
         if self.settings_per_family is not None and self.settings_per_family < 1:
             raise ValueError(f"--settings-per-family must be at least 1 (got {self.settings_per_family}).")
         unknown = [name for name in self.families if name not in FAMILIES]
@@ -246,6 +254,9 @@ class BenchConfig:
                              f"--count and --seed instead.")
         if self.plot and self.quality:
             require_matplotlib()
+
+    def resolved_workers(self) -> int:
+        return self.workers if self.workers is not None else default_workers(self.threads)
 
     @property
     def selected_families(self) -> tuple[str, ...]:
@@ -290,17 +301,6 @@ def build_candidates(setup, config: BenchConfig) -> list:
     return candidates
 
 
-class RestorationError(RuntimeError):
-    """A candidate's removal did not leave the stock model: the run is not reported."""
-
-
-def _check_restored(pipe, signature, label: str) -> None:
-    from .peers import module_signature
-
-    if module_signature(pipe.transformer) != signature:
-        raise RestorationError(f"removing {label} left hooks or an instance forward on the transformer.")
-
-
 @torch.no_grad()
 def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list | None = None,
                   router_paths: dict[str, str] | None = None, model_name: str = "") -> dict:
@@ -337,8 +337,6 @@ def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list |
 
 
 def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_name: str) -> dict:
-    import numpy as np
-
     from . import peers
     from .embedded import EMBEDDED_GUIDANCE_SCALE
     from .flops import step_flops
@@ -373,68 +371,14 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
                 peers.remove_diffusers_hooks(pipe.transformer)
                 setup.leave_out("MagCache", "calibration: " + _failure("MagCache", pipe, error))
         candidates = candidates if candidates is not None else build_candidates(setup, config)
-        progress.total += 2 + 2 * (len(candidates) - 1) + config.count * len(candidates)
+        rounds = Rounds(pipe, candidates, setup, unit_flops, call, config.count, config.threads)
+        workers = min(config.resolved_workers(), config.count)
+        progress.total += workers * rounds.calls_per_worker() + config.count * len(candidates)
         progress.refresh()
-        signature = peers.module_signature(pipe.transformer)
-
-        def generate(candidate, index: int) -> tuple[np.ndarray, float, dict]:
-            meter.reset()
-            candidate.apply(pipe)
-            try:
-                with candidate.call_context(pipe):
-                    start = time.perf_counter()
-                    image = pipe(**call(index)).images[0]
-                    seconds = time.perf_counter() - start
-                stats = getattr(pipe, "cache_stats", None)
-                counts = {"cache_ratio": meter.cache_ratio(), "skipped_flop_share": meter.skipped_flop_share(unit_flops),
-                          "engine_cache_ratio": None if stats is None else stats.cache_ratio}
-            finally:
-                candidate.remove(pipe)
-            _check_restored(pipe, signature, candidate.label)
-            progress.update(1)
-            return image, seconds, counts
-
-        def check_bitwise(label: str) -> None:
-            image, _, _ = generate(peers.UNCACHED, 0)
-            if not np.array_equal(image, warm_reference):
-                raise RestorationError(f"after removing {label}, the uncached image is not bitwise the reference.")
-
-        # Warm-up: one untimed call per configuration, each followed by the bitwise restoration check.
-        warm_reference, _, _ = generate(peers.UNCACHED, 0)
-        for candidate in candidates[1:]:
-            if candidate.family in setup.left_out:
-                continue
-            try:
-                generate(candidate, 0)
-            except RestorationError:
-                raise
-            except Exception as error:
-                if candidate.group != "diffusers":
-                    raise
-                # A diffusers hook that does not support this model's blocks: reported, not crashed on. Its
-                # removal (again, if applying it failed halfway) must still leave the stock model.
-                candidate.remove(pipe)
-                _check_restored(pipe, signature, candidate.label)
-                setup.leave_out(candidate.family, _failure(candidate.label, pipe, error))
-            check_bitwise(candidate.label)
-        candidates = [c for c in candidates if c.family not in setup.left_out]
-        if len(candidates) == 1:
-            raise ValueError(f"no configuration runs on {type(pipe).__name__}: {format_left_out(setup.left_out)}")
-        records = {c.label: {"images": [None] * config.count, "seconds": [None] * config.count, "counts": []}
-                   for c in candidates}
-        for index in range(config.count):
-            shift = index % len(candidates)
-            for candidate in candidates[shift:] + candidates[:shift]:
-                image, seconds, counts = generate(candidate, index)
-                record = records[candidate.label]
-                record["images"][index], record["seconds"][index] = image, seconds
-                record["counts"].append(counts)
-        check_bitwise("the last configuration")
+        candidates, records = measure(rounds, workers, lambda: progress.update(1))
         progress.close()
     finally:
         meter.remove()
-    if not np.array_equal(records["uncached"]["images"][0], warm_reference):
-        raise RestorationError("the uncached image of the first input changed between warm-up and scoring.")
     results = score(candidates, records, inputs, seeds, kind, config)
     results["left_out"] = dict(setup.left_out)
     results["meta"] = {"model": model_name or type(pipe).__name__, "pipeline": type(pipe).__name__,
@@ -442,7 +386,7 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
                        "seeds": [seeds[0], seeds[-1]], "calibration_seed": config.calibration_seed,
                        "calibration_count": config.calibration_count if any(
                            c.family == "MagCache" for c in candidates) else 0,
-                       "torch_threads": config.threads, "mag_ratios": setup.mag_ratios, "quality": config.quality,
+                       "torch_threads": config.threads, "workers": workers, "mag_ratios": setup.mag_ratios, "quality": config.quality,
                        "pipeline_kwargs": config.pipeline_kwargs,
                        "unit_flops": unit_flops.tolist()}
     write_outputs(results, out, plot=config.plot and config.quality)
@@ -686,6 +630,8 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--settings-per-family", type=int, default=None, help="fewer settings per family")
     bench.add_argument("--calibration-count", type=int, default=BenchConfig.calibration_count,
                        help="MagCache calibration images (prompts and seeds apart from the scored ones)")
+    bench.add_argument("--workers", type=int, default=None, help="processes timing shares of the images at once, "
+                       "one torch thread each (default: 2 on a machine with 2 or more CPUs)")
     bench.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
     bench.add_argument("--speed-only", action="store_true", help="no image-quality figures (e.g. a randomly "
                        "initialised model): cache ratio, FLOPs skipped, speedup; no plot")
@@ -722,7 +668,7 @@ def run_bench(args) -> int:
         config = BenchConfig(count=args.count, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                              families=tuple(args.families) if args.families is not None else (),
                              routers=tuple(args.router), settings_per_family=args.settings_per_family,
-                             calibration_count=args.calibration_count, plot=not args.no_plot,
+                             calibration_count=args.calibration_count, plot=not args.no_plot, workers=args.workers,
                              quality=not args.speed_only, pipeline_kwargs=parse_pipeline_args(args.pipeline_arg))
         if args.families is not None and not args.families:
             raise ValueError("--families was given no family; name at least one.")

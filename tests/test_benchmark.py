@@ -41,11 +41,12 @@ def _changes_weights(pipe):
     return peers.Candidate("sloppy", "sloppy", lambda p: weight.data.mul_(1.01), lambda p: None)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("broken", [_leaky, _changes_weights], ids=["hook left", "weights changed"])
-def test_a_configuration_that_does_not_restore_the_stock_model_is_not_reported(broken, tmp_path):
+def test_a_configuration_that_does_not_restore_the_stock_model_is_not_reported(broken, workers, tmp_path):
     pipe = tiny_pixart_pipeline()
     with pytest.raises(RestorationError):
-        run_benchmark(pipe, BenchConfig(plot=False, **SMALL), tmp_path / "out",
+        run_benchmark(pipe, BenchConfig(plot=False, workers=workers, **SMALL), tmp_path / "out",
                       candidates=[peers.UNCACHED, broken(pipe)])
     assert not (tmp_path / "out").exists()
 
@@ -62,6 +63,7 @@ def test_a_selection_with_no_candidate_for_the_model_is_refused(tmp_path):
     (["--families", "uniform", "teacache"], "unknown candidate family 'teacache'"),
     (["--families"], "name at least one"),
     (["--count", "0"], "--count must be at least 1"),
+    (["--workers", "0"], "--workers must be at least 1"),
     (["--router", "missing.safetensors"], "no such file"),
 ])
 def test_bad_arguments_give_one_line_and_write_nothing(arguments, message, tmp_path, capsys):
@@ -89,16 +91,53 @@ def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
     assert pareto_front(rows) == [rows[0], rows[1], rows[3]]
 
 
-def test_the_run_times_on_one_torch_thread_and_restores_the_callers_setting(tmp_path):
-    pipe = tiny_pixart_pipeline()
-    seen = []
-    pipe.transformer.register_forward_pre_hook(lambda *args: seen.append(torch.get_num_threads()))
+def _probe(check):
+    """A candidate that runs ``check(pipe)`` where it is applied: in the process that times it."""
+    return peers.Candidate("probe", "probe", check, lambda pipe: None)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_run_times_on_one_torch_thread_and_restores_the_callers_setting(workers, tmp_path):
+    def on_one_thread(pipe):
+        if torch.get_num_threads() != 1:
+            raise RuntimeError(f"timed on {torch.get_num_threads()} torch threads")
+
     torch.set_num_threads(2)
     try:
-        run_benchmark(pipe, BenchConfig(families=("uniform",), plot=False, **SMALL), tmp_path)
-        assert set(seen) == {1} and torch.get_num_threads() == 2
+        results = run_benchmark(tiny_pixart_pipeline(), BenchConfig(plot=False, workers=workers, **SMALL), tmp_path,
+                                candidates=[peers.UNCACHED, _probe(on_one_thread)])
+        assert results["meta"]["workers"] == workers and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_two_workers_measure_the_same_images_and_cache_ratios_as_one(tmp_path):
+    config = {**SMALL, "count": 3, "families": ("uniform", "pab"), "plot": False}  # shares of 2 and 1 inputs
+    one = run_benchmark(tiny_pixart_pipeline(), BenchConfig(workers=1, **config), tmp_path / "one")
+    two = run_benchmark(tiny_pixart_pipeline(), BenchConfig(workers=2, **config), tmp_path / "two")
+    assert two["meta"]["workers"] == 2 and [r["label"] for r in one["rows"]] == [r["label"] for r in two["rows"]]
+    for serial, parallel in zip(one["rows"], two["rows"]):
+        for key in ("mse", "cache_ratio", "seed"):
+            assert [i[key] for i in serial["per_image"]] == [i[key] for i in parallel["per_image"]], key
+    assert any(image["mse"] > 0 for row in two["rows"] for image in row["per_image"])
+
+
+def test_a_worker_that_dies_is_an_error_naming_the_fallback(tmp_path):
+    import os
+
+    with pytest.raises(RuntimeError, match=r"worker \d exited \(code 3\).*--workers 1"):
+        run_benchmark(tiny_pixart_pipeline(), BenchConfig(plot=False, workers=2, **SMALL), tmp_path / "out",
+                      candidates=[peers.UNCACHED, _probe(lambda pipe: os._exit(3))])
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_than_one_worker_needs_fork(monkeypatch):
+    from dit_cache import benchmark
+
+    monkeypatch.setattr(benchmark, "can_fork", lambda: False)
+    with pytest.raises(ValueError, match="use --workers 1"):
+        BenchConfig(workers=2).check()
+    BenchConfig(workers=1, plot=False).check()
 
 
 def test_fronts_are_compared_level_by_level_on_the_fastest_configuration_reaching_each():
