@@ -206,7 +206,7 @@ class BenchConfig:
     count: int = 40
     seed: int = 90_000  # scored prompts use seeds seed .. seed + count - 1, never used for tuning
     calibration_count: int = 4  # MagCache calibration images, on prompts and seeds apart from the scored ones
-    calibration_seed: int = 80_000
+    calibration_seed: int = 10_000  # the calibration range the router's training draws from too
     steps: int = 20
     guidance_scale: float | None = None  # None: the embedded model's
     families: tuple[str, ...] = ()  # empty: all
@@ -364,9 +364,12 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
         if needs_mag:
             calibration = kind.inputs(pipe, config.calibration_count, config.calibration_seed)
             calls = [call(0, config.calibration_seed + i, item) for i, item in enumerate(calibration)]
+            source = {"model": model_name or type(pipe).__name__, "guidance_scale": guidance,
+                      "calibration_seed": config.calibration_seed, "calibration_count": config.calibration_count,
+                      "pipeline_kwargs": config.pipeline_kwargs}
             try:
-                setup.mag_ratios = peers.calibrate_mag_cache(pipe, calls, config.steps,
-                                                             out / "magcache_ratios.json", progress)
+                setup.mag_ratios = peers.calibrate_mag_cache(pipe, calls, config.steps, out / "magcache_ratios.json",
+                                                             progress, source)
             except Exception as error:  # MagCache's hook does not know this model's blocks: reported
                 peers.remove_diffusers_hooks(pipe.transformer)
                 setup.leave_out("MagCache", "calibration: " + _failure("MagCache", pipe, error))

@@ -403,18 +403,22 @@ DIFFUSERS_FAMILIES = ("first_block_cache", "taylorseer", "magcache", "fastercach
 # --- MagCache calibration --------------------------------------------------------------------------------------
 
 
-def calibrate_mag_cache(pipe, calls: list[dict], steps: int, path: Path | None = None, progress=None) -> list[float]:
+def calibrate_mag_cache(pipe, calls: list[dict], steps: int, path: Path | None = None, progress=None,
+                        source: dict | None = None) -> list[float]:
     """MagCache's magnitude ratios of ``pipe.transformer``: ``calibrate=True`` over ``calls`` (pipeline keyword
     arguments: prompts and seeds kept apart from the scored ones), averaged per step.
 
-    With ``path`` the ratios are read from that JSON file when it exists for the same step count, and written
-    there otherwise, so a rerun does not recalibrate.
+    With ``path`` the ratios are read from that JSON file when it holds ratios of the same step count and
+    ``source`` (JSON-able: what the calls were, e.g. model, seeds, guidance), and written there otherwise, so a
+    rerun does not recalibrate and a changed calibration does not reuse stale ratios.
     """
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
+    source = source or {}
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
-        if stored.get("steps") == steps and len(stored.get("mag_ratios", [])) == steps:
+        if (stored.get("steps") == steps and len(stored.get("mag_ratios", [])) == steps
+                and stored.get("source", {}) == source):
             return stored["mag_ratios"]
     runs = []
     apply_mag_cache(pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=steps))
@@ -435,7 +439,8 @@ def calibrate_mag_cache(pipe, calls: list[dict], steps: int, path: Path | None =
     ratios = torch.tensor(runs, dtype=torch.float64).mean(dim=0).tolist()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"steps": steps, "calibration_calls": len(calls), "mag_ratios": ratios}, indent=2))
+        path.write_text(json.dumps({"steps": steps, "calibration_calls": len(calls), "source": source,
+                                    "mag_ratios": ratios}, indent=2))
     return ratios
 
 

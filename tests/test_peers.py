@@ -162,3 +162,13 @@ def test_mag_cache_calibration_is_stored_and_reused(tmp_path):
     assert json.loads(path.read_text())["mag_ratios"] == ratios
     assert _stock_everywhere(pipe.transformer)
     assert peers.calibrate_mag_cache(pipe, [], STEPS, path) == ratios  # no calls: read from the file
+
+
+def test_mag_cache_ratios_of_another_calibration_are_not_reused(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    path = tmp_path / "magcache_ratios.json"
+    path.write_text(json.dumps({"steps": STEPS, "source": {"calibration_seed": 1}, "mag_ratios": [0.5] * STEPS}))
+    ratios = peers.calibrate_mag_cache(pipe, [_call(pipe)], STEPS, path, source={"calibration_seed": 2})
+    assert ratios[0] == 1.0 and ratios != [0.5] * STEPS
+    assert json.loads(path.read_text())["source"] == {"calibration_seed": 2}
