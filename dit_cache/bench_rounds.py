@@ -86,7 +86,6 @@ def _measure_share(rounds: Rounds, indices: list[int], tick: Callable[[], None])
     import numpy as np
 
     from . import peers
-    from .benchmark import _failure, format_left_out
 
     pipe, meter, setup = rounds.pipe, rounds.setup.meter, rounds.setup
     signature = peers.module_signature(pipe.transformer)
@@ -129,11 +128,11 @@ def _measure_share(rounds: Rounds, indices: list[int], tick: Callable[[], None])
             # (again, if applying it failed halfway) must still leave the stock model.
             candidate.remove(pipe)
             check_restored(pipe, signature, candidate.label)
-            setup.leave_out(candidate.family, _failure(candidate.label, pipe, error))
+            setup.leave_out(candidate.family, peers.describe_failure(candidate.label, pipe, error))
         check_bitwise(candidate.label)
     candidates = [c for c in rounds.candidates if c.family not in setup.left_out]
     if len(candidates) == 1:
-        raise ValueError(f"no configuration runs on {type(pipe).__name__}: {format_left_out(setup.left_out)}")
+        raise ValueError(f"no configuration runs on {type(pipe).__name__}: {peers.format_left_out(setup.left_out)}")
     measured = {c.label: {} for c in candidates}
     for index in indices:
         shift = index % len(candidates)

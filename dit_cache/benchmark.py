@@ -289,7 +289,7 @@ def _spread(items: list, k: int | None) -> list:
 
 def build_candidates(setup, config: BenchConfig) -> list:
     """The uncached reference and every selected family's candidates."""
-    from .peers import FAMILIES, UNCACHED
+    from .peers import FAMILIES, UNCACHED, format_left_out
 
     candidates = [UNCACHED]
     for name in config.selected_families:
@@ -372,7 +372,7 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
                                                              progress, source)
             except Exception as error:  # MagCache's hook does not know this model's blocks: reported
                 peers.remove_diffusers_hooks(pipe.transformer)
-                setup.leave_out("MagCache", "calibration: " + _failure("MagCache", pipe, error))
+                setup.leave_out("MagCache", "calibration: " + peers.describe_failure("MagCache", pipe, error))
         candidates = candidates if candidates is not None else build_candidates(setup, config)
         rounds = Rounds(pipe, candidates, setup, unit_flops, call, config.count, config.threads)
         workers = min(config.resolved_workers(), config.count)
@@ -394,18 +394,6 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
                        "unit_flops": unit_flops.tolist()}
     write_outputs(results, out, plot=config.plot and config.quality)
     return results
-
-
-def _failure(label: str, pipe, error: Exception) -> str:
-    import diffusers
-
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return (f"{label} failed on {type(pipe).__name__} (diffusers {diffusers.__version__}): "
-            f"{type(error).__name__}: {message[:200]}")
-
-
-def format_left_out(left_out: dict[str, str]) -> str:
-    return "; ".join(f"{family}: {reason}" for family, reason in left_out.items())
 
 
 def _psnr(mse: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,20 @@ class BenchSetup:
         return []
 
 
+def describe_failure(label: str, pipe, error: Exception) -> str:
+    """One line for ``left_out``: which cache failed on which pipeline, under which diffusers, and the error."""
+    import diffusers
+
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"{label} failed on {type(pipe).__name__} (diffusers {diffusers.__version__}): "
+            f"{type(error).__name__}: {message[:200]}")
+
+
+def format_left_out(left_out: dict[str, str]) -> str:
+    """``left_out`` as one line: ``family: reason; ...``."""
+    return "; ".join(f"{family}: {reason}" for family, reason in left_out.items())
+
+
 # --- dit-cache ------------------------------------------------------------------------------------------------
 
 

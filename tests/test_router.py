@@ -191,7 +191,9 @@ def test_resample_maps_rows_by_relative_position(num_steps):
     assert rows[0] == 0 and rows[-1] == 9
     assert resampled.num_steps == num_steps and resampled.num_units == 6
     assert torch.equal(resampled.logits.detach(), router.logits.detach()[rows])
-    assert torch.equal(resampled.scores()[-1], router.scores()[-1])
+    # sigmoid's vectorised kernel may round the tail of a 60- and a 48-element tensor differently in the last
+    # bit, so the scores are compared to float precision; the logits above are compared bitwise
+    torch.testing.assert_close(resampled.scores(), router.scores()[rows], rtol=0, atol=1e-7)
     assert resampled.threshold == 0.3
     assert resampled.metadata == {"objective": "harmonica", "resampled_from_steps": 10}
     assert bool(resampled.schedule().mask[0].all())
