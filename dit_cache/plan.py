@@ -94,24 +94,23 @@ class CachePlan:
 
     def _check_history(self) -> list[int]:
         """Per unit, how many computed outputs it must keep; raises if an entry needs more than exist."""
-        needed = {action: count for action, count in _HISTORY_NEEDED.items()}
+        needed = torch.zeros(max(int(a) for a in Action) + 1, dtype=torch.long)  # COMPUTE (and the rest) need 0
+        for action, count in _HISTORY_NEEDED.items():
+            needed[int(action)] = count
         if self.linear_weights is not None:
-            needed[Action.LINEAR] = self.linear_weights.shape[2]
-        stored = torch.zeros(self.num_units, dtype=torch.long)
-        depth = torch.ones(self.num_units, dtype=torch.long)
-        for step, row in enumerate(self.actions.tolist()):
-            for unit, code in enumerate(row):
-                if code == Action.COMPUTE:
-                    stored[unit] += 1
-                    continue
-                need = needed[Action(code)]
-                if stored[unit] < need:
-                    raise ValueError(
-                        f"Step {step}, unit {unit}: {Action(code).name} needs {need} computed outputs but the unit "
-                        f"has computed {int(stored[unit])} times by then. Compute it at more earlier steps, or use "
-                        "REUSE (or a lower forecast order) there.")
-                depth[unit] = max(int(depth[unit]), need)
-        return depth.tolist()
+            needed[int(Action.LINEAR)] = self.linear_weights.shape[2]
+        computes = (self.actions == Action.COMPUTE).long()
+        stored = computes.cumsum(0) - computes  # computed outputs each unit holds when an entry runs
+        need = needed[self.actions.long()]
+        short = (need > stored).nonzero()
+        if len(short):
+            step, unit = short[0].tolist()  # the first shortfall in step order, as the hooks would meet it
+            code = Action(int(self.actions[step, unit]))
+            raise ValueError(
+                f"Step {step}, unit {unit}: {code.name} needs {int(need[step, unit])} computed outputs but the unit "
+                f"has computed {int(stored[step, unit])} times by then. Compute it at more earlier steps, or use "
+                "REUSE (or a lower forecast order) there.")
+        return need.amax(0).clamp(min=1).tolist()
 
     # ---- builders ------------------------------------------------------------------------------------------
     @classmethod
