@@ -27,3 +27,17 @@ class KillAt(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_index):
         if batch_index == self.batch:
             raise RuntimeError("simulated crash")
+
+
+def train_cli(args: list[str]) -> None:
+    """``dit-cache-train ARGS`` as called from a shell (LightningCLI would warn about pytest's own sys.argv)."""
+    import sys
+
+    from dit_cache.training.cli import main
+
+    saved = sys.argv
+    sys.argv = ["dit-cache-train"]
+    try:
+        main(args)
+    finally:
+        sys.argv = saved

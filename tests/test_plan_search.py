@@ -3,7 +3,6 @@ search on a synthetic error, and the Lightning run (export, resume) on a tiny ra
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ import torch
 from dit_cache import Action, CachePlan, CacheRouter, embedded_router_path
 from dit_cache.router import plan_with_fallbacks
 from dit_cache.testing import tiny_pixart_pipeline
-from conftest import KillAt
-from dit_cache.training.cli import main
+from conftest import KillAt, train_cli
 from dit_cache.training.plan_search import GreedyPlanSearch, SearchSettings, unit_groups
 from dit_cache.units import CacheUnit
 
@@ -205,14 +203,6 @@ def pixart_folder(tmp_path_factory):
     return str(folder)
 
 
-def _cli(args):
-    saved = sys.argv
-    sys.argv = ["dit-cache-train"]
-    try:
-        main(args)
-    finally:
-        sys.argv = saved
-
 
 def _search_args(model, folder, moves):
     """The shipped search config with the tiny model, run in a folder of its own (router, checkpoints)."""
@@ -225,18 +215,18 @@ def _search_args(model, folder, moves):
 
 
 def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
-    _cli(_search_args(pixart_folder, tmp_path / "straight", 40))
+    train_cli(_search_args(pixart_folder, tmp_path / "straight", 40))
     straight = CacheRouter.load(tmp_path / "straight" / "router.safetensors")
     assert straight.metadata["objective"] == "search" and straight.flops_range[1] >= 0.6
     # Killed at the start of move 3 (a checkpoint after every move), then resumed: the same moves as straight.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _cli(_search_args(pixart_folder, tmp_path / "split", 40)
-             + [f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "2"])
+        train_cli(_search_args(pixart_folder, tmp_path / "split", 40)
+                  + [f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "2"])
     checkpoint = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(checkpoint["state_dict"]["search.moves"]) == 2
     assert not any(key.startswith("transformer.") for key in checkpoint["state_dict"])
-    _cli(_search_args(pixart_folder, tmp_path / "split", 40)
-         + ["--ckpt_path", "last"])  # <run dir>/checkpoints/last.ckpt
+    train_cli(_search_args(pixart_folder, tmp_path / "split", 40)
+              + ["--ckpt_path", "last"])  # <run dir>/checkpoints/last.ckpt
     resumed = CacheRouter.load(tmp_path / "split" / "router.safetensors")
     assert torch.equal(resumed.logits, straight.logits)
     assert torch.equal(resumed.cheap_actions, straight.cheap_actions)

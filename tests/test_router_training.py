@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 from types import SimpleNamespace
 
 import lightning as L
@@ -14,8 +13,7 @@ from dit_cache import CacheRouter, CacheSchedule
 from dit_cache.flops import unit_flops
 from dit_cache.testing import step_inputs, tiny_dit_pipeline, tiny_pixart_pipeline
 from dit_cache.training.callbacks import ExportRouter
-from conftest import KillAt
-from dit_cache.training.cli import main
+from conftest import KillAt, train_cli
 from dit_cache.training.data import RouterDataModule, TrajectorySeeds
 from dit_cache.training.objectives import update_beta
 from dit_cache.training.proxies import cumulative_proxy, image_error_proxy, paper_proxy, sensitivity_proxy
@@ -69,15 +67,6 @@ class RecordTrajectories(L.Callback):
                      "step_weights": module.step_weights.tolist()})
 
 
-
-def _cli(args):
-    """``dit-cache-train`` as called from a shell (LightningCLI would warn about pytest's own sys.argv)."""
-    saved = sys.argv
-    sys.argv = ["dit-cache-train"]
-    try:
-        main(args)
-    finally:
-        sys.argv = saved
 
 
 def _records(path):
@@ -357,14 +346,16 @@ TARGET, BETA, BETA_RATE = 0.4, 1e-4, 0.5
 @pytest.fixture(scope="module")
 def target_run(pixart_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("target")
-    _cli(["fit", "--model.model", pixart_folder, "--model.num_steps", "10", "--model.target_cache_ratio", str(TARGET),
-          "--model.beta", str(BETA), "--model.beta_rate", str(BETA_RATE), "--model.learning_rate", "0.2",
-          "--model.proxy_interval", "10", "--data.batch_size", "2",
-          "--data.num_trajectories", "40", "--data.prompts", json.dumps(PROMPTS), "--trainer.max_epochs", "1",
-          "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(folder / "run"), *QUIET,
-          "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
-          "--trainer.callbacks.path", str(folder / "router.safetensors"),
-          f"--trainer.callbacks+={__name__}.RecordTrajectories", "--trainer.callbacks.path", str(folder / "log.jsonl")])
+    train_cli(["fit", "--model.model", pixart_folder, "--model.num_steps", "10",
+               "--model.target_cache_ratio", str(TARGET), "--model.beta", str(BETA),
+               "--model.beta_rate", str(BETA_RATE), "--model.learning_rate", "0.2",
+               "--model.proxy_interval", "10", "--data.batch_size", "2",
+               "--data.num_trajectories", "40", "--data.prompts", json.dumps(PROMPTS), "--trainer.max_epochs", "1",
+               "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(folder / "run"), *QUIET,
+               "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
+               "--trainer.callbacks.path", str(folder / "router.safetensors"),
+               f"--trainer.callbacks+={__name__}.RecordTrajectories",
+               "--trainer.callbacks.path", str(folder / "log.jsonl")])
     return folder
 
 
@@ -418,12 +409,13 @@ def test_exported_metadata(target_run):
 
 
 def test_l2c_on_dit_fixes_the_even_steps(dit_folder, tmp_path):
-    _cli(["fit", "--model.model", dit_folder, "--model.num_steps", "8", "--model.objective", "l2c",
-          "--model.learning_rate", "0.3", "--model.beta", "1.0", "--data.num_classes", "2", "--data.batch_size", "2",
-          "--data.num_trajectories", "4", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
-          "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET,
-          "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
-          "--trainer.callbacks.path", str(tmp_path / "router.safetensors")])
+    train_cli(["fit", "--model.model", dit_folder, "--model.num_steps", "8", "--model.objective", "l2c",
+               "--model.learning_rate", "0.3", "--model.beta", "1.0", "--data.num_classes", "2",
+               "--data.batch_size", "2",
+               "--data.num_trajectories", "4", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+               "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET,
+               "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
+               "--trainer.callbacks.path", str(tmp_path / "router.safetensors")])
     router = CacheRouter.load(tmp_path / "router.safetensors")
     even = torch.arange(8) % 2 == 0
     assert torch.equal(router.fixed_rows, even)
@@ -452,10 +444,10 @@ def resumed_run(pixart_folder, tmp_path_factory):
               "--checkpoint.every_n_train_steps", "5",  # one trajectory = num_steps - 1 optimizer steps
               f"--trainer.callbacks+={__name__}.RecordTrajectories"]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _cli([*common, "--trainer.callbacks.path", str(folder / "first.jsonl"),
-              f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "3"])
+        train_cli([*common, "--trainer.callbacks.path", str(folder / "first.jsonl"),
+                   f"--trainer.callbacks+={KillAt.__module__}.KillAt", "--trainer.callbacks.batch", "3"])
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    _cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"), "--ckpt_path", "last"])
+    train_cli([*common, "--trainer.callbacks.path", str(folder / "second.jsonl"), "--ckpt_path", "last"])
     final = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return folder, _records(folder / "first.jsonl"), checkpoint, _records(folder / "second.jsonl"), final
 
@@ -544,8 +536,8 @@ def test_bad_training_settings_are_one_line_without_a_traceback(pixart_folder, t
     (tmp_path / "empty.txt").write_text("\n   \n")
     flags = [{"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt")}.get(f, f) for f in flags]
     with pytest.raises(SystemExit) as exit_:
-        _cli(["fit", "--model.model", pixart_folder, "--trainer.default_root_dir", str(tmp_path / "run"),
-              *QUIET, *flags])
+        train_cli(["fit", "--model.model", pixart_folder, "--trainer.default_root_dir", str(tmp_path / "run"),
+                   *QUIET, *flags])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
