@@ -203,7 +203,6 @@ def pixart_folder(tmp_path_factory):
     return str(folder)
 
 
-
 def _search_args(model, folder, moves):
     """The shipped search config with the tiny model, run in a folder of its own (router, checkpoints)."""
     config = Path(__file__).parents[1] / "training" / "configs" / "embedded_search.yaml"
@@ -211,7 +210,6 @@ def _search_args(model, folder, moves):
             "--model.search.max_flops", "0.6", "--model.search.refine_from", "0.5", "--data.prompts", '["a red circle", "a cat"]',
             "--data.num_trajectories", str(moves), "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(folder)]
-
 
 
 def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):

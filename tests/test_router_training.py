@@ -67,8 +67,6 @@ class RecordTrajectories(L.Callback):
                      "step_weights": module.step_weights.tolist()})
 
 
-
-
 def _records(path):
     with open(path) as file:
         return [json.loads(line) for line in file]
@@ -411,8 +409,8 @@ def test_exported_metadata(target_run):
 def test_l2c_on_dit_fixes_the_even_steps(dit_folder, tmp_path):
     train_cli(["fit", "--model.model", dit_folder, "--model.num_steps", "8", "--model.objective", "l2c",
                "--model.learning_rate", "0.3", "--model.beta", "1.0", "--data.num_classes", "2",
-               "--data.batch_size", "2",
-               "--data.num_trajectories", "4", "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "false",
+               "--data.batch_size", "2", "--data.num_trajectories", "4", "--trainer.max_epochs", "1",
+               "--trainer.enable_checkpointing", "false",
                "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET,
                "--trainer.callbacks+=dit_cache.training.callbacks.ExportRouter",
                "--trainer.callbacks.path", str(tmp_path / "router.safetensors")])
