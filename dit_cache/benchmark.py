@@ -147,18 +147,6 @@ MAX_PSNR = 100.0  # identical images (MSE 0) count as this many dB, so means and
 MATPLOTLIB_MISSING = 'the Pareto plot needs matplotlib: pip install "dit-cache[bench]"'
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """How to call one kind of pipeline: the inputs of each scored image, whether it has a CFG batch (guidance-
-    distilled FLUX.1 has none) and whether that batch puts the unconditional half first (FasterCache assumes it
-    does). Supporting a model family is one more entry."""
-
-    inputs: Callable  # (pipe, count, seed) -> list of pipeline keyword arguments, one per image
-    concept_scored: bool  # captions the exact shape detector can score (the embedded model's prompts)
-    cfg_uncond_first: bool
-    cfg_batch: bool = True
-
-
 def _prompt_inputs(pipe, count: int, seed: int) -> list[dict]:
     from .evaluation import prompt_set
 
@@ -180,23 +168,15 @@ def _class_label_inputs(pipe, count: int, seed: int) -> list[dict]:
     return [{"class_labels": [int(labels[order[i % len(labels)]])]} for i in range(count)]
 
 
-MODEL_KINDS: dict[str, ModelKind] = {
-    "PixArtAlphaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
-    "PixArtSigmaPipeline": ModelKind(_caption_inputs, concept_scored=True, cfg_uncond_first=True),
-    "DiTPipeline": ModelKind(_class_label_inputs, concept_scored=False, cfg_uncond_first=False),
-    # The detector knows the embedded model's scenes only: other text-to-image families are not concept-scored.
-    "StableDiffusion3Pipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=True),
-    "SanaPipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=True),
-    # FLUX.1 is guidance-distilled: guidance_scale is an input of one conditional call per step.
-    "FluxPipeline": ModelKind(_prompt_inputs, concept_scored=False, cfg_uncond_first=False, cfg_batch=False),
-}
+# A family record's ``bench_inputs`` -> the keyword arguments of each scored image.
+_BENCH_INPUTS = {"prompts": _prompt_inputs, "captions": _caption_inputs, "class_labels": _class_label_inputs}
 
 
-def model_kind(pipe) -> ModelKind:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in MODEL_KINDS:
-            return MODEL_KINDS[cls.__name__]
-    raise TypeError(f"dit-cache bench does not know {type(pipe).__name__}; supported: {', '.join(MODEL_KINDS)}.")
+def bench_family(pipe):
+    """The family record of ``pipe``; a TypeError naming the supported pipelines for anything else."""
+    from .families import family_of_pipeline
+
+    return family_of_pipeline(pipe)
 
 
 @dataclass
@@ -341,18 +321,18 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
     from .embedded import EMBEDDED_GUIDANCE_SCALE
     from .flops import step_flops
 
-    kind = model_kind(pipe)
+    family = bench_family(pipe)
     pipe.set_progress_bar_config(disable=True)
     guidance = config.guidance_scale if config.guidance_scale is not None else EMBEDDED_GUIDANCE_SCALE
     base_call = {**config.pipeline_kwargs, "num_inference_steps": config.steps, "guidance_scale": guidance,
                  "output_type": "np"}
-    inputs = kind.inputs(pipe, config.count, config.seed)
+    inputs = _BENCH_INPUTS[family.bench_inputs](pipe, config.count, config.seed)
     seeds = [config.seed + i for i in range(config.count)]
     meter = peers.StepMeter(pipe.transformer)
     try:
         unit_flops, _ = step_flops(pipe.transformer)
         setup = peers.BenchSetup(pipe, config.steps, unit_flops, meter, router_paths or {},
-                                 cfg_uncond_first=kind.cfg_uncond_first, cfg_batch=kind.cfg_batch)
+                                 cfg_layout=family.cfg)
         needs_mag = candidates is None and "magcache" in config.selected_families
         total = (config.calibration_count if needs_mag else 0)
         progress = tqdm(total=total, desc="dit-cache bench", unit="image")
@@ -362,7 +342,7 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
             return {**base_call, **(item or inputs[index]), "generator": generator}
 
         if needs_mag:
-            calibration = kind.inputs(pipe, config.calibration_count, config.calibration_seed)
+            calibration = _BENCH_INPUTS[family.bench_inputs](pipe, config.calibration_count, config.calibration_seed)
             calls = [call(0, config.calibration_seed + i, item) for i, item in enumerate(calibration)]
             source = {"model": model_name or type(pipe).__name__, "guidance_scale": guidance,
                       "calibration_seed": config.calibration_seed, "calibration_count": config.calibration_count,
@@ -382,7 +362,7 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
         progress.close()
     finally:
         meter.remove()
-    results = score(candidates, records, inputs, seeds, kind, config)
+    results = score(candidates, records, inputs, seeds, family, config)
     results["left_out"] = dict(setup.left_out)
     results["meta"] = {"model": model_name or type(pipe).__name__, "pipeline": type(pipe).__name__,
                        "steps": config.steps, "guidance_scale": guidance, "count": config.count,
@@ -400,7 +380,7 @@ def _psnr(mse: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1.0 / mse)).clamp(max=MAX_PSNR)
 
 
-def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind: ModelKind,
+def score(candidates, records: dict, inputs: list[dict], seeds: list[int], family,
           config: BenchConfig) -> dict:
     """Per-configuration figures, per image and aggregated: speed and measured cache ratios, and (unless
     ``config.quality`` is off) the error against the uncached images."""
@@ -430,7 +410,7 @@ def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind:
                           for i in range(len(seeds))],
         })
         if config.quality:
-            _score_quality(rows[-1], record["images"], records["uncached"]["images"], inputs, kind, config)
+            _score_quality(rows[-1], record["images"], records["uncached"]["images"], inputs, family, config)
     for row in rows:
         rival = nearest_rival(row, rows) if config.quality else None
         row["vs_nearest_rival"] = None if rival is None else {"label": rival["label"], **paired_comparison(
@@ -438,7 +418,7 @@ def score(candidates, records: dict, inputs: list[dict], seeds: list[int], kind:
     return {"rows": rows}
 
 
-def _score_quality(row: dict, images: list, reference_images: list, inputs: list[dict], kind: ModelKind,
+def _score_quality(row: dict, images: list, reference_images: list, inputs: list[dict], family,
                    config: BenchConfig) -> None:
     """Fill ``row`` with the error of ``images`` against the uncached ones: MSE, PSNR (bootstrap interval), SSIM,
     and concept accuracy where the detector knows the captions."""
@@ -455,7 +435,7 @@ def _score_quality(row: dict, images: list, reference_images: list, inputs: list
     ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
     # paired_difference against zeros is the plain bootstrap interval of the mean.
     psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
-    if kind.concept_scored:
+    if family.concept_scored:
         pil = [Image.fromarray(to_uint8(a)) for a in images]
         row["concept_accuracy"] = concept_accuracy(pil, [item.get("prompt") for item in inputs])
     row.update({"mse_mean": float(mse.mean()), "mse_median": float(mse.median()), "psnr_mean": psnr_interval["mean"],

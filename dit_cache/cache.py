@@ -5,6 +5,10 @@ opens one) has a ``CacheState`` of its own, found by the hooks through a context
 through one transformer (threads, ``from_pipe`` siblings) never see each other's cache and a stock pipeline
 sharing the transformer sees none. Outside such blocks an engine-level ``apply_cache`` runs on one default state,
 which starts a new generation when the timestep goes up again or the plan's last step has run.
+
+Pipelines that run classifier-free guidance as two transformer calls per step (Qwen-Image, Wan, FLUX's true CFG)
+name each call with diffusers' ``transformer.cache_context("cond")`` / ``("uncond")``; a generation then keeps
+one state per context, so each call follows the plan as the same step with its own history.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry
+from diffusers.hooks.hooks import StateManager
 
 from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
 from .plan import as_plan
@@ -23,8 +28,43 @@ from .units import CacheUnit, _unwrap, cache_units
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
-# (handle, state) pairs of the generations open in this thread / task, innermost last.
+# (handle, states) pairs of the generations open in this thread / task, innermost last.
 _ACTIVE_GENERATIONS: ContextVar[tuple] = ContextVar("dit_cache_active_generations", default=())
+# The name of the diffusers cache context ("cond", "uncond") the pipeline's current transformer call runs in.
+_CALL_CONTEXT: ContextVar[str | None] = ContextVar("dit_cache_call_context", default=None)
+
+
+class _CallContextListener(StateManager):
+    """Hears ``transformer.cache_context(name)``: diffusers hands the context to every stateful hook's
+    ``StateManager``; this one only records the name, for this thread, so the hooks pick the call's state."""
+
+    def __init__(self):  # holds no per-context state of its own
+        self._context = None
+
+    def set_context(self, context) -> None:
+        _CALL_CONTEXT.set(None if context is None else context.name)
+
+
+class ContextStates:
+    """The cache states of one generation, one per cache context of the pipeline's calls (None: no context)."""
+
+    def __init__(self, make_state, first: CacheState | None = None):
+        self._make_state = make_state
+        self.by_context: dict[str | None, CacheState] = {None: first or make_state()}
+
+    def current(self) -> CacheState:
+        name = _CALL_CONTEXT.get()
+        state = self.by_context.get(name)
+        if state is None:
+            state = self.by_context[name] = self._make_state()
+        return state
+
+    def __iter__(self):
+        return iter(self.by_context.values())
+
+    def reset(self) -> None:
+        for state in self:
+            state.reset()
 
 
 @dataclass(frozen=True)
@@ -47,11 +87,18 @@ class CacheStats:
         return skipped / total if total else 0.0
 
     @classmethod
-    def of(cls, state: CacheState) -> "CacheStats":
-        counts = state.compiled.plan.counts(state.completed_steps)
-        return cls(steps=state.completed_steps, computed=counts["COMPUTE"], reused=counts["REUSE"],
-                   forecast=counts["FORECAST1"] + counts["FORECAST2"], linear=counts["LINEAR"],
-                   cfg_shared=counts["CFG_SHARE"], cache_bytes=state.cache_bytes)
+    def of(cls, states) -> "CacheStats":
+        """Statistics of a ``CacheState``, or summed over a generation's ``ContextStates`` (its steps: the most
+        any of its calls completed; two calls per step count their units twice)."""
+        states = [states] if isinstance(states, CacheState) else list(states)
+        counts, steps, cache_bytes = {}, 0, 0
+        for state in states:
+            for action, count in state.compiled.plan.counts(state.completed_steps).items():
+                counts[action] = counts.get(action, 0) + count
+            steps, cache_bytes = max(steps, state.completed_steps), cache_bytes + state.cache_bytes
+        return cls(steps=steps, computed=counts.get("COMPUTE", 0), reused=counts.get("REUSE", 0),
+                   forecast=counts.get("FORECAST1", 0) + counts.get("FORECAST2", 0), linear=counts.get("LINEAR", 0),
+                   cfg_shared=counts.get("CFG_SHARE", 0), cache_bytes=cache_bytes)
 
 
 class CacheHandle:
@@ -65,18 +112,24 @@ class CacheHandle:
         self.plan = as_plan(plan)
         self.compiled = CompiledPlan(self.plan, history)
         self.state = CacheState(self.compiled, detect_new_generation=True)  # engine-level default
+        self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []
         self._step_hooks: list = []
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
+    def _engine_state(self) -> CacheState:
+        state = CacheState(self.compiled, mode=self.state.mode, detect_new_generation=True)
+        state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
+        return state
+
     def set_schedule(self, plan) -> None:
         """Swap the engine-level plan or schedule (same unit count); starts a new generation."""
         compiled = self.compile(plan)
         self.schedule, self.plan, self.compiled = plan, compiled.plan, compiled
-        self.state.set_plan(compiled)
-
+        for state in self._engine_states:
+            state.set_plan(compiled)
 
     def compile(self, plan) -> CompiledPlan:
         """``plan`` checked against this transformer and prepared for the hooks (reused across calls)."""
@@ -88,48 +141,51 @@ class CacheHandle:
     def generation(self, plan=None, *, computed_half: int = 1):
         """A generation with a cache of its own, for the duration of the block (e.g. one pipeline call).
 
-        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs
-        (1, the second, is the conditional half in PixArt, SD3 and Sana pipelines; DiT puts it first).
-        Yields the ``CacheState``; ``CacheStats.of(state)`` gives its statistics.
+        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs:
+        the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt, SD3 and Sana,
+        whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
+        ``ContextStates`` (one ``CacheState`` per cache context); ``CacheStats.of(states)`` gives its statistics.
         """
         compiled = plan if isinstance(plan, CompiledPlan) else self.compile(self.plan if plan is None else plan)
-        state = CacheState(compiled, computed_half=computed_half)
-        token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, state),))
+        states = ContextStates(lambda: CacheState(compiled, computed_half=computed_half))
+        token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
         try:
-            yield state
+            yield states
         finally:
             _ACTIVE_GENERATIONS.reset(token)
-            state.reset()  # free the cached tensors now, not when the last reference goes
+            states.reset()  # free the cached tensors now, not when the last reference goes
 
     def active_state(self) -> CacheState | None:
         """The state the hooks use now: the innermost open generation of this handle, else the engine-level one
         (None once a pipeline owns the handle: the stock computation)."""
-        for handle, state in reversed(_ACTIVE_GENERATIONS.get()):
+        for handle, states in reversed(_ACTIVE_GENERATIONS.get()):
             if handle is self:
-                return state
-        return self.state if self.engine_level else None
+                return states.current()
+        return self._engine_states.current() if self.engine_level else None
 
     def reset(self) -> None:
         """Start a new engine-level generation at the next forward call and free the cached tensors."""
-        self.state.reset()
+        self._engine_states.reset()
 
     @property
     def stats(self) -> CacheStats:
         """Unit counts of the current engine-level generation (the last one, once it has finished)."""
-        return CacheStats.of(self.state)
+        return CacheStats.of(self._engine_states)
 
     @property
     def cache_bytes(self) -> int:
-        return self.state.cache_bytes
+        return sum(state.cache_bytes for state in self._engine_states)
 
     @contextmanager
     def _mode(self, mode: str):
         previous = self.state.mode
-        self.state.mode = mode
+        for state in self._engine_states:
+            state.mode = mode
         try:
             yield self
         finally:
-            self.state.mode = previous
+            for state in self._engine_states:
+                state.mode = previous
 
     def bypassed(self):
         """Run the stock computation: no cache reads or writes, the step counter does not move."""
@@ -145,8 +201,9 @@ class CacheHandle:
 
     def set_gate(self, scores: torch.Tensor, threshold: float) -> None:
         """Soft scores ``[num_units]`` for the next step; units scoring above ``threshold`` refresh their cache."""
-        self.state.gate_scores = scores
-        self.state.gate_writes = (scores.detach() > threshold).tolist()
+        writes = (scores.detach() > threshold).tolist()
+        for state in self._engine_states:
+            state.gate_scores, state.gate_writes = scores, writes
 
     def _register(self, module: torch.nn.Module, hook, name: str) -> None:
         had_registry = hasattr(module, "_diffusers_hook")
@@ -167,12 +224,17 @@ class CacheHandle:
                 if getattr(instance_forward, "__func__", None) is type(module).forward:
                     del module.forward
         self._hooked.clear()
-        root_registry = getattr(self.transformer, "_diffusers_hook", None)
-        if root_registry is not None and hasattr(root_registry, "invalidate_child_registries_cache"):
-            root_registry.invalidate_child_registries_cache()
+        _invalidate_hook_lookup(self.transformer)
 
     def __repr__(self) -> str:
         return f"CacheHandle({type(self.transformer).__name__}, {self.plan})"
+
+
+def _invalidate_hook_lookup(transformer) -> None:
+    # diffusers caches which submodules carry hooks (for cache_context); adding or removing ours stales it.
+    root_registry = getattr(_unwrap(transformer), "_diffusers_hook", None)
+    if root_registry is not None and hasattr(root_registry, "invalidate_child_registries_cache"):
+        root_registry.invalidate_child_registries_cache()
 
 
 def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile=False) -> CacheHandle:
@@ -207,8 +269,12 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
     root = _unwrap(transformer)
     try:
         for unit in units:
-            handle._register(root.get_submodule(unit.path), UnitCacheHook(handle, unit.index), UNIT_HOOK)
+            hook = UnitCacheHook(handle, unit.index)
+            if unit.index == 0:  # one listener is enough: it sets a context variable
+                hook._is_stateful, hook.call_context = True, _CallContextListener()
+            handle._register(root.get_submodule(unit.path), hook, UNIT_HOOK)
         handle._step_hooks = DenoisingStepHook(handle).attach(transformer)
+        _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_units(handle, **options)
     except Exception:
@@ -224,7 +290,7 @@ def remove_cache(transformer: torch.nn.Module) -> bool:
     if handle is None:
         return False
     handle._unregister_all()
-    handle.state.reset()
+    handle.reset()
     delattr(transformer, _HANDLE_ATTRIBUTE)
     return True
 

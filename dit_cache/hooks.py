@@ -206,6 +206,10 @@ class UnitCacheHook(ModelHook):
         self.unit = unit
         self.compiled_forward = None  # the unit's own computation compiled (dit_cache.compile_units), else None
 
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # The cached outputs belong to generations (CacheState), not to the hook: nothing to reset here.
+        return module
+
     @_EAGER
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.handle.active_state()

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .families import CFGLayout, family_of
 from .units import _unwrap, cache_units
 
 
@@ -83,13 +84,11 @@ class StepMeter:
     """
 
     def __init__(self, transformer: torch.nn.Module):
-        from .flops import step_family
-
         root = _unwrap(transformer)
         self.units = cache_units(transformer)
         self.timestep: float | None = None
         # PAB and FasterCache take timestep ranges in [0, 1000]; FLUX's pipeline passes t / 1000.
-        self.timestep_scale = 1000.0 / float(step_family(transformer).timestep(1000, 1)[0])
+        self.timestep_scale = 1000.0 / float(family_of(transformer).timesteps(1000, 1, transformer.config)[0])
         self.batch = 1
         self.transformer_calls = 0
         self.unit_calls = [0.0] * len(self.units)
@@ -150,8 +149,7 @@ class BenchSetup:
     meter: StepMeter
     routers: dict[str, str]  # label -> router file (the shipped one first)
     mag_ratios: list[float] | None = None  # MagCache's calibrated magnitude ratios (see calibrate_mag_cache)
-    cfg_uncond_first: bool = True  # PixArt, SD3, Sana batch [uncond, cond]; DiT batches [cond, uncond]
-    cfg_batch: bool = True  # False: no CFG batch (guidance-distilled FLUX.1: one conditional call per step)
+    cfg_layout: CFGLayout = CFGLayout.UNCONDITIONAL_FIRST  # the family's (PixArt, SD3, Sana: [uncond, cond])
     left_out: dict[str, str] = field(default_factory=dict)  # family -> why it does not run on this model
 
     def leave_out(self, family: str, reason: str) -> list:
@@ -379,10 +377,10 @@ def faster_cache_family(setup: BenchSetup, skips=FASTER_CACHE_SKIPS) -> list[Can
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
     pipeline = type(setup.pipe).__name__
-    if not setup.cfg_batch:
+    if setup.cfg_layout.conditional_half is None:
         return setup.leave_out("FasterCache", f"{pipeline} has no CFG batch (one conditional call per step); "
                                               "FasterCache skips the unconditional half of one.")
-    if not setup.cfg_uncond_first:
+    if setup.cfg_layout is not CFGLayout.UNCONDITIONAL_FIRST:
         return setup.leave_out("FasterCache", f"{pipeline} batches CFG as [cond, uncond]; FasterCache would drop "
                                               "the first half, the conditional one, as unconditional.")
 

@@ -11,7 +11,8 @@ from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTran
                        QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
                        WanTransformer3DModel)
 
-from .flops import step_family, step_inputs  # noqa: F401  (step_inputs re-exported for the tests and benchmarks)
+from .families import family_of
+from .flops import step_inputs  # noqa: F401  (re-exported for the tests and benchmarks)
 from .tokenizers import word_tokenizer
 
 
@@ -98,11 +99,12 @@ def tiny_wan(num_layers: int = 2, heads: int = 2, head_dim: int = 12, text_dim: 
 def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
     """Call ``transformer`` once per step, feeding each output back as the next latent (a toy sampler)."""
     inputs = step_inputs(transformer, **step_kwargs)
-    timestep = step_family(transformer).timestep
+    family, config = family_of(transformer), transformer.config
     outputs = []
     with torch.no_grad():
         for step in range(num_steps):
-            inputs["timestep"] = timestep(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0])
+            inputs["timestep"] = family.timesteps(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0],
+                                                  config)
             output = transformer(**inputs).sample
             outputs.append(output)
             inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]

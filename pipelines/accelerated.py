@@ -12,16 +12,16 @@ import json
 import warnings
 from pathlib import Path
 
-from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, SanaPipeline,
-                       StableDiffusion3Pipeline)
+import diffusers
 
 from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
 from dit_cache.compile import compile_options, compile_units
+from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
 from dit_cache.units import cache_units, unit_layout
 
-from .families import FluxCallChecks, SanaCallChecks, StableDiffusion3CallChecks
+from .families import check_family_call
 from .multi_concept import MultiConceptConfig, multi_concept_call
 
 
@@ -60,9 +60,11 @@ class CachedPipelineMixin:
     _dit_cache_plan: CachePlan | None = None
     _dit_cache_router: CacheRouter | None = None
     cache_stats: CacheStats | None = None
-    # Which half of the CFG batch is the conditional one (CFG_SHARE computes it): diffusers' text-to-image
-    # pipelines put the unconditional half first, DiTPipeline puts it last. None: no CFG batch (e.g. FLUX).
-    _dit_cache_conditional_half: int | None = 1
+
+    @property
+    def model_family(self) -> ModelFamily:
+        """This pipeline's family record (``dit_cache.families``): its units, CFG layout, refusals."""
+        return family_of_pipeline(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, plan=None,
@@ -116,10 +118,12 @@ class CachedPipelineMixin:
         else:
             plan.check_compatible(num_steps=steps)
         guidance = self._call_argument(args, kwargs, "guidance_scale")
-        if plan.uses(Action.CFG_SHARE) and (self._dit_cache_conditional_half is None or not guidance or guidance <= 1):
+        layout = self.model_family.cfg
+        if plan.uses(Action.CFG_SHARE) and (layout.conditional_half is None or not guidance or guidance <= 1):
             raise ValueError("This plan uses CFG_SHARE, which needs a classifier-free-guidance batch, but this call "
-                             f"has none ({type(self).__name__}, guidance_scale={guidance}). Use a guidance scale "
-                             "> 1, or a plan without CFG_SHARE.")
+                             f"has none ({type(self).__name__}, guidance_scale={guidance}; the pipeline runs "
+                             f"{layout.value}). Use a guidance scale > 1 with a family that batches CFG, or a plan "
+                             "without CFG_SHARE.")
         trained_at = router.metadata.get("guidance_scale") if router is not None else None
         if trained_at is not None and guidance is not None and float(guidance) != float(trained_at):
             warnings.warn(f"This router was trained at guidance_scale={trained_at} but the call uses {guidance}; "
@@ -134,6 +138,7 @@ class CachedPipelineMixin:
         plan = self._dit_cache_plan
         cached = cache and plan is not None
         handle = get_cache_handle(self.transformer)
+        check_family_call(self, self.model_family, cached, concepts, kwargs)
         if cached:
             if handle is None:
                 raise RuntimeError("The cache was removed from this pipeline's transformer (dit_cache.remove_cache "
@@ -145,59 +150,42 @@ class CachedPipelineMixin:
         if not cached:
             self.cache_stats = None
             return call(*args, **kwargs)
-        with handle.generation(plan, computed_half=self._dit_cache_conditional_half or 0) as state:
+        computed_half = self.model_family.cfg.conditional_half  # CFG_SHARE computes the conditional half
+        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half) as states:
             try:
                 return call(*args, **kwargs)
             finally:
                 # Every unit holds its outputs from the first step on, so the end of the call is the cache's peak;
                 # recorded also when the call raised midway. Leaving the block frees the cache.
-                self.cache_stats = CacheStats.of(state)
+                self.cache_stats = CacheStats.of(states)
 
 
-class AcceleratedPixArtAlphaPipeline(CachedPipelineMixin, PixArtAlphaPipeline):
-    """``PixArtAlphaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
-
-
-class AcceleratedPixArtSigmaPipeline(CachedPipelineMixin, PixArtSigmaPipeline):
-    """``PixArtSigmaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
-
-
-class AcceleratedDiTPipeline(CachedPipelineMixin, DiTPipeline):
-    """``DiTPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
-
-
-class AcceleratedStableDiffusion3Pipeline(StableDiffusion3CallChecks, CachedPipelineMixin, StableDiffusion3Pipeline):
-    """``StableDiffusion3Pipeline`` (SD3, SD3.5) with learned caching: ``from_pretrained(model, router=...)``."""
-
-
-class AcceleratedFluxPipeline(FluxCallChecks, CachedPipelineMixin, FluxPipeline):
-    """``FluxPipeline`` (FLUX.1-dev / schnell) with learned caching: ``from_pretrained(model, router=...)``."""
-
-    _dit_cache_conditional_half = None  # guidance-distilled: one call per step, no CFG batch for CFG_SHARE
-
-
-class AcceleratedSanaPipeline(SanaCallChecks, CachedPipelineMixin, SanaPipeline):
-    """``SanaPipeline`` with learned caching: ``from_pretrained(model, router=...)``."""
-
-    _dit_cache_conditional_half = 0
-
-
-_ACCELERATED = {
-    PixArtAlphaPipeline: AcceleratedPixArtAlphaPipeline,
-    PixArtSigmaPipeline: AcceleratedPixArtSigmaPipeline,
-    DiTPipeline: AcceleratedDiTPipeline,
-    StableDiffusion3Pipeline: AcceleratedStableDiffusion3Pipeline,
-    FluxPipeline: AcceleratedFluxPipeline,
-    SanaPipeline: AcceleratedSanaPipeline,
-}
+_ACCELERATED: dict[type, type] = {}
 
 
 def _accelerated_class(cls):
+    """``Accelerated<Name>``: ``cls`` with the caching mixin in front (one class per pipeline class)."""
     if issubclass(cls, CachedPipelineMixin):
         return cls
     if cls not in _ACCELERATED:
-        _ACCELERATED[cls] = type(f"Accelerated{cls.__name__}", (CachedPipelineMixin, cls), {})
+        doc = (f"``{cls.__name__}`` with learned caching: ``from_pretrained(model, router=...)``, "
+               "``from_pipe(pipe, router=...)``; its family record: ``pipe.model_family``.")
+        _ACCELERATED[cls] = type(f"Accelerated{cls.__name__}", (CachedPipelineMixin, cls),
+                                 {"__doc__": doc, "__module__": __name__})
     return _ACCELERATED[cls]
+
+
+def accelerated_pipeline_names() -> list[str]:
+    """The drop-in classes, one per pipeline of the registry: ``AcceleratedPixArtAlphaPipeline``, ..."""
+    return [f"Accelerated{name}" for name in FAMILIES.pipeline_classes()]
+
+
+def __getattr__(name: str):
+    # The drop-in classes are built from the registry on first use: importing one diffusers pipeline class per
+    # family up front would load every family's text encoder code.
+    if name.startswith("Accelerated") and name[len("Accelerated"):] in FAMILIES.pipeline_classes():
+        return _accelerated_class(getattr(diffusers, name[len("Accelerated"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _install(pipe, router, schedule, plan, threshold, flops=None, compile=False):

@@ -21,7 +21,7 @@ from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
 from dit_cache.benchmark import compare_schedules, format_results
-from dit_cache.flops import step_family
+from dit_cache.families import family_of
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks
 
@@ -57,7 +57,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         torch.manual_seed(0)
         transformer = build().eval().to(device)
         text_tokens = real_text_tokens if full_text else max(8, round(real_text_tokens * image_tokens / real_image_tokens))
-        batch = step_family(transformer).cfg_batch
+        batch = family_of(transformer).cfg.batch
         inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
                              sample_size=_sample_size(name, transformer, image_tokens))
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}

@@ -195,17 +195,23 @@ def test_concepts_are_refused_with_the_reason(name):
         _generate(pipe, name, steps=2, concepts=["circle", "square"])
 
 
-def test_flux_true_cfg_calls_the_transformer_twice_per_step_and_is_refused_while_cached():
+def test_flux_true_cfg_runs_its_two_calls_per_step_as_one_step_each():
+    """FluxPipeline names its negative call cache_context("uncond"): each call keeps its own history."""
     pipe = _pipeline("flux")
-    stock = _generate(pipe, "flux", steps=2, negative_prompt="blurry", true_cfg_scale=2.0)
-    dit_cache.accelerate(pipe, schedule=CacheSchedule.uniform(2, len(cache_units(pipe.transformer)), interval=2))
-    with pytest.raises(ValueError, match="true_cfg_scale=2.0 .*twice per denoising step.*true_cfg_scale=1"):
-        _generate(pipe, "flux", steps=2, negative_prompt="blurry", true_cfg_scale=2.0)
-    assert torch.equal(_generate(pipe, "flux", steps=2, negative_prompt="blurry", true_cfg_scale=2.0, cache=False),
-                       stock)
+    call = dict(steps=4, negative_prompt="blurry", true_cfg_scale=2.0)
+    stock = _generate(pipe, "flux", **call)
+    num_units = len(cache_units(pipe.transformer))
+    dit_cache.accelerate(pipe, schedule=CacheSchedule.full(4, num_units))
+    assert torch.equal(_generate(pipe, "flux", **call), stock)
+    assert pipe.cache_stats.steps == 4 and pipe.cache_stats.computed == 2 * 4 * num_units
+    decelerate(pipe)
+    dit_cache.accelerate(pipe, schedule=CacheSchedule.uniform(4, num_units, interval=2))
+    cached = _generate(pipe, "flux", **call)
+    assert not torch.equal(cached, stock) and pipe.cache_stats.reused == 2 * 2 * num_units
+    assert torch.equal(_generate(pipe, "flux", cache=False, **call), stock)
     # Without a negative prompt FluxPipeline makes one call per step whatever true_cfg_scale is.
-    _generate(pipe, "flux", steps=2, true_cfg_scale=2.0)
-    assert pipe.cache_stats.steps == 2
+    _generate(pipe, "flux", steps=4, true_cfg_scale=2.0)
+    assert pipe.cache_stats.steps == 4 and pipe.cache_stats.reused == 2 * num_units
 
 
 def test_sd3_skip_layer_guidance_is_refused_while_cached():

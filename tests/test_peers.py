@@ -8,6 +8,7 @@ import torch
 
 import dit_cache
 from dit_cache import peers
+from dit_cache.families import family_of_pipeline
 from dit_cache.flops import step_flops
 from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline
 
@@ -37,7 +38,7 @@ def _setup(pipe):
     pipe.set_progress_bar_config(disable=True)
     meter = peers.StepMeter(pipe.transformer)
     return peers.BenchSetup(pipe, STEPS, step_flops(pipe.transformer)[0], meter, {},
-                            mag_ratios=[1.0] * STEPS, cfg_uncond_first=hasattr(pipe, "tokenizer"))
+                            mag_ratios=[1.0] * STEPS, cfg_layout=family_of_pipeline(pipe).cfg)
 
 
 # Aggressive settings, so that each cache certainly skips work on an 8-step run of a random model.

@@ -1,0 +1,67 @@
+"""Random inputs of one denoising step, per family: tests, FLOP counts and the benchmarks call the transformer
+with these (random latents and text of the real shapes, no text encoder)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def padded_mask(batch: int, text_tokens: int) -> torch.Tensor:
+    mask = torch.ones(batch, text_tokens, dtype=torch.long)
+    mask[:, text_tokens // 2 + 1 :] = 0  # padded prompts, as the pipelines produce
+    return mask
+
+
+def image_ids(side: int) -> torch.Tensor:
+    """FLUX-style rotary position ids of a ``side`` x ``side`` token grid."""
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
+
+
+def dit(config, batch, text_tokens, generator, size):
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "class_labels": torch.arange(batch) % config.num_embeds_ada_norm}
+
+
+def pixart(config, batch, text_tokens, generator, size):
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def sd3(config, batch, text_tokens, generator, size):
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator)}
+
+
+def flux(config, batch, text_tokens, generator, size):
+    # Packed latents: ``size`` is the side of the token grid (64 for 1024 px), with rotary position ids.
+    inputs = {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+              "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+              "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
+              "img_ids": image_ids(size), "txt_ids": torch.zeros(text_tokens, 3)}
+    if config.guidance_embeds:  # FLUX.1-dev: guidance distillation, the scale is an input
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
+
+
+def sana(config, batch, text_tokens, generator, size):
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens)}
+
+
+def qwen_image(config, batch, text_tokens, generator, size):
+    # Packed 2x2 latents like FLUX; ``size`` is the side of the token grid. Rotary positions come from img_shapes.
+    return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "encoder_hidden_states_mask": torch.ones(batch, text_tokens, dtype=torch.long),
+            "img_shapes": [[(1, size, size)]] * batch}
+
+
+def wan(config, batch, text_tokens, generator, size):
+    # One frame (an image); a video adds frames along dim 2.
+    return {"hidden_states": torch.randn(batch, config.in_channels, 1, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_dim, generator=generator)}

@@ -1,0 +1,83 @@
+"""Router training's view of a family's pipeline: prompt encoding with the pipeline's own ``encode_prompt``, and
+the forward kwargs of one step's call built from the encoded rows, in the pipeline's CFG order.
+
+``encode(pipe, prompts, max_sequence_length)`` returns named tensors; ``negative_*`` ones hold one row (the empty
+negative prompt), shared by every prompt. ``conditioning(rows, transformer)`` returns the kwargs of one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inputs import image_ids
+
+
+def pixart_encode(pipe, prompts, max_sequence_length):
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu",
+        max_sequence_length=max_sequence_length, clean_caption=False)
+    return {"prompt_embeds": embeds, "prompt_mask": mask, "negative_embeds": negative[:1],
+            "negative_mask": negative_mask[:1]}
+
+
+def sd3_encode(pipe, prompts, max_sequence_length):
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, None, None, device="cpu", do_classifier_free_guidance=True, negative_prompt="",
+        max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "pooled_embeds": pooled, "negative_embeds": negative[:1],
+            "negative_pooled_embeds": negative_pooled[:1]}
+
+
+def flux_encode(pipe, prompts, max_sequence_length):
+    embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "pooled_embeds": pooled, "text_ids": text_ids}
+
+
+def _negative_rows(rows, key):
+    count = rows["prompt_embeds"].shape[0]
+    return rows[key].expand(count, *rows[key].shape[1:])
+
+
+def masked_text_conditioning(rows, transformer) -> dict:
+    """PixArt: the negative (unconditional) half first; PixArt-alpha 1024 conditions on size, like its pipeline."""
+    count = rows["prompt_embeds"].shape[0]
+    added = {"resolution": None, "aspect_ratio": None}
+    if transformer.config.sample_size == 128:
+        side = transformer.config.sample_size * 8
+        added = {"resolution": torch.tensor([[side, side]] * 2 * count, dtype=torch.float32),
+                 "aspect_ratio": torch.tensor([[1.0]] * 2 * count)}
+    return {"encoder_hidden_states": torch.cat([_negative_rows(rows, "negative_embeds"), rows["prompt_embeds"]]),
+            "encoder_attention_mask": torch.cat([_negative_rows(rows, "negative_mask"), rows["prompt_mask"]]),
+            "added_cond_kwargs": added}
+
+
+def sana_conditioning(rows, transformer) -> dict:
+    kwargs = masked_text_conditioning(rows, transformer)
+    kwargs.pop("added_cond_kwargs")  # PixArt's; Sana has no size conditioning
+    return kwargs
+
+
+def sd3_conditioning(rows, transformer) -> dict:
+    return {"encoder_hidden_states": torch.cat([_negative_rows(rows, "negative_embeds"), rows["prompt_embeds"]]),
+            "pooled_projections": torch.cat([_negative_rows(rows, "negative_pooled_embeds"), rows["pooled_embeds"]])}
+
+
+def flux_conditioning(rows, transformer) -> dict:
+    """FLUX.1 is guidance-distilled: one call per step on the prompts alone, no negative half."""
+    return {"encoder_hidden_states": rows["prompt_embeds"], "pooled_projections": rows["pooled_embeds"],
+            "txt_ids": rows["text_ids"]}
+
+
+def class_conditioning(rows, transformer) -> dict:
+    """DiTPipeline puts the conditional half first and uses its last class (1000) as the null label."""
+    labels = rows["class_labels"]
+    return {"class_labels": torch.cat([labels, torch.full_like(labels, transformer.config.num_embeds_ada_norm)])}
+
+
+def flux_extra_inputs(transformer, latents, guidance_scale) -> dict:
+    import math
+
+    extra = {"img_ids": image_ids(math.isqrt(latents.shape[1])).to(latents.device)}
+    if transformer.config.guidance_embeds:
+        extra["guidance"] = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
+    return extra

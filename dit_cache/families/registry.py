@@ -1,0 +1,105 @@
+"""The model families dit-cache supports: one ``ModelFamily`` record per diffusers transformer class.
+
+Every per-family fact lives here (units, step inputs, timestep mapping, CFG layout, pipelines, refusals, router
+training's prompt encoding); the engine, pipelines, training and benchmark read these records. To add a family,
+add a record (docs/adding_a_family.md) and a tiny model in ``dit_cache.testing.TINY_FAMILIES``: the contract test
+(tests/test_family_contract.py) then checks it like every other family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import inputs, prompts
+from .record import Branch, CFGLayout, FamilyRegistry, ModelFamily, SecondCall
+
+A, B, C = Branch, CFGLayout, SecondCall  # short names keep each record to a few readable lines
+
+
+def _float(t, config):
+    return t.float()
+
+
+def _per_mille(t, config):
+    return t / 1000
+
+
+def _sana_timestep(t, config):
+    return t * config.get("timestep_scale", 1.0)
+
+
+_JOINT_ATTENTION = ("its joint attention has no cross-attention over the text tokens, which Cross-Token NMS "
+                    "needs. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) and "
+                    "pass prompt_embeds=.")
+
+
+def _one_wan_transformer(pipe) -> str:
+    if getattr(pipe, "transformer_2", None) is None:
+        return ""
+    return ("it has a transformer_2 (Wan 2.2 A14B: a second expert for the low-noise steps), and dit-cache caches "
+            "pipe.transformer only. Use a one-transformer Wan (2.1, 2.2 TI2V-5B), or call with cache=False.")
+
+
+def _no_concepts(pipeline: str) -> str:
+    return (f"{pipeline} has no cross-attention over prompt tokens that Cross-Token NMS can use. Correct the prompt "
+            "embeddings yourself (dit_cache.concepts.correct_by_similarities) and pass prompt_embeds=.")
+
+
+FAMILIES = FamilyRegistry([
+    ModelFamily(
+        "dit", "DiTTransformer2DModel", ("transformer_blocks",),
+        {"BasicTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        inputs.dit, B.CONDITIONAL_FIRST,  # DiTPipeline batches [labels, null labels]
+        pipelines=("DiTPipeline",), conditioning=prompts.class_conditioning, bench_inputs="class_labels",
+        concepts_refusal="DiT is class-conditional: there are no prompt tokens.", aliases=("DiT",)),
+    ModelFamily(
+        "pixart", "PixArtTransformer2DModel", ("transformer_blocks",),
+        {"BasicTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        inputs.pixart, B.UNCONDITIONAL_FIRST,
+        pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode=prompts.pixart_encode,
+        conditioning=prompts.masked_text_conditioning, bench_inputs="captions", concept_scored=True,
+        aliases=("PixArt-α", "PixArt-Σ")),
+    ModelFamily(
+        "sd3", "SD3Transformer2DModel", ("transformer_blocks",),
+        # SD3.5-medium blocks outside dual_attention_layers have no attn2; the last block no ff_context.
+        {"JointTransformerBlock": (A("attn", 2), A("attn2"), A("ff"), A("ff_context"))},
+        inputs.sd3, B.UNCONDITIONAL_FIRST, timestep=_float, timestep_dtype=torch.float32,
+        text_tokens=333,  # 77 CLIP + 256 T5
+        pipelines=("StableDiffusion3Pipeline",), encode=prompts.sd3_encode, conditioning=prompts.sd3_conditioning,
+        second_calls=(C("skip_guidance_layers", lambda kwargs: bool(kwargs.get("skip_guidance_layers")),
+                        "Leave skip_guidance_layers=None"),),
+        concepts_refusal=_JOINT_ATTENTION, aliases=("SD3", "SD3.5")),
+    ModelFamily(
+        "flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        # Single blocks run proj_mlp and attn in parallel and project their concatenation: the units are the two
+        # branches before that projection.
+        {"FluxTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "FluxSingleTransformerBlock": (A("proj_mlp"), A("attn"))},
+        # Guidance-distilled: the scale is an input; true CFG (true_cfg_scale > 1 with a negative prompt) is a
+        # second call in cache_context("uncond"), which the cache follows as the same step.
+        inputs.flux, B.NONE, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
+        pipelines=("FluxPipeline",), encode=prompts.flux_encode, conditioning=prompts.flux_conditioning,
+        extra_inputs=prompts.flux_extra_inputs, concepts_refusal=_JOINT_ATTENTION,
+        aliases=("FLUX.1-dev", "FLUX.1-schnell")),
+    ModelFamily(
+        "sana", "SanaTransformer2DModel", ("transformer_blocks",),
+        {"SanaTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        inputs.sana, B.UNCONDITIONAL_FIRST,  # SanaPipeline batches [negative, prompt]
+        timestep=_sana_timestep, timestep_dtype=torch.float32, text_tokens=300,
+        pipelines=("SanaPipeline",), encode=prompts.pixart_encode, conditioning=prompts.sana_conditioning,
+        concepts_refusal=("Sana prepends a complex human instruction to every prompt and keeps only the last "
+                          "max_sequence_length tokens, so concept token positions do not carry over."),
+        aliases=("Sana",)),
+    ModelFamily(
+        "qwen-image", "QwenImageTransformer2DModel", ("transformer_blocks",),
+        {"QwenImageTransformerBlock": (A("attn", 2), A("img_mlp"), A("txt_mlp"))},
+        inputs.qwen_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
+        latent_layout="packed", pipelines=("QwenImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        aliases=("Qwen-Image",)),
+    ModelFamily(
+        "wan", "WanTransformer3DModel", ("blocks",),
+        {"WanTransformerBlock": (A("attn1"), A("attn2"), A("ffn"))},
+        inputs.wan, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=512,
+        sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
+        concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),
+])
