@@ -6,6 +6,9 @@ block shapes of PixArt-alpha (hidden 1152, 16 heads, 120 text tokens) at any dep
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
                        QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
@@ -228,3 +231,33 @@ def tiny_sana_pipeline(num_layers: int = 2, pipeline_class=None):
         tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
         transformer=tiny_sana(num_layers=num_layers, caption_channels=16, sample_size=32), scheduler=scheduler,
     )
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A family's tiny random model and pipeline, as the contract test (tests/test_family_contract.py) runs them.
+
+    ``model()`` builds the transformer; ``pipeline()`` a whole pipeline of tiny components, or None where diffusers
+    has no pipeline for the family; ``call`` holds the pipeline keyword arguments every call needs (sizes, text
+    length); ``cfg_call`` those that make the pipeline run classifier-free guidance.
+    """
+
+    model: Callable
+    pipeline: Callable | None = None
+    call: dict = field(default_factory=dict)
+    cfg_call: dict = field(default_factory=lambda: {"guidance_scale": 3.0})
+
+
+# One entry per record of dit_cache.families.FAMILIES (the contract test checks the two agree).
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "dit": TinyFamily(tiny_dit, tiny_dit_pipeline),
+    "pixart": TinyFamily(tiny_pixart, tiny_pixart_pipeline, dict(clean_caption=False)),
+    "sd3": TinyFamily(lambda: tiny_sd3(num_layers=3, dual_attention_layers=(0,)), tiny_sd3_pipeline,
+                      dict(height=64, width=64, max_sequence_length=8)),
+    "flux": TinyFamily(tiny_flux, tiny_flux_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                       cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
+    "sana": TinyFamily(tiny_sana, tiny_sana_pipeline,
+                       dict(height=32, width=32, max_sequence_length=8, use_resolution_binning=False)),
+    "qwen-image": TinyFamily(tiny_qwen_image, None, cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
+    "wan": TinyFamily(tiny_wan, None),
+}
