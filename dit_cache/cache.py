@@ -24,6 +24,7 @@ from diffusers.hooks.hooks import StateManager
 
 from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
 from .plan import as_plan
+from .families import family_of
 from .units import CacheUnit, _unwrap, cache_units
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
@@ -106,12 +107,16 @@ class CacheHandle:
 
     def __init__(self, transformer: torch.nn.Module, plan, units: list[CacheUnit], history: int):
         self.transformer = transformer
+        # CFG_SHARE computes the conditional half of the batch: the family record says which one it is.
+        conditional_half = family_of(transformer).cfg.conditional_half
+        self.conditional_half = 1 if conditional_half is None else conditional_half
         self.units = units
         self.min_history = history
         self.schedule = plan  # what the user gave (a CachePlan or a CacheSchedule)
         self.plan = as_plan(plan)
         self.compiled = CompiledPlan(self.plan, history)
-        self.state = CacheState(self.compiled, detect_new_generation=True)  # engine-level default
+        self.state = CacheState(self.compiled, computed_half=self.conditional_half,
+                                detect_new_generation=True)  # engine-level default
         self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
@@ -120,7 +125,8 @@ class CacheHandle:
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
     def _engine_state(self) -> CacheState:
-        state = CacheState(self.compiled, mode=self.state.mode, detect_new_generation=True)
+        state = CacheState(self.compiled, mode=self.state.mode, computed_half=self.conditional_half,
+                           detect_new_generation=True)
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
@@ -138,16 +144,17 @@ class CacheHandle:
         return self.compiled if plan is self.plan else CompiledPlan(plan, self.min_history)
 
     @contextmanager
-    def generation(self, plan=None, *, computed_half: int = 1):
+    def generation(self, plan=None, *, computed_half: int | None = None):
         """A generation with a cache of its own, for the duration of the block (e.g. one pipeline call).
 
-        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs:
-        the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt, SD3 and Sana,
-        whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
+        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs,
+        by default the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt,
+        SD3 and Sana, whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
         ``ContextStates`` (one ``CacheState`` per cache context); ``CacheStats.of(states)`` gives its statistics.
         """
         compiled = plan if isinstance(plan, CompiledPlan) else self.compile(self.plan if plan is None else plan)
-        states = ContextStates(lambda: CacheState(compiled, computed_half=computed_half))
+        half = self.conditional_half if computed_half is None else computed_half
+        states = ContextStates(lambda: CacheState(compiled, computed_half=half))
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
         try:
             yield states

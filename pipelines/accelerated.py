@@ -150,8 +150,7 @@ class CachedPipelineMixin:
         if not cached:
             self.cache_stats = None
             return call(*args, **kwargs)
-        computed_half = self.model_family.cfg.conditional_half  # CFG_SHARE computes the conditional half
-        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half) as states:
+        with handle.generation(plan) as states:  # CFG_SHARE computes the family's conditional half
             try:
                 return call(*args, **kwargs)
             finally:
