@@ -14,8 +14,8 @@ from pathlib import Path
 
 import diffusers
 
-from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
-from dit_cache.compile import compile_options, compile_units
+from dit_cache.cache import CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
+from dit_cache.compile import compile_options
 from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan

@@ -12,6 +12,14 @@ import torch
 from .inputs import image_ids
 
 
+def can_clean_captions() -> bool:
+    """PixArt cleans captions only with beautifulsoup4 and ftfy installed, and otherwise warns on every call and
+    lowercases; asking for what will happen anyway keeps the output free of those warnings."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return is_bs4_available() and is_ftfy_available()
+
+
 def pixart_encode(pipe, prompts, max_sequence_length):
     embeds, mask, negative, negative_mask = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu",
