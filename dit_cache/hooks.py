@@ -36,8 +36,9 @@ _EAGER = torch.compiler.disable(reason=(
     "fullgraph=True: drop it, or compile the units themselves with dit_cache.accelerate(pipe, ..., compile=True)"))
 
 
-class CompiledPlan:
-    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats."""
+class PreparedPlan:
+    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats.
+    (Nothing to do with ``torch.compile``; it was called ``CompiledPlan``, a name kept as an alias.)"""
 
     def __init__(self, plan: CachePlan, min_history: int = 1):
         self.plan = plan
@@ -51,7 +52,7 @@ class CompiledPlan:
 class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
-    def __init__(self, compiled: CompiledPlan, mode: str = SCHEDULE, computed_half: int = 1,
+    def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
                  detect_new_generation: bool = False):
         self.mode = mode
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
@@ -61,7 +62,7 @@ class CacheState:
         self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
         self.set_plan(compiled)
 
-    def set_plan(self, compiled: CompiledPlan) -> None:
+    def set_plan(self, compiled: PreparedPlan) -> None:
         """Follow ``compiled`` from a new generation on."""
         self.compiled = compiled
         num_units = compiled.num_units
@@ -208,6 +209,9 @@ def _rebuild(computed, newest, computed_half: int, half: int):
     mine, other = (newest[half:], newest[:half]) if computed_half else (newest[:half], newest[half:])
     rebuilt = computed + (other - mine)
     return torch.cat([rebuilt, computed] if computed_half else [computed, rebuilt])
+
+
+CompiledPlan = PreparedPlan  # the old name (training code and user code may use it)
 
 
 class UnitCacheHook(ModelHook):
