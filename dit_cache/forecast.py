@@ -139,6 +139,11 @@ def fit_linear_forecaster(pipe, plan, prompts, *, order: int | None = None, seed
     finally:
         for h in handles:
             h.remove()
+    # Under context parallelism each rank recorded its own token shard: the normal equations are sums over tokens,
+    # so their sum over the ranks is the single-process fit, the same weights on every rank.
+    from .parallel import all_reduce_sum
+
+    all_reduce_sum(pipe.transformer, gram, target)
     eye = torch.eye(order, dtype=torch.float64)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)[:, None, None]
     solved = torch.linalg.solve(gram + ridge * scale * eye, target[..., None])[..., 0]

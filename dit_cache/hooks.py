@@ -13,6 +13,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .forecast import extrapolate, lagrange_weights, weighted_sum
+from .parallel import check_step
 from .plan import Action, CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
@@ -253,6 +254,7 @@ class DenoisingStepHook:
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
+            check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
 
     @_EAGER
     def _end(self, module, args, output):

@@ -1,0 +1,160 @@
+"""The cache under diffusers' context parallelism: 2 CPU processes (torchrun, gloo, the native attention backend).
+
+One torchrun per attention kind runs tests/context_parallel_worker.py on tiny FLUX.1, Qwen-Image and Wan models;
+this process runs the same plans on one process and compares.
+
+Tolerance: the cached outputs under context parallelism equal the single-process cached outputs to float32
+rounding (``torch.testing.assert_close`` defaults: rtol 1.3e-6, atol 1e-5). Sharding changes no arithmetic, only
+its order: each rank multiplies half the rows, Ulysses attends each head's full sequence after an all-to-all, ring
+merges two half-sequence attentions by their log-sum-exp. Those reorder float32 sums (the stock models already
+differ by up to ~4e-7 between one and two processes), and a forecast extrapolates that difference by its weights
+(up to 3 for a second-order forecast), still far inside the tolerance. Each cached output is also checked to differ
+from the stock one by far more than the tolerance, so a cache silently switched off would fail.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import context_parallel_cases as cases
+from dit_cache import apply_cache, fit_linear_forecaster, remove_cache
+from dit_cache.testing import run_steps
+
+pytestmark = pytest.mark.multiprocess
+HERE = Path(__file__).parent
+
+
+def _launch(folder: Path, attention: str, families=tuple(cases.FAMILIES)):
+    for build in cases.FAMILIES.values():
+        model = build()
+        cases.make_router(model).save(cases.router_path(folder, model))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "context_parallel_worker.py"), str(folder), "--attention", attention,
+               "--families", *families]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ([load_file(folder / f"rank{rank}.safetensors") for rank in (0, 1)],
+            [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)])
+
+
+@pytest.fixture(scope="module")
+def ulysses(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ulysses")
+    return folder, *_launch(folder, "ulysses")
+
+
+@pytest.fixture(scope="module")
+def single_process(ulysses):
+    """Every plan's steps and cache statistics on one process, the stock model's steps, the LINEAR weights."""
+    folder = ulysses[0]
+    results = {}
+    for family, build in cases.FAMILIES.items():
+        model = build()
+        results[f"{family}/stock"] = run_steps(model, cases.NUM_STEPS)
+        plans = cases.plans(model, folder)
+        plans["linear"] = fit_linear_forecaster(cases.StepsPipeline(model), cases.linear_template(model), [0],
+                                                progress=False)
+        results[f"{family}/linear_weights"] = plans["linear"].linear_weights
+        for name, plan in plans.items():
+            handle = apply_cache(model, plan)
+            results[f"{family}/{name}"] = run_steps(model, cases.NUM_STEPS)
+            results[f"{family}/{name}/stats"] = handle.stats
+            remove_cache(model)
+    return results
+
+
+def _steps(outputs: dict, key: str) -> list[torch.Tensor]:
+    return [outputs[f"{key}/{step}"] for step in range(cases.NUM_STEPS)]
+
+
+PLANS = ["router", "taylor", "cfg_share", "linear"]
+
+
+@pytest.mark.parametrize("family", list(cases.FAMILIES))
+@pytest.mark.parametrize("plan", PLANS)
+def test_cached_output_under_ulysses_equals_the_single_process_cached_output(ulysses, single_process, family,
+                                                                             plan):
+    _, outputs, records = ulysses
+    expected = single_process[f"{family}/{plan}"]
+    for rank in (0, 1):
+        for got, want in zip(_steps(outputs[rank], f"{family}/{plan}"), expected):
+            torch.testing.assert_close(got, want)
+        # The plan did skip work: far from the stock output (a cache switched off would fail here).
+        assert max((got - stock).abs().max() for got, stock in zip(
+            _steps(outputs[rank], f"{family}/{plan}"), single_process[f"{family}/stock"])) > 100 * 1e-5
+    # The ranks gathered the same full output, bitwise.
+    for got0, got1 in zip(_steps(outputs[0], f"{family}/{plan}"), _steps(outputs[1], f"{family}/{plan}")):
+        assert torch.equal(got0, got1)
+    # Same actions, each rank caching its own half of the tokens: exactly half the single-process bytes.
+    stats = single_process[f"{family}/{plan}/stats"]
+    for record in records:
+        mine = record[f"{family}/{plan}"]
+        assert (mine["computed"], mine["reused"], mine["forecast"], mine["cfg_shared"], mine["linear"]) == (
+            stats.computed, stats.reused, stats.forecast, stats.cfg_shared, stats.linear)
+        assert 2 * mine["cache_bytes"] == stats.cache_bytes > 0
+
+
+@pytest.mark.parametrize("family", list(cases.FAMILIES))
+def test_linear_weights_fitted_under_context_parallelism_are_the_single_process_fit(ulysses, single_process,
+                                                                                   family):
+    _, outputs, _ = ulysses
+    expected = single_process[f"{family}/linear_weights"]
+    assert expected.abs().sum() > 0
+    for rank in (0, 1):  # the normal equations were summed over the shards: one fit, the same on both ranks
+        torch.testing.assert_close(outputs[rank][f"{family}/linear_weights"], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(outputs[0][f"{family}/linear_weights"], outputs[1][f"{family}/linear_weights"])
+
+
+@pytest.mark.parametrize("family", list(cases.FAMILIES))
+def test_removal_restores_the_stock_context_parallel_model_on_every_rank(ulysses, single_process, family):
+    _, outputs, records = ulysses
+    for rank in (0, 1):
+        stock = _steps(outputs[rank], f"{family}/stock")
+        for removed, before in zip(_steps(outputs[rank], f"{family}/removed"), stock):
+            assert torch.equal(removed, before)  # bitwise: the stock sharded computation, untouched
+        for before, single in zip(stock, single_process[f"{family}/stock"]):
+            torch.testing.assert_close(before, single)
+        assert records[rank][f"{family}/registries_left"] == []
+
+
+@pytest.mark.parametrize("family", list(cases.FAMILIES))
+def test_cache_applied_before_enable_parallelism_gives_the_same_result(ulysses, family):
+    _, outputs, records = ulysses
+    for rank in (0, 1):
+        for first, after in zip(_steps(outputs[rank], f"{family}/cache_first"),
+                                _steps(outputs[rank], f"{family}/router")):
+            assert torch.equal(first, after)
+        assert records[rank][f"{family}/cache_first"]["cache_bytes"] == records[rank][f"{family}/router"][
+            "cache_bytes"]
+
+
+@pytest.mark.parametrize("family", list(cases.FAMILIES))
+def test_plans_that_differ_between_ranks_and_router_training_are_refused_on_every_rank(ulysses, family):
+    _, _, records = ulysses
+    for record in records:
+        assert "follow different cache plans" in record[f"{family}/mismatch_error"]
+        assert "same plan or router file" in record[f"{family}/mismatch_error"]
+        assert "Router training (gated mode) does not work under context parallelism" in record[
+            f"{family}/gated_error"]
+        assert "--trainer.strategy ddp" in record[f"{family}/gated_error"]
+
+
+def test_ring_attention_cached_output_equals_the_single_process_cached_output(tmp_path, single_process):
+    """Ring attention on FLUX.1 (diffusers' ring needs the log-sum-exp, which no CPU backend returns: the worker
+    substitutes torch's CPU flash kernel in the native backend's forward op, see cases.install_cpu_ring_attention)."""
+    outputs, records = _launch(tmp_path, "ring", families=("flux",))
+    for rank in (0, 1):
+        for plan in PLANS:
+            for got, want in zip(_steps(outputs[rank], f"flux/{plan}"), single_process[f"flux/{plan}"]):
+                torch.testing.assert_close(got, want)
+            assert 2 * records[rank][f"flux/{plan}"]["cache_bytes"] == single_process[
+                f"flux/{plan}/stats"].cache_bytes
+        assert records[rank]["flux/registries_left"] == []
