@@ -58,53 +58,55 @@ def error_of(function) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--attention", choices=["ulysses", "ring"], default="ulysses")
-    parser.add_argument("--families", nargs="+", default=list(cases.FAMILIES))
+    parser.add_argument("--ulysses", nargs="*", default=list(cases.FAMILIES), help="families to run with Ulysses")
+    parser.add_argument("--ring", nargs="*", default=list(cases.FAMILIES), help="families to run with ring attention")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, degree = dist.get_rank(), dist.get_world_size()
-    if args.attention == "ring":
-        cases.install_cpu_ring_attention()
+    if args.ring:
+        cases.install_cpu_ring_attention()  # only the ring's log-sum-exp calls change; Ulysses never asks for one
     record, outputs = {}, {}
     folder = Path(args.out)
-    for family in args.families:
+    runs = [("ulysses", family) for family in args.ulysses] + [("ring", family) for family in args.ring]
+    for attention, family in runs:
         model = cases.FAMILIES[family]()
-        enable_context_parallelism(model, degree, args.attention)
+        enable_context_parallelism(model, degree, attention)
+        key = f"{attention}/{family}"  # the records' prefix
         for step, output in enumerate(run_steps(model, cases.NUM_STEPS)):
-            outputs[f"{family}/stock/{step}"] = output.contiguous()
+            outputs[f"{key}/stock/{step}"] = output.contiguous()
         plans = cases.plans(model, folder)
         for name, plan in plans.items():
-            cached_run(model, plan, record, f"{family}/{name}", outputs)
+            cached_run(model, plan, record, f"{key}/{name}", outputs)
         # LINEAR weights fitted under context parallelism (each rank records its shard; the normal equations are
         # summed over the ranks), then used.
         fitted = dit_cache.fit_linear_forecaster(cases.StepsPipeline(model), cases.linear_template(model),
                                                  [0], progress=False)
-        outputs[f"{family}/linear_weights"] = fitted.linear_weights
-        cached_run(model, fitted, record, f"{family}/linear", outputs)
+        outputs[f"{key}/linear_weights"] = fitted.linear_weights
+        cached_run(model, fitted, record, f"{key}/linear", outputs)
         for step, output in enumerate(run_steps(model, cases.NUM_STEPS)):  # after every remove_cache: stock
-            outputs[f"{family}/removed/{step}"] = output.contiguous()
-        record[f"{family}/registries_left"] = [unit.path for unit in cache_units(model)
-                                               if hasattr(model.get_submodule(unit.path), "_diffusers_hook")]
+            outputs[f"{key}/removed/{step}"] = output.contiguous()
+        record[f"{key}/registries_left"] = [unit.path for unit in cache_units(model)
+                                             if hasattr(model.get_submodule(unit.path), "_diffusers_hook")]
 
         # Order: the cache applied before enable_parallelism gives the same result as after it.
         model = cases.FAMILIES[family]()
         handle = apply_cache(model, plans["router"])
-        enable_context_parallelism(model, degree, args.attention)
+        enable_context_parallelism(model, degree, attention)
         for step, output in enumerate(run_steps(model, cases.NUM_STEPS)):
-            outputs[f"{family}/cache_first/{step}"] = output.contiguous()
-        record[f"{family}/cache_first"] = {"cache_bytes": handle.stats.cache_bytes}
+            outputs[f"{key}/cache_first/{step}"] = output.contiguous()
+        record[f"{key}/cache_first"] = {"cache_bytes": handle.stats.cache_bytes}
         remove_cache(model)
 
         # Refusals, raised on every rank alike: plans that differ between the ranks, router training.
         units = len(cache_units(model))
         own_plan = CachePlan.uniform(cases.NUM_STEPS, units, interval=2 + rank)
         apply_cache(model, own_plan)
-        record[f"{family}/mismatch_error"] = error_of(lambda: run_steps(model, cases.NUM_STEPS))
+        record[f"{key}/mismatch_error"] = error_of(lambda: run_steps(model, cases.NUM_STEPS))
         remove_cache(model)
         handle = apply_cache(model, CacheRouter(cases.NUM_STEPS, units).schedule())
         with handle.gated():
             handle.set_gate(torch.full((units,), 0.9), 0.5)
-            record[f"{family}/gated_error"] = error_of(lambda: run_steps(model, 2))
+            record[f"{key}/gated_error"] = error_of(lambda: run_steps(model, 2))
         remove_cache(model)
         assert get_cache_handle(model) is None
     save_file(outputs, str(folder / f"rank{rank}.safetensors"))

@@ -1,7 +1,10 @@
 """The cache under diffusers' context parallelism: 2 CPU processes (torchrun, gloo, the native attention backend).
 
-One torchrun per attention kind runs tests/context_parallel_worker.py on tiny FLUX.1, Qwen-Image and Wan models;
-this process runs the same plans on one process and compares.
+One torchrun runs tests/context_parallel_worker.py on tiny FLUX.1, Qwen-Image and Wan models, with Ulysses and
+with ring attention; this process runs the same plans on one process and compares. Ring attention merges partial
+attentions by their log-sum-exp, which no attention backend returns on the CPU (native: "Native attention does not
+support return_lse=True"; the others are CUDA-only); the worker substitutes torch's CPU flash kernel in the native
+backend's forward op for those calls (cases.install_cpu_ring_attention), the ring algorithm staying diffusers'.
 
 Tolerance: the cached outputs under context parallelism equal the single-process cached outputs to float32
 rounding (``torch.testing.assert_close`` defaults: rtol 1.3e-6, atol 1e-5). Sharding changes no arithmetic, only
@@ -30,15 +33,14 @@ pytestmark = pytest.mark.multiprocess
 HERE = Path(__file__).parent
 
 
-def _launch(folder: Path, attention: str, families=tuple(cases.FAMILIES)):
+def _launch(folder: Path):
     for build in cases.FAMILIES.values():
         model = build()
         cases.make_router(model).save(cases.router_path(folder, model))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "context_parallel_worker.py"), str(folder), "--attention", attention,
-               "--families", *families]
+               str(HERE / "context_parallel_worker.py"), str(folder)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return ([load_file(folder / f"rank{rank}.safetensors") for rank in (0, 1)],
@@ -46,15 +48,15 @@ def _launch(folder: Path, attention: str, families=tuple(cases.FAMILIES)):
 
 
 @pytest.fixture(scope="module")
-def ulysses(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ulysses")
-    return folder, *_launch(folder, "ulysses")
+def parallel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("context_parallel")
+    return folder, *_launch(folder)
 
 
 @pytest.fixture(scope="module")
-def single_process(ulysses):
+def single_process(parallel):
     """Every plan's steps and cache statistics on one process, the stock model's steps, the LINEAR weights."""
-    folder = ulysses[0]
+    folder = parallel[0]
     results = {}
     for family, build in cases.FAMILIES.items():
         model = build()
@@ -76,85 +78,75 @@ def _steps(outputs: dict, key: str) -> list[torch.Tensor]:
 
 
 PLANS = ["router", "taylor", "cfg_share", "linear"]
+RUNS = pytest.mark.parametrize("attention, family", [(attention, family) for attention in ("ulysses", "ring")
+                                                     for family in cases.FAMILIES])
 
 
-@pytest.mark.parametrize("family", list(cases.FAMILIES))
+@RUNS
 @pytest.mark.parametrize("plan", PLANS)
-def test_cached_output_under_ulysses_equals_the_single_process_cached_output(ulysses, single_process, family,
-                                                                             plan):
-    _, outputs, records = ulysses
+def test_cached_output_under_context_parallelism_equals_the_single_process_cached_output(
+        parallel, single_process, attention, family, plan):
+    _, outputs, records = parallel
+    run = f"{attention}/{family}/{plan}"
     expected = single_process[f"{family}/{plan}"]
     for rank in (0, 1):
-        for got, want in zip(_steps(outputs[rank], f"{family}/{plan}"), expected):
+        for got, want in zip(_steps(outputs[rank], run), expected):
             torch.testing.assert_close(got, want)
         # The plan did skip work: far from the stock output (a cache switched off would fail here).
         assert max((got - stock).abs().max() for got, stock in zip(
-            _steps(outputs[rank], f"{family}/{plan}"), single_process[f"{family}/stock"])) > 100 * 1e-5
-    # The ranks gathered the same full output, bitwise.
-    for got0, got1 in zip(_steps(outputs[0], f"{family}/{plan}"), _steps(outputs[1], f"{family}/{plan}")):
-        assert torch.equal(got0, got1)
+            _steps(outputs[rank], run), single_process[f"{family}/stock"])) > 100 * 1e-5
+    for got0, got1 in zip(_steps(outputs[0], run), _steps(outputs[1], run)):
+        assert torch.equal(got0, got1)  # the ranks gathered the same full output, bitwise
     # Same actions, each rank caching its own half of the tokens: exactly half the single-process bytes.
     stats = single_process[f"{family}/{plan}/stats"]
     for record in records:
-        mine = record[f"{family}/{plan}"]
+        mine = record[run]
         assert (mine["computed"], mine["reused"], mine["forecast"], mine["cfg_shared"], mine["linear"]) == (
             stats.computed, stats.reused, stats.forecast, stats.cfg_shared, stats.linear)
         assert 2 * mine["cache_bytes"] == stats.cache_bytes > 0
 
 
-@pytest.mark.parametrize("family", list(cases.FAMILIES))
-def test_linear_weights_fitted_under_context_parallelism_are_the_single_process_fit(ulysses, single_process,
-                                                                                   family):
-    _, outputs, _ = ulysses
+@RUNS
+def test_linear_weights_fitted_under_context_parallelism_are_the_single_process_fit(parallel, single_process,
+                                                                                   attention, family):
+    _, outputs, _ = parallel
     expected = single_process[f"{family}/linear_weights"]
     assert expected.abs().sum() > 0
-    for rank in (0, 1):  # the normal equations were summed over the shards: one fit, the same on both ranks
-        torch.testing.assert_close(outputs[rank][f"{family}/linear_weights"], expected, rtol=1e-4, atol=1e-5)
-    assert torch.equal(outputs[0][f"{family}/linear_weights"], outputs[1][f"{family}/linear_weights"])
+    fitted = [outputs[rank][f"{attention}/{family}/linear_weights"] for rank in (0, 1)]
+    for weights in fitted:  # the normal equations were summed over the shards: the single-process fit
+        torch.testing.assert_close(weights, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(*fitted)  # and one fit, the same on both ranks
 
 
-@pytest.mark.parametrize("family", list(cases.FAMILIES))
-def test_removal_restores_the_stock_context_parallel_model_on_every_rank(ulysses, single_process, family):
-    _, outputs, records = ulysses
+@RUNS
+def test_removal_restores_the_stock_context_parallel_model_on_every_rank(parallel, single_process, attention,
+                                                                         family):
+    _, outputs, records = parallel
     for rank in (0, 1):
-        stock = _steps(outputs[rank], f"{family}/stock")
-        for removed, before in zip(_steps(outputs[rank], f"{family}/removed"), stock):
+        stock = _steps(outputs[rank], f"{attention}/{family}/stock")
+        for removed, before in zip(_steps(outputs[rank], f"{attention}/{family}/removed"), stock):
             assert torch.equal(removed, before)  # bitwise: the stock sharded computation, untouched
         for before, single in zip(stock, single_process[f"{family}/stock"]):
             torch.testing.assert_close(before, single)
-        assert records[rank][f"{family}/registries_left"] == []
+        assert records[rank][f"{attention}/{family}/registries_left"] == []
 
 
-@pytest.mark.parametrize("family", list(cases.FAMILIES))
-def test_cache_applied_before_enable_parallelism_gives_the_same_result(ulysses, family):
-    _, outputs, records = ulysses
+@RUNS
+def test_cache_applied_before_enable_parallelism_gives_the_same_result(parallel, attention, family):
+    _, outputs, records = parallel
+    run = f"{attention}/{family}"
     for rank in (0, 1):
-        for first, after in zip(_steps(outputs[rank], f"{family}/cache_first"),
-                                _steps(outputs[rank], f"{family}/router")):
+        for first, after in zip(_steps(outputs[rank], f"{run}/cache_first"), _steps(outputs[rank], f"{run}/router")):
             assert torch.equal(first, after)
-        assert records[rank][f"{family}/cache_first"]["cache_bytes"] == records[rank][f"{family}/router"][
-            "cache_bytes"]
+        assert records[rank][f"{run}/cache_first"]["cache_bytes"] == records[rank][f"{run}/router"]["cache_bytes"]
 
 
-@pytest.mark.parametrize("family", list(cases.FAMILIES))
-def test_plans_that_differ_between_ranks_and_router_training_are_refused_on_every_rank(ulysses, family):
-    _, _, records = ulysses
+@RUNS
+def test_plans_that_differ_between_ranks_and_router_training_are_refused_on_every_rank(parallel, attention,
+                                                                                      family):
+    _, _, records = parallel
     for record in records:
-        assert "follow different cache plans" in record[f"{family}/mismatch_error"]
-        assert "same plan or router file" in record[f"{family}/mismatch_error"]
-        assert "Router training (gated mode) does not work under context parallelism" in record[
-            f"{family}/gated_error"]
-        assert "--trainer.strategy ddp" in record[f"{family}/gated_error"]
-
-
-def test_ring_attention_cached_output_equals_the_single_process_cached_output(tmp_path, single_process):
-    """Ring attention on FLUX.1 (diffusers' ring needs the log-sum-exp, which no CPU backend returns: the worker
-    substitutes torch's CPU flash kernel in the native backend's forward op, see cases.install_cpu_ring_attention)."""
-    outputs, records = _launch(tmp_path, "ring", families=("flux",))
-    for rank in (0, 1):
-        for plan in PLANS:
-            for got, want in zip(_steps(outputs[rank], f"flux/{plan}"), single_process[f"flux/{plan}"]):
-                torch.testing.assert_close(got, want)
-            assert 2 * records[rank][f"flux/{plan}"]["cache_bytes"] == single_process[
-                f"flux/{plan}/stats"].cache_bytes
-        assert records[rank]["flux/registries_left"] == []
+        mismatch, gated = record[f"{attention}/{family}/mismatch_error"], record[f"{attention}/{family}/gated_error"]
+        assert "follow different cache plans" in mismatch and "same plan or router file" in mismatch
+        assert "Router training (gated mode) does not work under context parallelism" in gated
+        assert "--trainer.strategy ddp" in gated
