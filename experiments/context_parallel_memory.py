@@ -1,0 +1,120 @@
+"""Cache memory per rank under diffusers' context parallelism (the figures of docs/multi_gpu.md).
+
+Two measurements, both of ``CacheStats.cache_bytes`` (what the handle's cache holds after the plan's steps):
+
+    # tiny FLUX.1, Qwen-Image and Wan: degree 1 (no parallelism) and degree 2 (Ulysses), the same plans
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 experiments/context_parallel_memory.py tiny
+
+    # the real configurations (FLUX.1-dev, Qwen-Image, Wan 2.1 14B) on the meta device: no weights, no compute,
+    # the units' true output shapes at the stated resolution; degree 1, one history entry per unit
+    python experiments/context_parallel_memory.py real
+
+A rank caches its own shard of the tokens, so at degree d each rank holds 1/d of the degree-1 bytes, exactly when
+the tokens split evenly (the tiny run checks it; tests/test_context_parallel.py asserts it for every plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from unittest import mock
+
+import torch
+
+from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
+from dit_cache.testing import run_steps, step_inputs, tiny_flux, tiny_qwen_image, tiny_wan
+
+STEPS = 6
+
+
+def tiny() -> None:
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    dist.init_process_group("gloo")
+    rank, degree = dist.get_rank(), dist.get_world_size()
+    rows = []
+    for name, build in [("FLUX.1", tiny_flux), ("Qwen-Image", tiny_qwen_image), ("Wan", tiny_wan)]:
+        plans = {"uniform interval 2 (REUSE, 1 entry)": lambda n: CachePlan.uniform(STEPS, n, 2),
+                 "taylor interval 2 order 2 (3 entries)": lambda n: CachePlan.taylor(STEPS, n, 2, order=2)}
+        for plan_name, make in plans.items():
+            bytes_at = {}
+            for parallel in (False, True):
+                model = build()
+                if parallel:
+                    # diffusers 0.42 divides by the accelerator count, 0 on a CPU-only machine
+                    with mock.patch("torch.accelerator.device_count", return_value=1):
+                        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+                handle = apply_cache(model, make(len(cache_units(model))))
+                run_steps(model, STEPS, sample_size=16)
+                bytes_at[degree if parallel else 1] = handle.stats.cache_bytes
+                remove_cache(model)
+            gathered = [None] * degree
+            dist.all_gather_object(gathered, bytes_at)
+            rows.append((name, plan_name, gathered))
+    if rank == 0:
+        print(f"| tiny model, batch 2, 16x16 latent | plan | degree 1 | degree {degree}, per rank | ratio |")
+        print("|---|---|---|---|---|")
+        for name, plan_name, gathered in rows:
+            single = gathered[0][1]
+            per_rank = [g[degree] for g in gathered]
+            shown = " / ".join(f"{b / 1024:.0f} KiB" for b in per_rank)
+            print(f"| {name} | {plan_name} | {single / 1024:.0f} KiB | {shown} | {single / max(per_rank):.2f} |")
+    dist.destroy_process_group()
+
+
+def _on_meta(value):
+    if torch.is_tensor(value):
+        return value.to("meta", torch.bfloat16 if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {key: _on_meta(item) for key, item in value.items()}
+    return value
+
+
+def _wan_video_inputs(wan):
+    inputs = step_inputs(wan, batch=1, text_tokens=512)
+    inputs["hidden_states"] = torch.zeros(1, 16, 21, 60, 104)  # 81 frames at 480x832: 21 x 30 x 52 tokens
+    return inputs
+
+
+# (what, transformer class and config overrides, its step inputs); diffusers' defaults are the released
+# configurations (FLUX.1-dev adds guidance_embeds).
+REAL_MODELS = [
+    ("FLUX.1-dev, 1024x1024 (4096 image + 512 text tokens)", "FluxTransformer2DModel", {"guidance_embeds": True},
+     lambda model: step_inputs(model, batch=1, text_tokens=512, sample_size=64)),
+    ("Qwen-Image, 1024x1024 (4096 image + 256 text tokens)", "QwenImageTransformer2DModel", {},
+     lambda model: step_inputs(model, batch=1, text_tokens=256, sample_size=64)),
+    ("Wan 2.1 14B, 81 frames 480x832 (32760 video tokens)", "WanTransformer3DModel", {}, _wan_video_inputs),
+]
+
+
+def real() -> None:
+    import diffusers
+
+    print("| model (bf16, batch 1) | units | 1 entry per unit (REUSE) | 2 (FORECAST1) | 3 (FORECAST2) | "
+          "per rank at degree 2 / 4 / 8, 2 entries |")
+    print("|---|---|---|---|---|---|")
+    gib = 2 ** 30
+    for name, class_name, overrides, make_inputs in REAL_MODELS:
+        with torch.device("meta"):
+            model = getattr(diffusers, class_name)(**overrides).to(torch.bfloat16)
+        units = cache_units(model)
+        handle = apply_cache(model, CachePlan.uniform(2, len(units), 2))
+        handle.idle_bypassed()  # a generation of our own, which reads no timestep (a meta tensor has no value)
+        with torch.no_grad(), handle.generation() as state:
+            model(**_on_meta(make_inputs(model)), return_dict=False)
+            one = state.cache_bytes
+        remove_cache(model)
+        per_rank = " / ".join(f"{2 * one / degree / gib:.2f}" for degree in (2, 4, 8))
+        print(f"| {name} | {len(units)} | {one / gib:.2f} GiB | {2 * one / gib:.2f} GiB | {3 * one / gib:.2f} GiB "
+              f"| {per_rank} GiB |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["tiny", "real"])
+    arguments = parser.parse_args()
+    if arguments.what == "tiny" and "WORLD_SIZE" not in os.environ:
+        sys.exit("Launch the tiny measurement with torchrun --nproc_per_node 2 (see the docstring).")
+    tiny() if arguments.what == "tiny" else real()
