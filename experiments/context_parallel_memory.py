@@ -15,12 +15,13 @@ the tokens split evenly (the tiny run checks it; tests/test_context_parallel.py 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Literal
 from unittest import mock
 
 import torch
+from jsonargparse import CLI
 
 from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
 from dit_cache.testing import run_steps, step_inputs, tiny_flux, tiny_qwen_image, tiny_wan
@@ -111,10 +112,14 @@ def real() -> None:
               f"| {per_rank} GiB |")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["tiny", "real"])
-    arguments = parser.parse_args()
-    if arguments.what == "tiny" and "WORLD_SIZE" not in os.environ:
+def main(what: Literal["tiny", "real"]):
+    """Args:
+        what: ``tiny`` (under torchrun: degree 1 and the launch's degree) or ``real`` (one process, meta device).
+    """
+    if what == "tiny" and "WORLD_SIZE" not in os.environ:
         sys.exit("Launch the tiny measurement with torchrun --nproc_per_node 2 (see the docstring).")
-    tiny() if arguments.what == "tiny" else real()
+    tiny() if what == "tiny" else real()
+
+
+if __name__ == "__main__":
+    CLI(main)

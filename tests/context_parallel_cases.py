@@ -45,6 +45,17 @@ def linear_template(model, order: int = 2) -> CachePlan:
     return CachePlan(codes, torch.zeros(NUM_STEPS, units, order))
 
 
+def flux_pipeline_call(pipe) -> tuple[torch.Tensor, int]:
+    """The accelerated FLUX.1 pipeline with a FORECAST plan: its final latents and the cache bytes it held."""
+    import dit_cache
+
+    dit_cache.accelerate(pipe, plan=CachePlan.taylor(4, len(cache_units(pipe.transformer)), interval=2))
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("a red circle", num_inference_steps=4, height=64, width=64, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    return latents, pipe.cache_stats.cache_bytes
+
+
 class StepsPipeline:
     """The least of a pipeline ``fit_linear_forecaster`` needs: one uncached ``run_steps`` trajectory per call."""
 

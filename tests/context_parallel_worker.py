@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import dit_cache
 from dit_cache import CachePlan, CacheRouter, apply_cache, cache_units, get_cache_handle, remove_cache
-from dit_cache.testing import run_steps
+from dit_cache.testing import run_steps, tiny_flux_pipeline
 
 import context_parallel_cases as cases
 
@@ -109,6 +109,10 @@ def main() -> None:
             record[f"{key}/gated_error"] = error_of(lambda: run_steps(model, 2))
         remove_cache(model)
         assert get_cache_handle(model) is None
+    if "flux" in args.ulysses:  # the user's path: an accelerated pipeline whose transformer is sharded
+        pipe = tiny_flux_pipeline()
+        enable_context_parallelism(pipe.transformer, degree, "ulysses")
+        outputs["pipeline/latents"], record["pipeline/cache_bytes"] = cases.flux_pipeline_call(pipe)
     save_file(outputs, str(folder / f"rank{rank}.safetensors"))
     (folder / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     dist.destroy_process_group()

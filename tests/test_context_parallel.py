@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 import context_parallel_cases as cases
 from dit_cache import apply_cache, fit_linear_forecaster, remove_cache
-from dit_cache.testing import run_steps
+from dit_cache.testing import run_steps, tiny_flux_pipeline
 
 pytestmark = pytest.mark.multiprocess
 HERE = Path(__file__).parent
@@ -150,3 +150,11 @@ def test_plans_that_differ_between_ranks_and_router_training_are_refused_on_ever
         assert "follow different cache plans" in mismatch and "same plan or router file" in mismatch
         assert "Router training (gated mode) does not work under context parallelism" in gated
         assert "--trainer.strategy ddp" in gated
+
+
+def test_accelerated_flux_pipeline_under_ulysses_equals_the_single_process_pipeline(parallel):
+    _, outputs, records = parallel
+    expected, single_bytes = cases.flux_pipeline_call(tiny_flux_pipeline())
+    for rank in (0, 1):
+        torch.testing.assert_close(outputs[rank]["pipeline/latents"], expected)
+        assert 2 * records[rank]["pipeline/cache_bytes"] == single_bytes > 0
