@@ -35,33 +35,39 @@ def tiny() -> None:
 
     dist.init_process_group("gloo")
     rank, degree = dist.get_rank(), dist.get_world_size()
+    plans = {"stock (no cache)": None,
+             "uniform interval 2 (REUSE, 1 entry)": lambda n: CachePlan.uniform(STEPS, n, 2),
+             "taylor interval 2 order 2 (3 entries)": lambda n: CachePlan.taylor(STEPS, n, 2, order=2)}
     rows = []
     for name, build in [("FLUX.1", tiny_flux), ("Qwen-Image", tiny_qwen_image), ("Wan", tiny_wan)]:
-        plans = {"uniform interval 2 (REUSE, 1 entry)": lambda n: CachePlan.uniform(STEPS, n, 2),
-                 "taylor interval 2 order 2 (3 entries)": lambda n: CachePlan.taylor(STEPS, n, 2, order=2)}
         for plan_name, make in plans.items():
-            bytes_at = {}
+            bytes_at, final = {}, {}
             for parallel in (False, True):
                 model = build()
                 if parallel:
                     # diffusers 0.42 divides by the accelerator count, 0 on a CPU-only machine
                     with mock.patch("torch.accelerator.device_count", return_value=1):
                         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-                handle = apply_cache(model, make(len(cache_units(model))))
-                run_steps(model, STEPS, sample_size=16)
-                bytes_at[degree if parallel else 1] = handle.stats.cache_bytes
-                remove_cache(model)
+                handle = None if make is None else apply_cache(model, make(len(cache_units(model))))
+                final[parallel] = run_steps(model, STEPS, sample_size=16)[-1]
+                bytes_at[degree if parallel else 1] = 0 if handle is None else handle.stats.cache_bytes
+                if handle is not None:
+                    remove_cache(model)
+            bytes_at["difference"] = float((final[True] - final[False]).abs().max())
             gathered = [None] * degree
             dist.all_gather_object(gathered, bytes_at)
             rows.append((name, plan_name, gathered))
     if rank == 0:
-        print(f"| tiny model, batch 2, 16x16 latent | plan | degree 1 | degree {degree}, per rank | ratio |")
-        print("|---|---|---|---|---|")
+        print(f"| tiny model, batch 2, 16x16 latent | plan | cache, degree 1 | degree {degree}, per rank | ratio | "
+              f"max abs difference of the last step's output, degree {degree} vs 1 |")
+        print("|---|---|---|---|---|---|")
         for name, plan_name, gathered in rows:
             single = gathered[0][1]
             per_rank = [g[degree] for g in gathered]
             shown = " / ".join(f"{b / 1024:.0f} KiB" for b in per_rank)
-            print(f"| {name} | {plan_name} | {single / 1024:.0f} KiB | {shown} | {single / max(per_rank):.2f} |")
+            ratio = f"{single / max(per_rank):.2f}" if single else "-"
+            difference = max(g["difference"] for g in gathered)
+            print(f"| {name} | {plan_name} | {single / 1024:.0f} KiB | {shown} | {ratio} | {difference:.1e} |")
     dist.destroy_process_group()
 
 
