@@ -1,4 +1,4 @@
-"""The cache under diffusers' context parallelism (``transformer.enable_parallelism(config=ContextParallelConfig(...))``).
+"""The cache under diffusers' context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``).
 
 Why the engine needs almost nothing for it: diffusers splits the sequence at the transformer's (or its first
 block's) input and gathers it at ``proj_out``, so every unit in between runs on the rank's own shard of the tokens
@@ -11,10 +11,10 @@ What can go wrong is the ranks disagreeing. A unit that REUSEs skips its attenti
 all-to-all (Ulysses) or all-gather (ring); if one rank computes a unit that another skips, the ranks' collectives
 pair up wrongly: a hang, or, where the shapes happen to match, silently mixed tokens. So before every cached step
 the ranks compare a digest of what they are about to do (plan, step, mode, CFG half), one 8-byte all-gather per
-step (next to a step's dozens of attention collectives), and stop with an error naming the fix if they differ. What cannot be made right is
-refused there too: router training (GATED mode: each rank would get the gradient of its own shard only), tensor
-parallelism (not verified), and a ``cp_plan`` that splits or gathers at a unit itself (the unit's output would not
-be the rank's shard).
+step (next to a step's dozens of attention collectives), and stop with an error naming the fix if they differ.
+What cannot be made right is refused there too: router training (GATED mode: each rank would get the gradient of
+its own shard only), tensor parallelism (not verified), and a ``cp_plan`` that splits or gathers at a unit itself
+(the unit's output would not be the rank's shard).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def check_step(transformer: torch.nn.Module, handle, state) -> None:
         raise RuntimeError(
             "The ranks of the context-parallel group follow different cache plans (plan digests "
             f"{digests}); their attention collectives would pair up wrongly. Give every rank the same plan or router "
-            "file, budget (flops=), guidance and step count, and the same cache mode (cache=False, bypassed) in the "
-            "same call.")
+            "file, budget (flops=), guidance and step count, and bypass the cache (handle.bypassed(), cache=False) "
+            "on all ranks or none.")
 
 
 def all_reduce_sum(transformer: torch.nn.Module, *tensors: torch.Tensor) -> None:
