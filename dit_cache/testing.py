@@ -103,7 +103,7 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
     with torch.no_grad():
         for step in range(num_steps):
             inputs["timestep"] = timestep(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0])
-            output = transformer(**inputs, return_dict=False)[0]  # the return CP hooks accept
+            output = transformer(**inputs, return_dict=False)[0]  # FLUX's CP split hook refuses a return_dict
             outputs.append(output)
             inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]
     return outputs
