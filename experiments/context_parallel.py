@@ -1,13 +1,17 @@
-"""Cache memory per rank under diffusers' context parallelism (the figures of docs/multi_gpu.md).
+"""Cache memory per rank and the cost of the ranks' plan check under context parallelism (docs/multi_gpu.md).
 
-Two measurements, both of ``CacheStats.cache_bytes`` (what the handle's cache holds after the plan's steps):
+Three measurements:
 
-    # tiny FLUX.1, Qwen-Image and Wan: degree 1 (no parallelism) and degree 2 (Ulysses), the same plans
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 experiments/context_parallel_memory.py tiny
+    # tiny FLUX.1, Qwen-Image and Wan: cache bytes at degree 1 (no parallelism) and degree 2 (Ulysses), the same
+    # plans, and the largest difference of the outputs from one process
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 experiments/context_parallel.py tiny
 
     # the real configurations (FLUX.1-dev, Qwen-Image, Wan 2.1 14B) on the meta device: no weights, no compute,
     # the units' true output shapes at the stated resolution; degree 1, one history entry per unit
-    python experiments/context_parallel_memory.py real
+    python experiments/context_parallel.py real
+
+    # the per-step check (one 8-byte all-gather) against a stock context-parallel step of tiny FLUX.1, interleaved
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 experiments/context_parallel.py check_cost
 
 A rank caches its own shard of the tokens, so at degree d each rank holds 1/d of the degree-1 bytes, exactly when
 the tokens split evenly (the tiny run checks it; tests/test_context_parallel.py asserts it for every plan).
@@ -29,9 +33,18 @@ from dit_cache.testing import run_steps, step_inputs, tiny_flux, tiny_qwen_image
 STEPS = 6
 
 
+def _tiny_sharded(build, degree: int):
+    from diffusers import ContextParallelConfig
+
+    model = build()
+    # diffusers 0.42 divides by the accelerator count, 0 on a CPU-only machine
+    with mock.patch("torch.accelerator.device_count", return_value=1):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    return model
+
+
 def tiny() -> None:
     import torch.distributed as dist
-    from diffusers import ContextParallelConfig
 
     dist.init_process_group("gloo")
     rank, degree = dist.get_rank(), dist.get_world_size()
@@ -43,11 +56,7 @@ def tiny() -> None:
         for plan_name, make in plans.items():
             bytes_at, final = {}, {}
             for parallel in (False, True):
-                model = build()
-                if parallel:
-                    # diffusers 0.42 divides by the accelerator count, 0 on a CPU-only machine
-                    with mock.patch("torch.accelerator.device_count", return_value=1):
-                        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+                model = _tiny_sharded(build, degree) if parallel else build()
                 handle = None if make is None else apply_cache(model, make(len(cache_units(model))))
                 final[parallel] = run_steps(model, STEPS, sample_size=16)[-1]
                 bytes_at[degree if parallel else 1] = 0 if handle is None else handle.stats.cache_bytes
@@ -118,13 +127,39 @@ def real() -> None:
               f"| {per_rank} GiB |")
 
 
-def main(what: Literal["tiny", "real"]):
+def check_cost(repeats: int = 5, checks: int = 200, steps: int = 20) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from dit_cache.parallel import _all_gather_int, context_parallel_group
+
+    dist.init_process_group("gloo")
+    model = _tiny_sharded(tiny_flux, dist.get_world_size())
+    group = context_parallel_group(model)
+    for repeat in range(repeats):  # interleaved: the machine's load moves both alike
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(checks):
+            _all_gather_int(repeat, group)
+        check = (time.perf_counter() - start) / checks
+        dist.barrier()
+        start = time.perf_counter()
+        run_steps(model, steps)
+        step = (time.perf_counter() - start) / steps
+        if dist.get_rank() == 0:
+            print(f"repeat {repeat}: check {check * 1e3:.2f} ms, stock context-parallel step of tiny FLUX.1 "
+                  f"{step * 1e3:.1f} ms: the check adds {check / step:.1%}")
+    dist.destroy_process_group()
+
+
+def main(what: Literal["tiny", "real", "check_cost"]):
     """Args:
-        what: ``tiny`` (under torchrun: degree 1 and the launch's degree) or ``real`` (one process, meta device).
+        what: ``tiny`` and ``check_cost`` (under torchrun), or ``real`` (one process, meta device).
     """
-    if what == "tiny" and "WORLD_SIZE" not in os.environ:
-        sys.exit("Launch the tiny measurement with torchrun --nproc_per_node 2 (see the docstring).")
-    tiny() if what == "tiny" else real()
+    if what != "real" and "WORLD_SIZE" not in os.environ:
+        sys.exit(f"Launch the {what} measurement with torchrun --nproc_per_node 2 (see the docstring).")
+    {"tiny": tiny, "real": real, "check_cost": check_cost}[what]()
 
 
 if __name__ == "__main__":
