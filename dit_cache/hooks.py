@@ -14,6 +14,7 @@ from diffusers.hooks import ModelHook
 
 from .actions import ACTIONS, Action
 from .forecast import extrapolate, lagrange_weights, weighted_sum
+from .parallel import check_step
 from .plan import CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
@@ -267,6 +268,7 @@ class DenoisingStepHook:
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
+            check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
 
     @_EAGER
     def _end(self, module, args, output):
