@@ -242,6 +242,10 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown candidate famil{'y' if len(unknown) == 1 else 'ies'} "
                              f"{', '.join(map(repr, unknown))}; choose from {', '.join(FAMILIES)}.")
+        if "cache_dit" in self.selected_families:
+            from .cache_dit_peer import require_cache_dit
+
+            require_cache_dit()
         if "magcache" in self.selected_families and self.calibration_count < 1:
             raise ValueError("MagCache needs --calibration-count >= 1 (or leave magcache out of --families).")
         for path in self.routers:
