@@ -57,7 +57,7 @@ class AdaptiveRule:
     budget: float  # the average share of FLOPs skipped the rule was fitted to
     signal: str = "cfg_gap"
     expected_skipped: float | None = None  # on the calibration images
-    expected_psnr: float | None = None
+    expected_psnr: float | None = None  # the objective's mean on the calibration images (PSNR, or -MSE)
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
@@ -96,9 +96,13 @@ class AdaptiveRule:
 
 
 def fit_rule(signals, psnr, skipped, budgets, budget: float, bins: int = 3, tolerance: float = 0.01,
-             signal: str = "cfg_gap") -> AdaptiveRule:
-    """The bin table that maximises the mean calibration PSNR with the mean FLOP share skipped within
-    ``tolerance`` of ``budget``.
+             signal: str = "cfg_gap", objective: str = "psnr") -> AdaptiveRule:
+    """The bin table that maximises the mean calibration PSNR (``objective="mse"``: minimises the mean MSE) with
+    the mean FLOP share skipped within ``tolerance`` of ``budget``.
+
+    The mean PSNR rewards mixing plans of very different cost even without a signal (PSNR is concave in the FLOPs
+    skipped: half the images at a fine plan and half at a coarse one average more dB than all at the middle one);
+    the mean MSE penalises that mixing, so only a signal that tells the images apart pays under it.
 
     ``signals[i]``: image i's step-0 signal; ``psnr[i][j]``: its final-image PSNR with ladder plan j;
     ``skipped[j]``: plan j's share of FLOPs skipped; ``budgets[j]``: the ladder. Bins are the signal's calibration
@@ -115,8 +119,11 @@ def fit_rule(signals, psnr, skipped, budgets, budget: float, bins: int = 3, tole
     edges = torch.quantile(signals, quantiles).tolist() if bins > 1 else []
     members = torch.bucketize(signals, torch.tensor(edges, dtype=torch.float64), right=True)
     counts = torch.bincount(members, minlength=bins).double()
-    # per bin and ladder plan: the summed PSNR of the bin's images
-    bin_psnr = torch.stack([psnr[members == b].sum(dim=0) for b in range(bins)])
+    if objective not in ("psnr", "mse"):
+        raise ValueError(f"objective must be 'psnr' or 'mse', got {objective!r}.")
+    # per bin and ladder plan: the summed score of the bin's images (higher is better)
+    values = psnr if objective == "psnr" else -(10.0 ** (-psnr / 10))
+    bin_psnr = torch.stack([values[members == b].sum(dim=0) for b in range(bins)])
     best = None
     for table in itertools.product(range(len(budgets)), repeat=bins):
         share = float(sum(counts[b] * skipped[j] for b, j in enumerate(table)) / len(signals))

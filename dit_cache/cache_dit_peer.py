@@ -19,12 +19,13 @@ CACHE_DIT_MISSING = 'the cache-dit peers need the cache-dit package: pip install
 
 # DBCache F1B0 (one compute block in front, none behind): cache-dit's fastest DBCache layout and the one its
 # documentation and integrations (vLLM-Omni, SGLang) default to, with their defaults for ~20-50 step runs: 4
-# warm-up steps, at most 3 cached steps in a row. Thresholds span its useful range on the embedded model (20 steps),
-# from ~35 dB down to below 18 dB PSNR (docs/benchmark.md: the sweep that chose them).
-CACHE_DIT_THRESHOLDS = (0.08, 0.16, 0.24, 0.32, 0.48, 0.64)
+# warm-up steps, at most 3 cached steps in a row. On the embedded model (20 steps) the thresholds span ~37 dB down
+# to where the cap of 3 cached steps saturates (52 % of the FLOPs skipped from 0.32 up; with TaylorSeer, 17.9 dB
+# there); the static masks reach further (docs/results/peer_settings_sweep.json: the sweep that chose them).
+CACHE_DIT_THRESHOLDS = (0.08, 0.12, 0.16, 0.24, 0.32)
 CACHE_DIT_WARMUP_STEPS = 4
 CACHE_DIT_MAX_CONTINUOUS_CACHED = 3
-CACHE_DIT_MASK_POLICIES = ("fast",)  # cache_dit.steps_mask presets: slow, medium, fast, ultra
+CACHE_DIT_MASK_POLICIES = ("medium", "fast")  # cache_dit.steps_mask presets: slow, medium, fast, ultra
 
 
 def require_cache_dit():

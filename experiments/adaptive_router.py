@@ -118,52 +118,73 @@ def evaluate(args) -> None:
     pipe = _pipe()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    held_signals = [image["signal"] for image in heldout["images"]]
-    held_psnr = np.array([image["psnr"] for image in heldout["images"]])
+    images = heldout["images"][: args.limit]
+    held_signals = [image["signal"] for image in images]
+    held_psnr = np.array([image["psnr"] for image in images])
     inputs = _inputs(len(heldout["images"]), heldout["images"][0]["seed"])
+    rules, picks, static_plans = {}, {}, {}
     for budget in args.budgets:
         rule = fit_rule([i["signal"] for i in calibration["images"]], [i["psnr"] for i in calibration["images"]],
-                        skipped, ladder, budget, bins=args.bins, tolerance=args.tolerance)
+                        skipped, ladder, budget, bins=args.bins, tolerance=args.tolerance, objective=args.objective)
         rule.save(out / f"rule_{round(budget * 100)}.safetensors")
-        picks = [rule.pick(s) for s in held_signals]
-        adaptive_psnr = [float(held_psnr[i, j]) for i, j in enumerate(picks)]
-        realised = float(np.mean([skipped[j] for j in picks]))
-        # the static router at exactly the adaptive router's realised mean budget, on the same images
-        static_plan = router.plan(flops=realised)
-        static_psnr = []
-        for index, image in enumerate(heldout["images"]):
-            call = _call(inputs[index], image["seed"])
-            reference = pipe(**call).images[0]
-            static_psnr.append(_psnr(_run_plan(pipe, static_plan, _call(inputs[index], image["seed"])), reference))
+        rules[budget], picks[budget] = rule, [rule.pick(s) for s in held_signals]
+        realised = float(np.mean([skipped[j] for j in picks[budget]]))
+        static_plans[budget] = (realised, router.plan(flops=realised))  # the static router at the same mean FLOPs
+    static_psnr = {budget: [] for budget in args.budgets}
+    for index, image in enumerate(images):
+        reference = pipe(**_call(inputs[index], image["seed"])).images[0]
+        for budget in args.budgets:
+            static = _run_plan(pipe, static_plans[budget][1], _call(inputs[index], image["seed"]))
+            static_psnr[budget].append(_psnr(static, reference))
             if index < args.check:  # the adaptive router itself reproduces its chosen ladder plan's image
-                apply_adaptive(pipe, router, rule)
+                apply_adaptive(pipe, router, rules[budget])
                 try:
-                    adaptive_image = pipe(**_call(inputs[index], image["seed"])).images[0]
+                    measured = _psnr(pipe(**_call(inputs[index], image["seed"])).images[0], reference)
                 finally:
                     remove_adaptive(pipe)
-                measured = _psnr(adaptive_image, reference)
-                if abs(measured - adaptive_psnr[index]) > 1e-9:
-                    raise RuntimeError(f"adaptive run {measured} != table {adaptive_psnr[index]} (image {index})")
-            print(f"budget {budget}: image {index + 1}/{len(inputs)}", flush=True)
-        difference = paired_difference(adaptive_psnr, static_psnr, args.resamples)
+                if abs(measured - held_psnr[index, picks[budget][index]]) > 1e-9:
+                    raise RuntimeError(f"adaptive run {measured} != table {held_psnr[index, picks[budget][index]]}")
+        print(f"image {index + 1}/{len(images)}", flush=True)
+    results = []
+    for budget in args.budgets:
+        rule, realised, plan = rules[budget], *static_plans[budget]
+        adaptive_psnr = [float(held_psnr[i, j]) for i, j in enumerate(picks[budget])]
+        difference = paired_difference(adaptive_psnr, static_psnr[budget], args.resamples)
+        # The same plans in the same proportions, handed out without the signal (every permutation equally
+        # likely): what mixing alone gives. The signal's own contribution is the adaptive rule's lead over it.
+        rng = np.random.default_rng(0)
+        shuffled = [float(np.mean(held_psnr[np.arange(len(images)), rng.permutation(picks[budget])]))
+                    for _ in range(2000)]
+        mse = lambda values: float(np.mean(10.0 ** (-np.asarray(values) / 10)))
         results.append({"budget": budget, "rule": {k: getattr(rule, k) for k in rule.__dataclass_fields__},
-                        "realised_skipped": realised, "static_plan_skipped": static_plan.cached_share(
-                            router.unit_flops), "adaptive_psnr_mean": float(np.mean(adaptive_psnr)),
-                        "static_psnr_mean": float(np.mean(static_psnr)), "difference": difference,
-                        "picks": picks, "adaptive_psnr": adaptive_psnr, "static_psnr": static_psnr,
-                        "better_share": float(np.mean(np.array(adaptive_psnr) > np.array(static_psnr)))})
-    (out / "adaptive_router.json").write_text(json.dumps({"ladder": ladder, "skipped": skipped,
+                        "realised_skipped": realised, "static_plan_skipped": plan.cached_share(router.unit_flops),
+                        "adaptive_psnr_mean": float(np.mean(adaptive_psnr)),
+                        "static_psnr_mean": float(np.mean(static_psnr[budget])), "difference": difference,
+                        "picks": picks[budget], "adaptive_psnr": adaptive_psnr, "static_psnr": static_psnr[budget],
+                        "better_share": float(np.mean(np.array(adaptive_psnr) > np.array(static_psnr[budget]))),
+                        "shuffled_psnr_mean": float(np.mean(shuffled)),
+                        "shuffled_psnr_interval": [float(np.quantile(shuffled, 0.025)),
+                                                   float(np.quantile(shuffled, 0.975))],
+                        "adaptive_mse_mean": mse(adaptive_psnr), "static_mse_mean": mse(static_psnr[budget]),
+                        "adaptive_psnr_median": float(np.median(adaptive_psnr)),
+                        "static_psnr_median": float(np.median(static_psnr[budget]))})
+    (out / f"adaptive_router_{args.objective}.json").write_text(json.dumps({"ladder": ladder, "skipped": skipped,
                                                           "calibration": args.calibration,
                                                           "heldout": args.heldout, "results": results}, indent=1))
-    lines = ["| budget asked | held-out mean FLOPs skipped | adaptive PSNR | static router PSNR (same FLOPs) | "
-             "adaptive - static [95% CI] | images better |", "|---|---|---|---|---|---|"]
+    lines = [f"objective {args.objective}, {args.bins} bins, {len(calibration['images'])} calibration images, "
+             f"{len(images)} held-out images", "",
+             "| budget asked | held-out mean FLOPs skipped | adaptive PSNR mean / median | static router PSNR mean / "
+             "median (same FLOPs) | adaptive - static PSNR [95% CI] | images better | same plans shuffled: PSNR "
+             "[95%] | MSE adaptive / static |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = r["difference"]
-        lines.append(f"| {r['budget']:.0%} | {r['realised_skipped']:.1%} | {r['adaptive_psnr_mean']:.2f} | "
-                     f"{r['static_psnr_mean']:.2f} | {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | "
-                     f"{r['better_share']:.0%} |")
-    (out / "adaptive_router.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {r['budget']:.0%} | {r['realised_skipped']:.1%} | {r['adaptive_psnr_mean']:.2f} / "
+                     f"{r['adaptive_psnr_median']:.2f} | {r['static_psnr_mean']:.2f} / {r['static_psnr_median']:.2f} "
+                     f"| {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | {r['better_share']:.0%} | "
+                     f"{r['shuffled_psnr_mean']:.2f} [{r['shuffled_psnr_interval'][0]:.2f}, "
+                     f"{r['shuffled_psnr_interval'][1]:.2f}] | {r['adaptive_mse_mean']:.5f} / "
+                     f"{r['static_mse_mean']:.5f} |")
+    (out / f"adaptive_router_{args.objective}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -183,6 +204,8 @@ def main() -> None:
     e.add_argument("--bins", type=int, default=3)
     e.add_argument("--tolerance", type=float, default=0.01)
     e.add_argument("--check", type=int, default=2, help="held-out images rerun through apply_adaptive")
+    e.add_argument("--objective", choices=("psnr", "mse"), default="psnr")
+    e.add_argument("--limit", type=int, default=None, help="only the first N held-out images")
     e.add_argument("--resamples", type=int, default=10_000)
     e.add_argument("--out", required=True)
     args = parser.parse_args()
