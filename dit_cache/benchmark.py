@@ -203,7 +203,7 @@ def model_kind(pipe) -> ModelKind:
 class BenchConfig:
     """Settings of one peer benchmark run. ``families`` are keys of :data:`dit_cache.peers.FAMILIES`."""
 
-    count: int = 40
+    count: int = 24  # sized with 52 configurations to ~21 min on 2 free cores (docs/benchmark.md, Cost)
     seed: int = 90_000  # scored prompts use seeds seed .. seed + count - 1, never used for tuning
     calibration_count: int = 4  # MagCache calibration images, on prompts and seeds apart from the scored ones
     calibration_seed: int = 10_000  # the calibration range the router's training draws from too
