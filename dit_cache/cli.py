@@ -315,7 +315,7 @@ def _generate(pipe, router, args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .toy.evaluation import to_uint8
+    from .metrics import to_uint8
     from .pipelines import concept_positions
 
     state = PartialState()

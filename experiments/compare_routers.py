@@ -25,7 +25,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, CachePlan, CacheRouter, CacheSchedule, embedded_model_path
-from dit_cache.toy.evaluation import generate, image_error, paired_difference, prompt_set
+from dit_cache.metrics import paired_difference
+from dit_cache.toy.evaluation import generate, image_error, prompt_set
 from dit_cache.toy.shapes import concept_accuracy
 from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline

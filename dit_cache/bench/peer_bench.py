@@ -57,7 +57,7 @@ def bench_family(pipe):
 class BenchConfig:
     """Settings of one peer benchmark run. ``families`` are keys of :data:`dit_cache.bench.peers.FAMILIES`."""
 
-    count: int = 40
+    count: int = 24  # sized with 52 configurations to ~21 min on 2 free cores (docs/benchmark.md, Cost)
     seed: int = 90_000  # scored prompts use seeds seed .. seed + count - 1, never used for tuning
     calibration_count: int = 4  # MagCache calibration images, on prompts and seeds apart from the scored ones
     calibration_seed: int = 10_000  # the calibration range the router's training draws from too
@@ -96,6 +96,10 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown candidate famil{'y' if len(unknown) == 1 else 'ies'} "
                              f"{', '.join(map(repr, unknown))}; choose from {', '.join(FAMILIES)}.")
+        if "cache_dit" in self.selected_families:
+            from .cache_dit_peer import require_cache_dit
+
+            require_cache_dit()
         if "magcache" in self.selected_families and self.calibration_count < 1:
             raise ValueError("MagCache needs --calibration-count >= 1 (or leave magcache out of --families).")
         for path in self.routers:
@@ -359,8 +363,8 @@ def front_by_level(rows: list[dict], levels=FRONT_LEVELS) -> list[dict]:
 
 def format_front(results: dict) -> str:
     """The fronts compared level by level (see :func:`front_by_level`)."""
-    lines = ["| PSNR >= | fastest dit-cache configuration | speedup | fastest diffusers configuration | speedup | "
-             "dit-cache / diffusers |", "|---|---|---|---|---|---|"]
+    lines = ["| PSNR >= | fastest dit-cache configuration | speedup | fastest peer configuration | speedup | "
+             "dit-cache / best peer |", "|---|---|---|---|---|---|"]
     for row in front_by_level(results["rows"]):
         def cell(group):
             return (row[group] or "none", f"{row[group + '_speedup']:.2f}x" if row[group] else "")
@@ -415,14 +419,15 @@ def plot_pareto(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5.5))
     for index, family in enumerate(dict.fromkeys(r["family"] for r in rows)):
         members = [r for r in rows if r["family"] == family]
-        color = "tab:blue" if members[0]["group"] == "dit-cache" else "tab:orange"
+        color = ("tab:blue" if members[0]["group"] == "dit-cache" else
+                 "tab:green" if family.startswith("cache-dit") else "tab:orange")
         axes.scatter([r["speedup"] for r in members], [r["psnr_mean"] for r in members], label=family,
                      marker=_MARKERS[index % len(_MARKERS)], color=color, edgecolor="black", s=55, zorder=3)
     for group, color in (("dit-cache", "tab:blue"), ("diffusers", "tab:orange")):
         front = pareto_front([r for r in rows if r["group"] == group])
-        if front:
+        if front:  # the "diffusers" group holds every peer: diffusers' caches and cache-dit
             axes.plot([r["speedup"] for r in front], [r["psnr_mean"] for r in front], color=color, lw=1.5,
-                      ls="--", label=f"{group} front", zorder=2)
+                      ls="--", label=f"{'peers' if group == 'diffusers' else group} front", zorder=2)
     meta = results.get("meta", {})
     axes.set_xlabel("wall-clock speedup vs uncached (median per image)")
     axes.set_ylabel("PSNR vs uncached image (dB, mean)")

@@ -247,11 +247,14 @@ def _hook_names() -> tuple[str, ...]:
     from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
     from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+    from diffusers.hooks.sea_cache import (_SEA_CACHE_BLOCK_HOOK, _SEA_CACHE_LEADER_BLOCK_HOOK,
+                                           _SEA_CACHE_POST_NORM_HOOK, _SEA_CACHE_ROOT_HOOK)
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
     return (_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK,
             _MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK, _PYRAMID_ATTENTION_BROADCAST_HOOK,
-            _TAYLORSEER_CACHE_HOOK)
+            _TAYLORSEER_CACHE_HOOK, _SEA_CACHE_ROOT_HOOK, _SEA_CACHE_LEADER_BLOCK_HOOK, _SEA_CACHE_BLOCK_HOOK,
+            _SEA_CACHE_POST_NORM_HOOK)
 
 
 def remove_diffusers_hooks(transformer: torch.nn.Module) -> None:
@@ -292,7 +295,8 @@ def diffusers_cache_call(pipe, name: str = "cond"):
         HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
 
 
-def diffusers_candidate(family: str, label: str, settings: dict, apply_hooks: Callable) -> Candidate:
+def diffusers_candidate(family: str, label: str, settings: dict, apply_hooks: Callable,
+                        call_context: Callable = diffusers_cache_call) -> Candidate:
     """``apply_hooks(transformer)`` installs the hooks with diffusers' own ``apply_*`` function."""
 
     def apply(pipe):
@@ -302,16 +306,17 @@ def diffusers_candidate(family: str, label: str, settings: dict, apply_hooks: Ca
         HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
 
     return Candidate(family, label, apply, lambda pipe: remove_diffusers_hooks(pipe.transformer),
-                     call_context=diffusers_cache_call, settings=settings, group="diffusers")
+                     call_context=call_context, settings=settings, group="diffusers")
 
 
 # Settings span each method's useful range on the embedded model (about 18 to 35 dB PSNR against uncached, 20
 # steps): chosen with `samples/` style sweeps of 2 prompts each, see docs/benchmark.md.
-FBC_THRESHOLDS = (0.08, 0.15, 0.3)
-TAYLORSEER_INTERVALS = (2, 3, 4)  # 5 skips no more than 4 here (warm-up of 3 steps), at lower PSNR
-MAG_CACHE_THRESHOLDS = (0.12, 0.24, 0.5)
-PAB_SKIPS = ((2, 2), (2, 4), (3, 6))  # (self-attention, cross-attention) block skip range
-FASTER_CACHE_SKIPS = ((2, 5), (2, 3), (2, 2))  # (spatial attention, unconditional batch) skip range
+FBC_THRESHOLDS = (0.15, 0.3, 0.5, 0.8)
+TAYLORSEER_INTERVALS = (2, 3, 4, 6)  # 5 skips no more than 4 here (warm-up of 3 steps), at lower PSNR
+MAG_CACHE_THRESHOLDS = (0.12, 0.24, 0.5, 1.0)  # from 1.0 up: 3 skipped in a row at most, 60 %
+PAB_SKIPS = ((2, 2), (2, 4), (3, 6), (4, 8), (6, 12))  # (self-attention, cross-attention) block skip range
+FASTER_CACHE_SKIPS = ((2, 5), (2, 3), (2, 2), (3, 2), (5, 2))  # (spatial attention, unconditional batch) skip range
+SEA_CACHE_THRESHOLDS = (0.1, 0.25, 0.5, 1.0)  # from 1.0 up: 2 cached in a row at most, 60 % skipped
 # The transformer inputs that carry the [uncond, cond] batch: diffusers' default list plus SD3's pooled_projections.
 FASTER_CACHE_BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
                                "encoder_attention_mask", "pooled_projections")
@@ -399,6 +404,83 @@ def faster_cache_family(setup: BenchSetup, skips=FASTER_CACHE_SKIPS) -> list[Can
             for s, u in skips]
 
 
+def _image_latents(module, args, kwargs) -> list[torch.Tensor] | None:
+    """SeaCache's ``raw_vision_callback`` for image transformers: each latent of the batch ``(B, C, H, W)`` as the
+    one-frame video ``(C, 1, H, W)`` its spectral filter takes; None (SeaCache then runs in full) otherwise."""
+    hidden_states = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_tensor(hidden_states) or hidden_states.ndim != 4:
+        return None
+    return [latent.unsqueeze(1) for latent in hidden_states]
+
+
+def _flow_sigma(scheduler) -> Callable[[float], float]:
+    """Timestep in [0, 1000] -> the noise level SeaCache's filter takes, in the flow-matching convention
+    ``x = (1 - sigma) x0 + sigma noise``. A variance-preserving scheduler (PixArt's DPM-Solver, DiT's DDIM) noises
+    as ``sqrt(abar) x0 + sqrt(1 - abar) noise``, the same mix up to a scale: sigma = s / (a + s)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or getattr(scheduler.config, "use_flow_sigmas", False):
+        return lambda timestep: min(max(timestep / 1000.0, 0.0), 1.0)
+
+    def sigma(timestep: float) -> float:
+        abar = float(alphas[min(max(round(timestep), 0), len(alphas) - 1)])
+        a, s = abar ** 0.5, (1.0 - abar) ** 0.5
+        return s / (a + s)
+
+    return sigma
+
+
+def sea_cache_call_context(setup: BenchSetup) -> Callable:
+    """The per-step cache context SeaCache reads (``step_index``, ``sigma``, ``num_inference_steps``), which the
+    PixArt / DiT pipelines, lacking ``CacheMixin``, do not set: a forward pre-hook on the transformer fills it in
+    before every call from the meter's timestep (the meter's pre-hook runs first)."""
+
+    @contextmanager
+    def call(pipe):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        transformer = pipe.transformer
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+        to_sigma, steps_seen = _flow_sigma(pipe.scheduler), []
+
+        def on_step(module, args, kwargs):  # a context is frozen: a new one per step, its state kept by name
+            _set_cache_context(transformer, CacheContext("cond", step_index=len(steps_seen),
+                                                         num_inference_steps=setup.steps,
+                                                         sigma=to_sigma(setup.meter.timestep)))
+            steps_seen.append(None)
+
+        handle = transformer.register_forward_pre_hook(on_step, with_kwargs=True)
+        _set_cache_context(transformer, CacheContext("cond", num_inference_steps=setup.steps))
+        try:
+            yield
+        finally:
+            handle.remove()
+            _set_cache_context(transformer, None)
+            HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+
+    return call
+
+
+def sea_cache_family(setup: BenchSetup, thresholds=SEA_CACHE_THRESHOLDS) -> list[Candidate]:
+    """SeaCache (diffusers 0.42) with its defaults (first-order residual, 1 retained step at each end, at most 2
+    cached in a row, power prior 3) at each threshold; the image latent is its one-frame video."""
+    from diffusers.hooks import SeaCacheConfig, apply_sea_cache
+
+    if type(_unwrap(setup.pipe.transformer)).__name__ == "FluxTransformer2DModel":
+        return setup.leave_out("SeaCache", "FLUX.1 packs its latent into tokens: no (C, T, H, W) view for "
+                                           "SeaCache's spectral filter.")
+    context = sea_cache_call_context(setup)
+    return [diffusers_candidate("SeaCache", f"SeaCache threshold {t}", {"threshold": t},
+                                lambda tr, t=t: apply_sea_cache(tr, SeaCacheConfig(
+                                    threshold=t, raw_vision_callback=_image_latents)), call_context=context)
+            for t in thresholds]
+
+
+def cache_dit_families(setup: BenchSetup) -> list[Candidate]:
+    from .cache_dit_peer import cache_dit_family
+
+    return cache_dit_family(setup)
+
+
 FAMILIES: dict[str, Callable[[BenchSetup], list[Candidate]]] = {
     "uniform": uniform_family,
     "taylor": taylor_family,
@@ -408,8 +490,11 @@ FAMILIES: dict[str, Callable[[BenchSetup], list[Candidate]]] = {
     "magcache": mag_cache_family,
     "fastercache": faster_cache_family,
     "pab": pab_family,
+    "seacache": sea_cache_family,
+    "cache_dit": cache_dit_families,
 }
-DIFFUSERS_FAMILIES = ("first_block_cache", "taylorseer", "magcache", "fastercache", "pab")
+DIFFUSERS_FAMILIES = ("first_block_cache", "taylorseer", "magcache", "fastercache", "pab", "seacache")
+PEER_FAMILIES = (*DIFFUSERS_FAMILIES, "cache_dit")  # everything dit-cache is compared against
 
 
 # --- MagCache calibration --------------------------------------------------------------------------------------
