@@ -132,7 +132,7 @@ def test_a_worker_that_dies_is_an_error_naming_the_fallback(tmp_path):
 
 
 def test_more_than_one_worker_needs_fork(monkeypatch):
-    from dit_cache import benchmark
+    from dit_cache.bench import peer_bench as benchmark
 
     monkeypatch.setattr(benchmark, "can_fork", lambda: False)
     with pytest.raises(ValueError, match="use --workers 1"):

@@ -54,7 +54,8 @@ def test_psnr_of_a_known_error_and_of_identical_images():
 def test_generate_compare_and_bench_give_the_same_psnr_for_the_same_images():
     """``dit-cache generate --compare`` scores its image as ``dit-cache bench`` scores the same image."""
     import dit_cache
-    from dit_cache import benchmark, cli
+    from dit_cache import cli
+    from dit_cache.bench import peer_bench as benchmark
     from dit_cache.testing import tiny_pixart_pipeline
 
     pipe = tiny_pixart_pipeline()

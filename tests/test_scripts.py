@@ -71,7 +71,7 @@ def test_output_defaults_are_read():
     # The check above must see the parameters it guards.
     assert _defaults(ROOT / "samples" / "generate.py")["out"] == "outputs/side_by_side.png"
     assert _defaults(ROOT / "experiments" / "compare_routers.py")["output"] == "outputs/router_comparison.json"
-    assert _defaults(ROOT / "docs" / "faults.py")["out"] == "outputs/faults.md"
+    assert _defaults(ROOT / "experiments" / "faults.py")["out"] == "outputs/faults.md"
 
 
 def test_gpu_compile_benchmark_rejects_unknown_arguments():
