@@ -7,6 +7,7 @@ bypassed, so a transformer shared with a stock pipeline (``from_pipe``) keeps be
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -17,6 +18,7 @@ from diffusers import (DiTPipeline, FluxPipeline, PixArtAlphaPipeline, PixArtSig
 
 from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
 from dit_cache.compile import compile_options, compile_units
+from dit_cache.numerics import check_finite_result, check_guidance
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
 from dit_cache.units import cache_units, unit_layout
@@ -74,8 +76,10 @@ class CachedPipelineMixin:
 
     @classmethod
     def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, flops=None, **kwargs):
-        """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
-        pipe = super().from_pipe(pipeline, **kwargs)
+        """A new pipeline sharing ``pipeline``'s models; the original keeps running uncached. The scheduler and the
+        tokenizers hold per-call state, so the new pipeline gets copies of its own (unless passed): the two can
+        generate from two threads at once."""
+        pipe = super().from_pipe(pipeline, **own_stateful_components(pipeline, kwargs))
         return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
     def to_json_string(self) -> str:
@@ -115,8 +119,9 @@ class CachedPipelineMixin:
             router.check_compatible(unit_layout(self.transformer), steps)
         else:
             plan.check_compatible(num_steps=steps)
-        guidance = self._call_argument(args, kwargs, "guidance_scale")
-        if plan.uses(Action.CFG_SHARE) and (self._dit_cache_conditional_half is None or not guidance or guidance <= 1):
+        guidance = check_guidance(self._call_argument(args, kwargs, "guidance_scale"), self.transformer.dtype)
+        # `not guidance > 1`, as the pipelines decide whether to batch CFG (a NaN is refused above)
+        if plan.uses(Action.CFG_SHARE) and (self._dit_cache_conditional_half is None or not (guidance or 0) > 1):
             raise ValueError("This plan uses CFG_SHARE, which needs a classifier-free-guidance batch, but this call "
                              f"has none ({type(self).__name__}, guidance_scale={guidance}). Use a guidance scale "
                              "> 1, or a plan without CFG_SHARE.")
@@ -144,14 +149,37 @@ class CachedPipelineMixin:
             call = multi_concept_call(self, call, concepts, concept_config or MultiConceptConfig())
         if not cached:
             self.cache_stats = None
-            return call(*args, **kwargs)
+            return _checked_output(call(*args, **kwargs))
         with handle.generation(plan, computed_half=self._dit_cache_conditional_half or 0) as state:
             try:
-                return call(*args, **kwargs)
+                return _checked_output(call(*args, **kwargs))
             finally:
                 # Every unit holds its outputs from the first step on, so the end of the call is the cache's peak;
                 # recorded also when the call raised midway. Leaving the block frees the cache.
                 self.cache_stats = CacheStats.of(state)
+
+
+def _checked_output(output):
+    """The call's output, unless its images (or latents) hold NaN or inf: then an error, not a black image."""
+    images = getattr(output, "images", None)
+    if images is None and isinstance(output, tuple) and output:
+        images = output[0]
+    check_finite_result(images, "The pipeline call")
+    return output
+
+
+def own_stateful_components(pipeline, kwargs: dict) -> dict:
+    """``from_pipe`` keyword arguments giving the new pipeline its own copy of each component that keeps state
+    between calls (the scheduler's timesteps and step index, a fast tokenizer's borrow flag): shared, two
+    pipelines running at once would step one scheduler twice per step (an IndexError, or wrong images)."""
+    from diffusers import SchedulerMixin
+    from transformers import PreTrainedTokenizerBase
+
+    own = dict(kwargs)
+    for name, component in pipeline.components.items():
+        if name not in own and isinstance(component, (SchedulerMixin, PreTrainedTokenizerBase)):
+            own[name] = copy.deepcopy(component)
+    return own
 
 
 class AcceleratedPixArtAlphaPipeline(CachedPipelineMixin, PixArtAlphaPipeline):
