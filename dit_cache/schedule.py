@@ -123,8 +123,9 @@ class CacheSchedule:
         _, header, tensors = check.read((SCHEDULE_FORMAT,))
         check.number(check.json_fields(header), "cache_ratio", 0.0, 1.0)
         check.only(tensors, {"mask"})
+        mask = check.tensor(tensors, "mask", "flag", (None, None))
         try:
-            return cls(check.tensor(tensors, "mask", "flag", (None, None)))
+            return cls(mask)
         except ValueError as error:
             raise ValueError(f"{path} is a damaged schedule: {error}") from None
 
