@@ -6,6 +6,8 @@ block shapes of PixArt-alpha (hidden 1152, 16 heads, 120 text tokens) at any dep
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
                        QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
@@ -226,3 +228,31 @@ def tiny_sana_pipeline(num_layers: int = 2, pipeline_class=None):
         tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
         transformer=tiny_sana(num_layers=num_layers, caption_channels=16, sample_size=32), scheduler=scheduler,
     )
+
+
+def run_in_lockstep(transformer, jobs):
+    """Run ``jobs`` in threads that meet at every transformer call, so their steps interleave one by one."""
+    barrier = threading.Barrier(len(jobs), timeout=30)
+
+    def meet(module, args):
+        barrier.wait()  # returns an int, which a pre-hook must not return: it would replace the inputs
+
+    hook = transformer.register_forward_pre_hook(meet)
+    results, errors = [None] * len(jobs), []
+
+    def run(index, job):
+        try:
+            results[index] = job()
+        except Exception as error:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hook.remove()
+    if errors:
+        raise errors[0]
+    return results

@@ -184,7 +184,7 @@ def test_a_file_that_appears_during_the_run_is_kept_and_nothing_is_half_written(
 
 # ---- from_pipe siblings run in parallel -------------------------------------------------------------------
 def test_from_pipe_siblings_get_their_own_scheduler_and_generate_from_two_threads(pipe):
-    from test_concurrency import _in_lockstep
+    from dit_cache.testing import run_in_lockstep
 
     units = len(cache_units(pipe.transformer))
     a = AcceleratedPixArtAlphaPipeline.from_pipe(pipe, plan=CachePlan.uniform(STEPS, units, interval=2))
@@ -197,7 +197,7 @@ def test_from_pipe_siblings_get_their_own_scheduler_and_generate_from_two_thread
         return lambda: sibling(prompt, generator=torch.Generator().manual_seed(seed), **call).images
 
     sequential = [job(a, "a red circle", 1)(), job(b, "a blue square", 2)()]
-    concurrent = _in_lockstep(pipe.transformer, [job(a, "a red circle", 1), job(b, "a blue square", 2)])
+    concurrent = run_in_lockstep(pipe.transformer, [job(a, "a red circle", 1), job(b, "a blue square", 2)])
     assert all(np.array_equal(x, y) for x, y in zip(sequential, concurrent))  # before: IndexError
 
 
