@@ -386,7 +386,7 @@ def _generate(pipe, router, args) -> int:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
                 print(f"{stem}: speedup {sidecar['speedup']:.2f}x, PSNR {sidecar['psnr']} dB, "
                       f"SSIM {sidecar['ssim']:.4f}")
-            check_finite_result(image, f"{stem}")  # a NaN image would be saved black
+            check_finite_result(image, f"Image {stem}")  # a NaN image would be saved black
             pixels = to_uint8(image[0])
             _save(out, stem, pixels, sidecar, overwrite=args.overwrite)  # only once an image exists
     return 0

@@ -384,8 +384,7 @@ def check_router_file(path: str | Path) -> tuple[torch.Tensor, dict]:
     check = FileChecker(path, "router", "re-save it with CacheRouter.save, or retrain it")
     _, header, tensors = check.read((ROUTER_FORMAT,))
     check.only(tensors, {"logits", "fixed_rows"}, ROUTER_TENSORS)
-    retrain = "retrain it, e.g. with a lower learning rate"
-    logits = check.tensor(tensors, "logits", "float", (None, None), fix=retrain).float()
+    logits = check.tensor(tensors, "logits", "float", (None, None)).float()
     steps, units = logits.shape
     fixed_rows = check.tensor(tensors, "fixed_rows", "flag", (steps,), fix="re-export the router (one flag per step)")
     cheap_actions = check.tensor(tensors, "cheap_actions", "int", (steps, units))
