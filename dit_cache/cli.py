@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 import time
 import typing
 from dataclasses import asdict, fields
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                           help='concept words or quoted phrases ("red circle") for the multi-concept fixes')
     generate.add_argument("--compare", action="store_true", help="also run uncached; print speedup, PSNR, SSIM")
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
+    generate.add_argument("--overwrite", action="store_true",
+                          help="replace images an earlier run wrote under the same names (default: refuse, before "
+                               "the model loads)")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_concept_options(generate)
     from .bench.peer_bench import add_bench_parser
@@ -80,10 +84,13 @@ def _guidance(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (<= 1 means no classifier-free guidance), "
-                                         f"got {text!r}")
+    if not (math.isfinite(value) and 0 <= value <= GUIDANCE_LIMIT):
+        raise argparse.ArgumentTypeError(f"expected a finite number in [0, {GUIDANCE_LIMIT:.3g}] (the model's float32 "
+                                         f"holds no more; <= 1 means no classifier-free guidance), got {text!r}")
     return value
+
+
+GUIDANCE_LIMIT = 3.4028234663852886e38  # float32's largest number: the models run in float32 here
 
 
 def _share(text: str) -> float:
@@ -148,6 +155,28 @@ def _check_arguments(args) -> None:
                          "torch seeds must be below 2**64: use a smaller --seed")
     if args.device is not None:
         _check_device(args.device)
+    _check_output_folder(args)
+
+
+def _check_output_folder(args) -> None:
+    """--out checked before the model loads: a folder (or a path one can be made at) that is writable, and no
+    file of this run's names left by an earlier run unless --overwrite."""
+    out = Path(args.out)
+    existing = next((parent for parent in (out, *out.parents) if parent.exists()), Path("."))
+    if existing != out and not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made there; pass another --out")
+    if existing == out and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pass a folder (it is made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable by this user; pass a folder you can write to")
+    if args.overwrite or existing != out:
+        return
+    taken = [stem for prompt in args.prompts for i in range(args.num_images)
+             for stem in [output_stem(prompt, args.seed + i)]
+             if (out / f"{stem}.png").exists() or (out / f"{stem}.json").exists()]
+    if taken:
+        raise ValueError(f"--out {out} already holds {len(taken)} of this run's images ({taken[0]}.png ...) from an "
+                         "earlier run; pass --overwrite to replace them, or another --out")
 
 
 def _check_device(name: str) -> None:
@@ -316,6 +345,7 @@ def _generate(pipe, router, args) -> int:
     from tqdm.auto import tqdm
 
     from .metrics import to_uint8
+    from .numerics import check_finite_result
     from .pipelines import concept_positions
 
     state = PartialState()
@@ -326,6 +356,7 @@ def _generate(pipe, router, args) -> int:
     if args.concepts:  # a concept missing from any prompt fails before any image
         concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=can_clean_captions())
     calls = {prompt: _call_arguments(pipe, args, router, prompt) for prompt in args.prompts}  # bad labels fail here
+    _check_steps(pipe, calls[args.prompts[0]]["num_inference_steps"])
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:
         for prompt, seed in tqdm(my_jobs, desc="generating", disable=not state.is_local_main_process):
@@ -347,9 +378,19 @@ def _generate(pipe, router, args) -> int:
                 sidecar.update(_compare(pipe, call, seed, image, seconds))
                 print(f"{stem}: speedup {sidecar['speedup']:.2f}x, PSNR {sidecar['psnr']} dB, "
                       f"SSIM {sidecar['ssim']:.4f}")
+            check_finite_result(image, f"Image {stem}")  # a NaN image would be saved black
             pixels = to_uint8(image[0])
-            _save(out, stem, pixels, sidecar)  # only once an image exists: a failed run leaves no folder
+            _save(out, stem, pixels, sidecar, overwrite=args.overwrite)  # only once an image exists
     return 0
+
+
+def _check_steps(pipe, steps: int) -> None:
+    """A scheduler has ``num_train_timesteps`` distinct timesteps: more steps repeat some, a run many times slower
+    for the same image, and some schedulers then fail midway."""
+    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if trained is not None and steps > trained:
+        raise ValueError(f"--steps {steps} is more than the {trained} timesteps the model's scheduler has; use "
+                         f"--steps {trained} or fewer")
 
 
 def output_stem(prompt: str, seed: int) -> str:
@@ -359,25 +400,65 @@ def output_stem(prompt: str, seed: int) -> str:
     return f"{_slug(prompt)}-{digest}-{seed}"
 
 
-def _save(out: Path, stem: str, pixels, sidecar: dict) -> None:
-    """PNG and JSON sidecar, each written to a temporary file and renamed into place: a failure (a full disk)
-    leaves no half-written file, and a reader never sees a partial image."""
+def _save(out: Path, stem: str, pixels, sidecar: dict, overwrite: bool = False) -> None:
+    """PNG and JSON sidecar, each written to a temporary file and moved into place: a failure (a full disk) leaves
+    no half-written file and a reader never sees a partial image. Files get the mode ``open()`` would give (0666
+    less the umask). Without ``overwrite`` a file that appeared since the check before loading (another run) is
+    not replaced: the move is a hard link, which refuses an existing name."""
     from PIL import Image
 
     writers = {".png": lambda file: Image.fromarray(pixels).save(file, format="PNG"),
                ".json": lambda file: file.write(json.dumps(sidecar, indent=2).encode())}
     out.mkdir(parents=True, exist_ok=True)
-    temporaries = []
+    temporaries, placed = [], []
     try:
         for suffix, write in writers.items():
-            with tempfile.NamedTemporaryFile(dir=out, prefix=f".{stem}", suffix=f"{suffix}.tmp", delete=False) as file:
-                temporaries.append((Path(file.name), out / f"{stem}{suffix}"))
+            temporary = _new_file(out, stem, suffix)
+            temporaries.append((temporary, out / f"{stem}{suffix}"))
+            with open(temporary, "wb") as file:
                 write(file)
         for temporary, final in temporaries:
-            os.replace(temporary, final)
+            if overwrite:
+                os.replace(temporary, final)
+            else:
+                _place_new(temporary, final)
+            placed.append(final)
+    except BaseException:
+        if not overwrite:
+            for final in placed:  # nothing half-applied: the PNG without its sidecar goes too
+                final.unlink(missing_ok=True)
+        raise
     finally:
         for temporary, _ in temporaries:
             temporary.unlink(missing_ok=True)
+
+
+def _place_new(temporary: Path, final: Path) -> None:
+    try:
+        os.link(temporary, final)  # atomic, and fails if the name exists
+    except FileExistsError:
+        raise FileExistsError(f"{final} appeared while this run was generating (another run?); it is kept: pass "
+                              "--overwrite to replace it, or another --out") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if final.exists():  # a filesystem without hard links: the same refusal, checked just before the move
+            raise FileExistsError(f"{final} appeared while this run was generating; pass --overwrite") from None
+        os.replace(temporary, final)
+
+
+def _new_file(out: Path, stem: str, suffix: str) -> Path:
+    """A new empty file in ``out`` made as ``open(path, "x")`` would (mode 0666 less the umask), unlike
+    ``tempfile``'s 0600, which a rename would carry over to the final file."""
+    while True:
+        path = out / f".{stem}.{secrets.token_hex(4)}{suffix}.tmp"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
 
 
 def _slug(text: str) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .actions import ACTION_COST, ACTIONS, Action  # noqa: F401  (Action and ACTION_COST: public here too)
-from .schedule import CacheSchedule, check_shape, check_unit_weights
+from .file_checks import FileChecker
+from .schedule import SCHEDULE_FORMAT, CacheSchedule, check_shape, check_unit_weights
 
 PLAN_FORMAT = "dit-cache/plan"
 
@@ -215,20 +215,23 @@ class CachePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "CachePlan":
-        """A plan file, or a schedule file (read as its plan)."""
+        """A plan file (with its LINEAR forecaster weights), or a schedule file (read as its plan), checked as a
+        whole: every tensor's dtype, rank, shape and finiteness and the metadata; a damaged file is refused in one
+        line naming the file, the field and the fix."""
+        check = FileChecker(path, "plan", "re-save it with CachePlan.save")
+        kind, header, tensors = check.read((PLAN_FORMAT, SCHEDULE_FORMAT))
+        fields = check.json_fields(header)
+        check.number(fields, "cache_ratio", 0.0, 1.0)
+        if kind == SCHEDULE_FORMAT:
+            return cls.from_schedule(CacheSchedule.load(path))
+        check.only(tensors, {"actions"}, {"linear_weights"})
+        actions = check.tensor(tensors, "actions", "int", (None, None))
+        weights = check.tensor(tensors, "linear_weights", "float", (*actions.shape, None),
+                               fix="refit them with dit_cache.fit_linear_forecaster and save the plan again")
         try:
-            with safe_open(str(path), framework="pt") as file:
-                kind = (file.metadata() or {}).get("format")
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No plan file at {path}.") from None
-        except Exception as error:  # safetensors raises its own types for other files
-            raise ValueError(f"{path} is not a dit-cache plan: not a safetensors file ({error}).") from None
-        if kind == "dit-cache/schedule":
-            return cls.from_schedule(CacheSchedule(tensors["mask"].bool()))
-        if kind != PLAN_FORMAT or "actions" not in tensors:
-            raise ValueError(f"{path} is not a dit-cache plan (no '{PLAN_FORMAT}' metadata).")
-        return cls(tensors["actions"], tensors.get("linear_weights"))
+            return cls(actions, weights)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} is a damaged plan: {error}") from None
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, CachePlan) or not torch.equal(self.actions, other.actions):

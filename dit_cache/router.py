@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .actions import ACTION_COST, ROUTER_CHOICES, Action
 from .deprecation import skip_flops_argument
+from .file_checks import FileChecker
 from .plan import CachePlan
 from .schedule import CacheSchedule, check_unit_weights
 
@@ -121,10 +124,9 @@ class CacheRouter(torch.nn.Module):
         nested = plan_with_fallbacks(torch.where(mask, int(Action.COMPUTE), self.cheap_actions))
         if self.refined_plans is not None:
             share = nested.cached_share(self.unit_flops)
-            for codes in self.refined_plans:
-                refined = CachePlan(codes)
-                if abs(refined.cached_share(self.unit_flops) - share) < 1e-9:
-                    return refined
+            for codes, replaces in zip(self.refined_plans, self.refined_shares):
+                if abs(replaces - share) < 1e-9:
+                    return CachePlan(codes)
         return nested
 
     def _checked_refined_plans(self, plans) -> torch.Tensor | None:
@@ -137,9 +139,23 @@ class CacheRouter(torch.nn.Module):
         if self.unit_flops is None or self.cheap_actions is None:
             raise ValueError("refined_plans need the router's unit_flops and cheap_actions (a searched router): "
                              "they replace its nested plan at the same FLOP share.")
-        for codes in plans:
-            CachePlan(codes)  # refuses unknown codes and forecasts without the history they need
-        return plans.to(torch.int8).cpu().clone()
+        for index, codes in enumerate(plans):
+            try:
+                CachePlan(codes)  # refuses unknown codes and forecasts without the history they need
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"refined_plans[{index}]: {error}") from None
+        plans = plans.to(torch.int8).cpu().clone()
+        # Which nested plan each refined plan replaces, by that plan's FLOP share (a share is one threshold level:
+        # every level skips more). A searched router's refined plans skip the very share they replace; a
+        # resampled one's may not, so it stores the shares (metadata 'refined_shares').
+        shares = self.metadata.get("refined_shares")
+        if shares is None:
+            shares = [CachePlan(codes).cached_share(self.unit_flops) for codes in plans]
+        elif len(shares) != len(plans):
+            raise ValueError(f"metadata 'refined_shares' holds {len(shares)} shares for {len(plans)} refined plans "
+                             "(one each expected).")
+        self.refined_shares = [float(share) for share in shares]
+        return plans
 
     @property
     def flops_range(self) -> tuple[float, float] | None:
@@ -166,6 +182,13 @@ class CacheRouter(torch.nn.Module):
             raise ValueError(f"flops={flops} is outside the budgets this router was searched for: it skips "
                              f"{span[0]:.0%} to {span[1]:.0%} of the units' FLOPs. Ask for a share in that range, "
                              "or search a router for a wider one (search.max_flops).")
+        levels, share = self._budget_levels()
+        return _level_threshold(levels, int((share - flops).abs().argmin()))
+
+    def _budget_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels, shares): the distinct scores of the trainable entries, ascending, and the FLOP share skipped
+        by the plan that caches the ``c`` lowest levels, ``c = 0 .. len(levels)`` (a refined plan's own share where
+        it replaces that level's nested plan)."""
         if not bool(torch.isfinite(self.logits).all()):
             raise ValueError("The router's logits are not all finite (NaN or inf); retrain it.")
         trainable = ~self.fixed_rows.cpu()
@@ -179,12 +202,12 @@ class CacheRouter(torch.nn.Module):
         per_level = torch.stack([saved[scores == level].sum() for level in levels])
         share = torch.cat([torch.zeros(1, dtype=torch.float64), per_level.cumsum(0)])
         share = share / (self.unit_flops.sum() * self.num_steps)
-        cached = int((share - flops).abs().argmin())
-        if cached == 0:
-            return float(levels[0]) / 2
-        if cached == len(levels):
-            return (float(levels[-1]) + 1.0) / 2
-        return (float(levels[cached - 1]) + float(levels[cached])) / 2
+        if self.refined_plans is not None:
+            for codes, replaces in zip(self.refined_plans, self.refined_shares):
+                # the nested plan of a level is its cut with FORECAST fallbacks: same costs, so the same share
+                close = (share - replaces).abs() < 1e-9
+                share[close] = CachePlan(codes).cached_share(self.unit_flops)
+        return levels, share
 
     @torch.no_grad()
     def calibrate_threshold(self, target_cache_ratio: float, unit_weights: torch.Tensor | None = None) -> float:
@@ -211,17 +234,64 @@ class CacheRouter(torch.nn.Module):
         return self.threshold
 
     def resample(self, num_steps: int) -> "CacheRouter":
-        """The same router mapped to another step count by relative position in the trajectory (opt-in)."""
+        """The same router mapped to another step count by relative position in the trajectory (opt-in).
+
+        Everything per step is mapped with the rows (logits, fixed rows, cheap actions, refined plans); the FLOP
+        weights are per unit and kept; the budget range becomes the part of the old one the new router reaches.
+        A refined plan whose budget level has no step left at the new count (going down) cannot be mapped: it is
+        dropped with a warning, and that budget gets the nearest nested plan. The same step count gives an exact
+        copy."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"resample needs a whole number of steps >= 1, got {num_steps!r}.")
+        if num_steps == self.num_steps:
+            return copy.deepcopy(self)
         source = torch.linspace(0, 1, self.num_steps)
         target = torch.linspace(0, 1, num_steps)
-        nearest = (target[:, None] - source[None, :]).abs().argmin(dim=1)
+        rows = (target[:, None] - source[None, :]).abs().argmin(dim=1)
+        metadata = {**self.metadata, "resampled_from_steps": self.metadata.get("resampled_from_steps",
+                                                                                 self.num_steps)}
+        for key in ("refined_shares", "flops_range"):
+            metadata.pop(key, None)
+        if "num_steps" in metadata:
+            metadata["num_steps"] = num_steps
         resampled = CacheRouter(num_steps, self.num_units, threshold=self.threshold,
-                                fixed_rows=self.fixed_rows.cpu()[nearest],
-                                metadata={**self.metadata, "resampled_from_steps": self.num_steps})
+                                fixed_rows=self.fixed_rows.cpu()[rows], metadata=metadata,
+                                cheap_actions=None if self.cheap_actions is None else self.cheap_actions[rows],
+                                unit_flops=self.unit_flops)
         with torch.no_grad():
-            resampled.logits.copy_(self.logits.detach()[nearest])
+            resampled.logits.copy_(self.logits.detach()[rows])
             resampled.clamp_()
+        if self.refined_plans is not None:
+            resampled._map_refined_plans(self, rows)
+        if self.flops_range is not None:
+            low, high = self.flops_range
+            reached = resampled._budget_levels()[1]
+            resampled.metadata["flops_range"] = [max(low, float(reached.min())), min(high, float(reached.max()))]
         return resampled
+
+    def _map_refined_plans(self, original: "CacheRouter", rows: torch.Tensor) -> None:
+        """Each of ``original``'s refined plans with its rows mapped, replacing this router's nested plan at the
+        same threshold level (scores are mapped with the rows, so a level is the same score interval)."""
+        levels, shares = original._budget_levels()
+        nested_shares = shares.clone()
+        kept, replaced, dropped = [], [], []
+        for codes, replaces in zip(original.refined_plans, original.refined_shares):
+            cached = int((nested_shares - replaces).abs().argmin())  # the level this refined plan replaces
+            below, at = _level_threshold(levels, cached - 1), _level_threshold(levels, cached)
+            here, under = self.plan(at), self.plan(below)
+            if cached == 0 or torch.equal(here.actions, under.actions):  # no entry of that level is left
+                dropped.append(round(replaces, 4))
+                continue
+            kept.append(plan_with_fallbacks(codes[rows]).actions)
+            replaced.append(here.cached_share(self.unit_flops))
+        if dropped:
+            warnings.warn(f"Resampling to {self.num_steps} steps leaves no step of the budget level(s) skipping "
+                          f"{dropped} of the FLOPs; their refined plans are dropped and those budgets get the "
+                          "nearest nested plan. Search a router for this step count for refined plans at it.",
+                          stacklevel=3)
+        if kept:
+            self.metadata["refined_shares"] = replaced
+            self.refined_plans = self._checked_refined_plans(torch.stack(kept))
 
     def save(self, path: str | Path, **metadata) -> None:
         """Save logits and fixed rows as safetensors; metadata values are stored as JSON."""
@@ -240,33 +310,13 @@ class CacheRouter(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "CacheRouter":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No router file at {path}.")
+        """A router file, checked as a whole (see :func:`check_router_file`): every tensor and every metadata
+        field the router reads; a damaged file is refused in one line naming the file, the field and the fix."""
+        logits, options = check_router_file(path)
         try:
-            with safe_open(str(path), framework="pt") as file:
-                header = file.metadata() or {}
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except Exception as error:  # safetensors raises its own error types for non-safetensors input
-            raise ValueError(f"{path} is not a dit-cache router: it is not a safetensors file ({error}).") from None
-        if header.get("format") != ROUTER_FORMAT or {"logits", "fixed_rows"} - set(tensors):
-            raise ValueError(f"{path} is not a dit-cache router (no '{ROUTER_FORMAT}' metadata).")
-        metadata = {key: _json_value(path, key, value) for key, value in header.items() if key != "format"}
-        threshold = metadata.pop("threshold", DEFAULT_THRESHOLD)
-        metadata.pop("cache_ratio", None)
-        logits, fixed_rows = tensors["logits"].float(), tensors["fixed_rows"].bool()
-        if logits.ndim != 2 or tuple(fixed_rows.shape) != logits.shape[:1]:
-            raise ValueError(f"{path} is a damaged router: its fixed_rows have shape {tuple(fixed_rows.shape)} but "
-                             f"its logits {tuple(logits.shape)} (one flag per step expected); re-export the router.")
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError(f"{path} holds non-finite logits (NaN or inf): the router is unusable; retrain it, "
-                             "e.g. with a lower learning rate.")
-        try:
-            router = cls(*logits.shape, threshold=threshold, fixed_rows=fixed_rows, metadata=metadata,
-                         cheap_actions=tensors.get("cheap_actions"), unit_flops=tensors.get("unit_flops"),
-                         refined_plans=tensors.get("refined_plans"))
+            router = cls(*logits.shape, **options)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{path} is a damaged router: {error}") from None
         with torch.no_grad():
             router.logits.copy_(logits)
         return router
@@ -328,9 +378,58 @@ def check_threshold(threshold) -> float:
     return value
 
 
-def _json_value(path: Path, key: str, text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is a damaged router: its metadata {key!r} is not JSON ({error}); "
-                         "re-save it with CacheRouter.save.") from None
+ROUTER_TENSORS = {"cheap_actions", "unit_flops", "refined_plans"}  # besides logits and fixed_rows
+
+
+def check_router_file(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """(logits, the constructor's keyword arguments) of a router file whose every tensor (dtype, rank, shape,
+    finiteness) and every metadata field the router reads (type, range) is valid; else a ValueError naming the
+    file, the field and the fix. Free-form metadata (search traces, scheduler configs) only has to be JSON."""
+    check = FileChecker(path, "router", "re-save it with CacheRouter.save, or retrain it")
+    _, header, tensors = check.read((ROUTER_FORMAT,))
+    check.only(tensors, {"logits", "fixed_rows"}, ROUTER_TENSORS)
+    logits = check.tensor(tensors, "logits", "float", (None, None)).float()
+    steps, units = logits.shape
+    fixed_rows = check.tensor(tensors, "fixed_rows", "flag", (steps,), fix="re-export the router (one flag per step)")
+    cheap_actions = check.tensor(tensors, "cheap_actions", "int", (steps, units))
+    unit_flops = check.tensor(tensors, "unit_flops", "float", (units,))
+    if unit_flops is not None and not bool((unit_flops > 0).all()):
+        check.fail("tensor 'unit_flops'", f"holds {unit_flops.tolist()}, positive FLOP counts (one per unit) expected")
+    refined_plans = check.tensor(tensors, "refined_plans", "int", (None, steps, units))
+
+    fields = check.json_fields(header)
+    threshold = check.number(fields, "threshold", 0.0, 1.0, open_low=True, open_high=True)
+    check.number(fields, "cache_ratio", 0.0, 1.0)
+    fields.pop("cache_ratio", None)  # recomputed on save
+    for key in ("num_steps", "resampled_from_steps"):
+        check.number(fields, key, 1, math.inf, integer=True)
+    if fields.get("resampled_from_steps") is None and fields.get("num_steps") not in (None, steps):
+        check.fail("metadata 'num_steps'", f"is {fields['num_steps']} but the logits have {steps} rows (steps)")
+    if fields.get("guidance_scale") is not None:
+        check.number(fields, "guidance_scale", 0.0, math.inf)
+    for key in ("unit_layout", "scheduler_class", "transformer_class", "objective"):
+        check.text(fields, key)
+    check.mapping(fields, "scheduler_config")
+    span = check.numbers(fields, "flops_range", 2, 0.0, 1.0)
+    if span is not None:
+        if span[0] > span[1] or span[1] >= 1.0:
+            check.fail("metadata 'flops_range'", f"is {span}, [low, high] with 0 <= low <= high < 1 expected")
+        if unit_flops is None:
+            check.fail("metadata 'flops_range'", "needs the tensor 'unit_flops' (what budgets are counted in)")
+    if "refined_shares" in fields:
+        count = None if refined_plans is None else len(refined_plans)
+        check.numbers(fields, "refined_shares", count, 0.0, 1.0)
+    options = dict(threshold=DEFAULT_THRESHOLD if threshold is None else threshold, fixed_rows=fixed_rows,
+                   metadata={k: v for k, v in fields.items() if k != "threshold"}, cheap_actions=cheap_actions,
+                   unit_flops=unit_flops, refined_plans=refined_plans)
+    return logits, options
+
+
+def _level_threshold(levels: torch.Tensor, cached: int) -> float:
+    """The threshold that caches the ``cached`` lowest score levels (midway to the next, so rounding never moves
+    an entry across it)."""
+    if cached <= 0:
+        return float(levels[0]) / 2
+    if cached >= len(levels):
+        return (float(levels[-1]) + 1.0) / 2
+    return (float(levels[cached - 1]) + float(levels[cached])) / 2

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .file_checks import FileChecker
 
 SCHEDULE_FORMAT = "dit-cache/schedule"
 
@@ -117,10 +118,16 @@ class CacheSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "CacheSchedule":
-        with safe_open(str(path), framework="pt") as file:
-            if (file.metadata() or {}).get("format") != SCHEDULE_FORMAT:
-                raise ValueError(f"{path} is not a dit-cache schedule file (no '{SCHEDULE_FORMAT}' metadata).")
-            return cls(file.get_tensor("mask").bool())
+        """A schedule file, checked as a whole (dtype, rank, shape of the mask; the metadata)."""
+        check = FileChecker(path, "schedule", "re-save it with CacheSchedule.save")
+        _, header, tensors = check.read((SCHEDULE_FORMAT,))
+        check.number(check.json_fields(header), "cache_ratio", 0.0, 1.0)
+        check.only(tensors, {"mask"})
+        mask = check.tensor(tensors, "mask", "flag", (None, None))
+        try:
+            return cls(mask)
+        except ValueError as error:
+            raise ValueError(f"{path} is a damaged schedule: {error}") from None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, CacheSchedule) and torch.equal(self.mask, other.mask)

@@ -6,6 +6,7 @@ block shapes of PixArt-alpha (hidden 1152, 16 heads, 120 text tokens) at any dep
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -261,3 +262,31 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen-image": TinyFamily(tiny_qwen_image, None, cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
     "wan": TinyFamily(tiny_wan, None),
 }
+
+
+def run_in_lockstep(transformer, jobs):
+    """Run ``jobs`` in threads that meet at every transformer call, so their steps interleave one by one."""
+    barrier = threading.Barrier(len(jobs), timeout=30)
+
+    def meet(module, args):
+        barrier.wait()  # returns an int, which a pre-hook must not return: it would replace the inputs
+
+    hook = transformer.register_forward_pre_hook(meet)
+    results, errors = [None] * len(jobs), []
+
+    def run(index, job):
+        try:
+            results[index] = job()
+        except Exception as error:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hook.remove()
+    if errors:
+        raise errors[0]
+    return results

@@ -1,4 +1,5 @@
-"""Reproduces docs/faults.md: every bad input and fault of issue 18 that the CLIs and the router face, run now.
+"""Reproduces docs/faults.md: every bad input and fault of issues 18 and 31 that the CLIs, the files and the
+router face, run now.
 
     OMP_NUM_THREADS=1 python experiments/faults.py                        # ~1 min on one CPU thread; outputs/faults.md
     OMP_NUM_THREADS=1 python experiments/faults.py --out docs/faults.md   # the tracked table
@@ -15,6 +16,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 
 from dit_cache import CacheRouter, cache_units
 from dit_cache.cli import main as generate_main
-from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline
+from dit_cache.testing import run_in_lockstep, tiny_dit_pipeline, tiny_pixart_pipeline
 from dit_cache.training.cli import main as train_main
 from dit_cache.units import unit_layout
 
@@ -82,6 +84,35 @@ class Setup:
         save_file({"logits": router.logits.detach(), "fixed_rows": rows}, str(folder / "json.safetensors"),
                   metadata={**header, "guidance_scale": "{3.0"})
         (folder / "empty.txt").write_text("\n  \n")
+        self.damaged_files(router)
+        (folder / "a-file").write_text("not a folder")
+
+    def damaged_files(self, router):
+        """Router, plan and schedule files with one bad part each (issue 31)."""
+        def router_file(name, metadata=None, **tensors):
+            parts = {"logits": router.logits.detach(), "fixed_rows": router.fixed_rows.to(torch.uint8),
+                     "unit_flops": torch.ones(self.num_units, dtype=torch.float64), **tensors}
+            header = {"format": "dit-cache/router", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+            save_file({k: v for k, v in parts.items() if v is not None}, str(self.folder / f"{name}.safetensors"),
+                      metadata=header)
+
+        flops = torch.ones(self.num_units, dtype=torch.float64)
+        flops[1] = float("inf")
+        router_file("flops_inf", {"flops_range": [0.0, 0.5]}, unit_flops=flops)
+        router_file("logits_int", logits=torch.zeros(6, self.num_units, dtype=torch.int32))
+        router_file("range_nan", {"flops_range": [float("nan"), 0.5]})
+        router_file("tau_text", {"threshold": "0.5"})
+        router_file("layout_int", {"unit_layout": 5})
+        router_file("extra", extra=torch.zeros(2))
+        router_file("rows_two", fixed_rows=torch.tensor([1, 2, 0, 0, 0, 0], dtype=torch.uint8))
+        save_file({"actions": torch.zeros(6, self.num_units)}, str(self.folder / "plan_float.safetensors"),
+                  metadata={"format": "dit-cache/plan"})
+        codes = torch.full((6, self.num_units), 6, dtype=torch.int8)
+        codes[0] = 0
+        save_file({"actions": codes, "linear_weights": torch.full((6, self.num_units, 1), float("nan"))},
+                  str(self.folder / "plan_nan.safetensors"), metadata={"format": "dit-cache/plan"})
+        save_file({"mask": torch.full((6, self.num_units), 2, dtype=torch.uint8)},
+                  str(self.folder / "schedule_two.safetensors"), metadata={"format": "dit-cache/schedule"})
 
     def generate(self, *flags, model="pixart", out="out"):
         model = str(self.folder / model)
@@ -91,6 +122,50 @@ class Setup:
         return ["fit", "--model.model", str(self.folder / "pixart"), "--trainer.accelerator", "cpu",
                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(self.folder / "run"), *flags]
+
+
+def nothing_saved(argv) -> str:
+    """The verdict of a run that must fail, and whether it left any image behind."""
+    result = verdict(*run(generate_main, argv))
+    left = sorted(path.name for path in Path(argv[-1]).glob("*")) if Path(argv[-1]).exists() else []
+    return result + ("; nothing saved" if not left else f"; LEFT BEHIND: {left}")
+
+
+def output_cases(s: "Setup", router):
+    """Output files (issue 31): their mode, a second run into the same folder, --out that cannot be a folder."""
+    out = s.folder / "again"
+
+    def unchanged(argv, before):
+        result = verdict(*run(generate_main, argv))
+        now = {path.name: path.read_bytes() for path in out.iterdir()}
+        return result + ("; the earlier files are unchanged" if now == before else "; SILENTLY REPLACED")
+
+    def modes():
+        """PNG and JSON mode 0644 under umask 022, as open() gives"""
+        found = sorted(oct(path.stat().st_mode & 0o777) for path in out.iterdir())
+        return None if found == ["0o644", "0o644"] else f"modes {found}"
+
+    previous = os.umask(0o022)
+    try:
+        first = s.generate("a red circle", "--no-cache", "--steps", "3", out="again")
+        yield "generate", "file mode of PNG and sidecar (umask 022)", "0600: unreadable by others", (first, modes)
+    finally:
+        os.umask(previous)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    yield "generate", "second run, other router, same names", "silently overwrote the earlier files", \
+        unchanged(s.generate("a red circle", *router, out="again"), before)
+
+    def replaced():
+        """--overwrite replaces them, the sidecar names the new router"""
+        records = [json.loads(path.read_text()) for path in out.glob("*.json")]
+        return None if [r["router"] for r in records] == [router[1]] else f"sidecars {records}"
+
+    yield "generate", "second run with `--overwrite`", "-", \
+        (s.generate("a red circle", *router, "--overwrite", out="again"), replaced)
+    yield "generate", "`--out` names an existing file", "error after the images were computed", \
+        s.generate("a", *router, out="a-file")
+    yield "generate", "`--out` under an existing file", "error after the images were computed", \
+        s.generate("a", *router, out="a-file/images")
 
 
 def cases(s: Setup):
@@ -154,6 +229,30 @@ def cases(s: Setup):
            (s.generate("a red circle", "A red circle!", "--no-cache", out="slug"), both_kept))
     yield ("generate", "full disk while saving (save raises ENOSPC)", "0-byte PNG left behind",
            full_disk(s.generate("a red circle", "--no-cache", out="disk")))
+    yield from output_cases(s, router)
+    yield "generate", "`--guidance 1e308` (float32 cannot hold it)", "exit 0, all-black PNG", \
+        s.generate("a", *router, "--guidance", "1e308")
+    yield "generate", "`--guidance 1e30` (CFG overflows: NaN image)", "-", \
+        nothing_saved(s.generate("a", *router, "--guidance", "1e30", out="g30"))
+    yield "generate", "`--guidance 1e30 --no-cache`", "-", \
+        nothing_saved(s.generate("a", "--no-cache", "--guidance", "1e30", "--steps", "3", out="g30n"))
+    yield "generate", "`--steps 1001` (the scheduler has 1000 timesteps)", "-", \
+        s.generate("a", "--no-cache", "--steps", "1001")
+    yield "generate", "`--correction-threshold nan`", "-", \
+        s.generate("a red circle", *router, "--concepts", "circle", "--correction-threshold", "nan")
+    damaged = {"flops_inf": ("router whose `unit_flops` holds inf", "accepted, arbitrary budgets"),
+               "logits_int": ("router with integer logits", "-"),
+               "range_nan": ("router whose `flops_range` is NaN", "error not naming the field"),
+               "tau_text": ("router whose threshold is the string \"0.5\"", "-"),
+               "layout_int": ("router whose `unit_layout` is a number", "error not naming the file"),
+               "extra": ("router with a tensor this version does not know", "-"),
+               "rows_two": ("router whose `fixed_rows` holds a 2", "-"),
+               "plan_float": ("plan file with float actions", "error not naming the file"),
+               "plan_nan": ("plan file whose LINEAR weights hold NaN", "error not naming the file"),
+               "schedule_two": ("schedule file whose mask holds a 2", "error not naming the file")}
+    for name, (what, before) in damaged.items():
+        flag = "--router" if name not in ("plan_float", "plan_nan", "schedule_two") else "--plan"
+        yield "generate", what, before, s.generate("a", flag, str(s.folder / f"{name}.safetensors"))
     for flags, before in ((["--model.num_steps", "0"], "traceback"), (["--model.num_steps", "1"], "traceback"),
                           (["--data.batch_size", "0"], "traceback"), (["--model.proxy_interval", "0"], "traceback"),
                           (["--model.target_cache_ratio", "1.5"], "traceback"),
@@ -174,11 +273,73 @@ def api_cases(s: Setup):
             return f"clear error: `{error}`"
         return "SILENT WRONG RESULT: accepted"
 
+    def check(function) -> str:
+        try:
+            problem = function()
+        except Exception as error:  # noqa: BLE001 - whatever it is, the table shows it
+            return f"traceback: {type(error).__name__}: {str(error).splitlines()[0]}"[:140]
+        return "correct: " + function.__doc__ if problem is None else f"SILENT WRONG RESULT: {problem}"
+
+    yield from resample_cases(check)
+    yield from pipeline_cases(call, check)
     pipe = tiny_pixart_pipeline()
     router = CacheRouter.load(s.folder / "router.safetensors")
     yield "Python", "`accelerate(pipe, router, threshold=2.0)`", "garbage image at CUR 0.95", \
         call(lambda: accelerate(pipe, router=router, threshold=2.0))
     yield "Python", "`router.calibrate_threshold(1.5)`", "-", call(lambda: router.calibrate_threshold(1.5))
+
+
+def resample_cases(check):
+    import dit_cache
+
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    budgets = (0.0, 0.3, 0.55, 0.7, 0.75, 0.8)
+
+    def same_count():
+        """the same plan at every budget (0 to 0.8) as the router itself"""
+        same = shipped.resample(20)
+        wrong = [b for b in budgets if same.plan(flops=b) != shipped.plan(flops=b)]
+        return f"other plans at {wrong}" if wrong else None
+
+    def other_count():
+        """FORECAST1 actions, unit_flops, budgets 0-0.8 and both refined plans kept"""
+        resampled = shipped.resample(25)
+        kept = (resampled.plan(flops=0.55).uses(dit_cache.Action.FORECAST1) and resampled.unit_flops is not None
+                and resampled.flops_range[1] >= 0.75 and len(resampled.refined_plans) == 2)
+        return None if kept else f"lost parts: {resampled.flops_range}, {resampled.refined_plans}"
+
+    yield "Python", "shipped router `.resample(20)` (its own count)", "every skip REUSE, 28.6 -> 24.2 dB; budgets " \
+        "refused", check(same_count)
+    yield "Python", "shipped router `.resample(25)`", "cheap actions, unit_flops, refined plans dropped", \
+        check(other_count)
+
+
+def pipeline_cases(call, check):
+    from dit_cache import CachePlan
+    from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
+
+    stock = tiny_pixart_pipeline()
+    stock.set_progress_bar_config(disable=True)
+    units = len(cache_units(stock.transformer))
+    shared = AcceleratedPixArtAlphaPipeline.from_pipe(stock, plan=CachePlan.cfg_share(4, units, interval=2))
+    yield "Python", "`guidance_scale=nan`, CFG_SHARE plan, two prompts", "accepted: the prompts taken as CFG halves", \
+        call(lambda: shared(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=float("nan"),
+                            output_type="latent"))
+    yield "Python", "`guidance_scale=1e30`, `output_type=\"np\"` (NaN image)", "NaN image returned", \
+        call(lambda: shared("a red circle", num_inference_steps=4, guidance_scale=1e30, output_type="np"))
+
+    def siblings():
+        """two from_pipe siblings in two threads, stepping in lockstep, give their one-after-the-other images"""
+        a = AcceleratedPixArtAlphaPipeline.from_pipe(stock, plan=CachePlan.uniform(4, units, interval=2))
+        b = AcceleratedPixArtAlphaPipeline.from_pipe(stock, plan=CachePlan.taylor(4, units, interval=2))
+        jobs = [lambda p=p, prompt=prompt: p(prompt, num_inference_steps=4, guidance_scale=3.0, output_type="np",
+                                             generator=torch.Generator().manual_seed(1)).images
+                for p, prompt in ((a, "a red circle"), (b, "a blue square"))]
+        alone = [job() for job in jobs]
+        together = run_in_lockstep(stock.transformer, jobs)
+        return None if all((x == y).all() for x, y in zip(alone, together)) else "images differ"
+
+    yield "Python", "two `from_pipe` siblings in two threads", "IndexError (one shared scheduler)", check(siblings)
 
 
 def main(out: str = "outputs/faults.md") -> None:
@@ -204,13 +365,14 @@ def main(out: str = "outputs/faults.md") -> None:
     bad = [row for row in rows if row[3].startswith(("SILENT", "traceback", "unclear")) or "LEFT" in row[3]]
     table = "\n".join(f"| {area} | {fault} | {before} | {outcome} |" for area, fault, before, outcome in rows)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(f"""# Faults tried (issue 18): bad input and faults, before and now
+    Path(out).write_text(f"""# Faults tried (issues 18 and 31): bad input and faults, before and now
 
 Produced by `OMP_NUM_THREADS=1 python experiments/faults.py --out docs/faults.md` (tiny random models; without `--out` it
 writes `outputs/faults.md`).
-"Before" is the outcome reported in issue 18 ("-": not listed there). "Now" is what this run saw: a *clear error*
+"Before" is the outcome on the code before the fixes, as reported in issue 18 or 31 ("-": a case not listed there). "Now" is what this run saw: a *clear error*
 is exit code 2 with one error line and no traceback; *correct* is exit code 0 with the output checked.
-Concurrency (pipelines sharing a transformer) is covered by the engine's tests, not here. Multi-process runs are
+Concurrency: two `from_pipe` siblings in two threads are a case here; the engine's tests cover the rest. Each issue-31
+case is also a test (tests/test_reliability.py, tests/test_file_checks.py, tests/test_router.py). Multi-process runs are
 covered by `tests/test_multiprocess.py`: on a CPU-only machine `torchrun --nproc_per_node 2` (or `accelerate launch
 --multi_gpu --num_processes 2`) used to give each process all the prompts, so every image was made and written
 twice, silently; now the processes form a gloo group and split them. `accelerate launch --cpu --num_processes 2`

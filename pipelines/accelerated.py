@@ -7,6 +7,7 @@ bypassed, so a transformer shared with a stock pipeline (``from_pipe``) keeps be
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -18,6 +19,7 @@ from dit_cache.cache import CacheStats, apply_cache, compile_units, get_cache_ha
 from dit_cache.compile import compile_options
 from dit_cache.deprecation import skip_flops_argument
 from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
+from dit_cache.numerics import check_finite_result, check_guidance
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
 from dit_cache.units import cache_units, unit_layout
@@ -80,9 +82,11 @@ class CachedPipelineMixin:
     @classmethod
     def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, skip_flops=None,
                   flops=None, **kwargs):
-        """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
+        """A new pipeline sharing ``pipeline``'s models; the original keeps running uncached. The scheduler and the
+        tokenizers hold per-call state, so the new pipeline gets copies of its own (unless passed): the two can
+        generate from two threads at once."""
         flops = skip_flops_argument(skip_flops, flops, f"{cls.__name__}.from_pipe")
-        pipe = super().from_pipe(pipeline, **kwargs)
+        pipe = super().from_pipe(pipeline, **own_stateful_components(pipeline, kwargs))
         return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
     def to_json_string(self) -> str:
@@ -122,9 +126,10 @@ class CachedPipelineMixin:
             router.check_compatible(unit_layout(self.transformer), steps)
         else:
             plan.check_compatible(num_steps=steps)
-        guidance = self._call_argument(args, kwargs, "guidance_scale")
+        guidance = check_guidance(self._call_argument(args, kwargs, "guidance_scale"), self.transformer.dtype)
         layout = self.model_family.cfg
-        if plan.uses(Action.CFG_SHARE) and (layout.conditional_half is None or not guidance or guidance <= 1):
+        # `not guidance > 1`, as the pipelines decide whether to batch CFG (a NaN is refused above)
+        if plan.uses(Action.CFG_SHARE) and (layout.conditional_half is None or not (guidance or 0) > 1):
             raise ValueError("This plan uses CFG_SHARE, which needs a classifier-free-guidance batch, but this call "
                              f"has none ({type(self).__name__}, guidance_scale={guidance}; the pipeline runs "
                              f"{layout.value}). Use a guidance scale > 1 with a family that batches CFG, or a plan "
@@ -154,14 +159,37 @@ class CachedPipelineMixin:
             call = multi_concept_call(self, call, concepts, concept_config or MultiConceptConfig())
         if not cached:
             self.cache_stats = None
-            return call(*args, **kwargs)
+            return _checked_output(call(*args, **kwargs))
         with handle.generation(plan) as states:  # CFG_SHARE computes the family's conditional half
             try:
-                return call(*args, **kwargs)
+                return _checked_output(call(*args, **kwargs))
             finally:
                 # Every unit holds its outputs from the first step on, so the end of the call is the cache's peak;
                 # recorded also when the call raised midway. Leaving the block frees the cache.
                 self.cache_stats = CacheStats.of(states)
+
+
+def _checked_output(output):
+    """The call's output, unless its images (or latents) hold NaN or inf: then an error, not a black image."""
+    images = getattr(output, "images", None)
+    if images is None and isinstance(output, tuple) and output:
+        images = output[0]
+    check_finite_result(images, "The pipeline call")
+    return output
+
+
+def own_stateful_components(pipeline, kwargs: dict) -> dict:
+    """``from_pipe`` keyword arguments giving the new pipeline its own copy of each component that keeps state
+    between calls (the scheduler's timesteps and step index, a fast tokenizer's borrow flag): shared, two
+    pipelines running at once would step one scheduler twice per step (an IndexError, or wrong images)."""
+    from diffusers import SchedulerMixin
+    from transformers import PreTrainedTokenizerBase
+
+    own = dict(kwargs)
+    for name, component in pipeline.components.items():
+        if name not in own and isinstance(component, (SchedulerMixin, PreTrainedTokenizerBase)):
+            own[name] = copy.deepcopy(component)
+    return own
 
 
 _ACCELERATED: dict[type, type] = {}

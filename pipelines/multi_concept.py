@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,8 @@ class MultiConceptConfig:
         # Checked here, so a bad value fails when the config is built rather than midway through a call.
         for name in ("correction_alpha", "nms_suppression", "nms_step_fraction"):
             check_fraction(name, getattr(self, name))
+        if not math.isfinite(self.correction_threshold):  # NaN compares False: no token would ever be corrected
+            raise ValueError(f"correction_threshold (tau) must be a finite number, got {self.correction_threshold}")
         if self.correction_window < 0:
             raise ValueError(f"correction_window (gamma) must be >= 0, got {self.correction_window}")
         if self.nms_blocks is not None:

@@ -1,7 +1,6 @@
 """The cache belongs to the call, not to the transformer: concurrent calls, shared transformers, early stops."""
 
 import copy
-import threading
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from dit_cache import CachePlan, apply_cache, cache_units, get_cache_handle, remove_cache
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, accelerate, decelerate
+from dit_cache.testing import run_in_lockstep as _in_lockstep
 from dit_cache.testing import run_steps, tiny_pixart, tiny_pixart_pipeline
 
 STEPS = 6
@@ -26,34 +26,6 @@ def _sibling(stock, plan):
 
 def _generate(pipe, prompt, seed, **kwargs):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **CALL, **kwargs).images
-
-
-def _in_lockstep(transformer, jobs):
-    """Run ``jobs`` in threads that meet at every transformer call, so their steps interleave one by one."""
-    barrier = threading.Barrier(len(jobs), timeout=30)
-
-    def meet(module, args):
-        barrier.wait()  # returns an int, which a pre-hook must not return: it would replace the inputs
-
-    hook = transformer.register_forward_pre_hook(meet)
-    results, errors = [None] * len(jobs), []
-
-    def run(index, job):
-        try:
-            results[index] = job()
-        except Exception as error:  # surfaced below: a thread's exception is otherwise lost
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    hook.remove()
-    if errors:
-        raise errors[0]
-    return results
 
 
 @pytest.fixture()

@@ -353,7 +353,7 @@ def test_a_router_file_with_non_finite_logits_is_refused_naming_the_file(tmp_pat
     logits[2, 1] = bad
     save_file({"logits": logits, "fixed_rows": torch.tensor([1, 0, 0, 0], dtype=torch.uint8)},
               str(tmp_path / "nan.safetensors"), metadata={"format": "dit-cache/router"})
-    with pytest.raises(ValueError, match=r"nan\.safetensors holds non-finite logits"):
+    with pytest.raises(ValueError, match=r"nan\.safetensors is a damaged router: tensor 'logits' holds NaN or infinite"):
         CacheRouter.load(tmp_path / "nan.safetensors")
 
 
@@ -369,7 +369,7 @@ def test_non_finite_logits_in_memory_give_no_schedule():
 def test_fixed_rows_that_do_not_match_the_logits_are_refused_naming_the_file(tmp_path):
     save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(6, dtype=torch.uint8)},
               str(tmp_path / "rows.safetensors"), metadata={"format": "dit-cache/router"})
-    with pytest.raises(ValueError, match=r"rows\.safetensors is a damaged router: its fixed_rows have shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"rows\.safetensors is a damaged router: tensor 'fixed_rows' has shape \(6,\), shape \(4,\)"):
         CacheRouter.load(tmp_path / "rows.safetensors")
     with pytest.raises(ValueError, match=r"one flag per step, shape \(4,\)"):
         CacheRouter(4, 3, fixed_rows=torch.ones(6, dtype=torch.bool))
@@ -378,12 +378,72 @@ def test_fixed_rows_that_do_not_match_the_logits_are_refused_naming_the_file(tmp
 def test_bad_json_in_router_metadata_names_the_file_and_the_key(tmp_path):
     save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(4, dtype=torch.uint8)},
               str(tmp_path / "json.safetensors"), metadata={"format": "dit-cache/router", "guidance_scale": "{oops"})
-    with pytest.raises(ValueError, match=r"json\.safetensors is a damaged router: its metadata 'guidance_scale'"):
+    with pytest.raises(ValueError, match=r"json\.safetensors is a damaged router: metadata 'guidance_scale' is not JSON"):
         CacheRouter.load(tmp_path / "json.safetensors")
 
 
 def test_a_router_file_with_a_threshold_outside_zero_one_is_refused_naming_the_file(tmp_path):
     save_file({"logits": torch.zeros(4, 3), "fixed_rows": torch.ones(4, dtype=torch.uint8)},
               str(tmp_path / "tau.safetensors"), metadata={"format": "dit-cache/router", "threshold": "1.5"})
-    with pytest.raises(ValueError, match=r"tau\.safetensors: threshold must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"tau\.safetensors is a damaged router: metadata 'threshold' is 1\.5, a number in \(0, 1\)"):
         CacheRouter.load(tmp_path / "tau.safetensors")
+
+
+# ---- resampling keeps everything a searched router holds ----------------------------------------------------
+SHIPPED_BUDGETS = (0.0, 0.3, 0.55, 0.7, 0.75, 0.8)
+
+
+def _shipped():
+    import dit_cache
+
+    return CacheRouter.load(dit_cache.embedded_router_path())
+
+
+def test_resampling_the_shipped_router_to_its_own_step_count_is_the_identity():
+    router = _shipped()
+    same = router.resample(router.num_steps)
+    assert same.flops_range == router.flops_range and torch.equal(same.unit_flops, router.unit_flops)
+    for budget in SHIPPED_BUDGETS:  # before: every budget refused ("serves one budget"), all skips REUSE
+        assert same.plan(flops=budget) == router.plan(flops=budget), budget
+    assert same.plan() == router.plan()
+
+
+@pytest.mark.parametrize("num_steps", [16, 25, 40])
+def test_resampling_the_shipped_router_keeps_its_actions_flops_range_and_refined_plans(num_steps):
+    from dit_cache.plan import Action
+    from dit_cache.router import plan_with_fallbacks
+
+    router = _shipped()
+    resampled = router.resample(num_steps)
+    source, target = torch.linspace(0, 1, router.num_steps), torch.linspace(0, 1, num_steps)
+    rows = (target[:, None] - source[None, :]).abs().argmin(dim=1)  # nearest by position, ties to the earlier row
+    assert torch.equal(resampled.cheap_actions, router.cheap_actions[rows])
+    assert torch.equal(resampled.unit_flops, router.unit_flops)
+    low, high = resampled.flops_range
+    assert low == 0.0 and 0.75 < high <= router.flops_range[1]
+    plan = resampled.plan(flops=0.55)
+    assert plan.uses(Action.FORECAST1) and abs(plan.cached_share(resampled.unit_flops) - 0.55) < 0.05
+    assert resampled.refined_plans.shape == (2, num_steps, router.num_units)
+    mapped = plan_with_fallbacks(router.refined_plans[-1][rows])
+    assert resampled.plan(flops=high) == mapped  # the deepest refined plan, mapped, still serves its budget
+    assert resampled.metadata["num_steps"] == num_steps and resampled.metadata["resampled_from_steps"] == 20
+
+
+def test_a_resampled_router_saves_and_loads_with_the_same_plans(tmp_path):
+    resampled = _shipped().resample(25)
+    resampled.save(tmp_path / "r25.safetensors")
+    loaded = CacheRouter.load(tmp_path / "r25.safetensors")
+    for budget in SHIPPED_BUDGETS:
+        assert loaded.plan(flops=budget) == resampled.plan(flops=budget), budget
+
+
+def test_resampling_down_drops_a_refined_plan_whose_level_has_no_step_left_and_says_so():
+    with pytest.warns(UserWarning, match="Resampling to 10 steps leaves no step of the budget level"):
+        resampled = _shipped().resample(10)
+    assert resampled.refined_plans is None or len(resampled.refined_plans) < 2
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "20"])
+def test_resample_refuses_a_step_count_that_is_not_a_whole_number(bad):
+    with pytest.raises(ValueError, match="resample needs a whole number of steps >= 1"):
+        _router().resample(bad)
