@@ -13,7 +13,7 @@ from dit_cache import CacheSchedule
 from dit_cache.flops import step_flops
 
 from .denoising import fresh_scheduler, init_noise_sigma, sample_latents, scale_model_input
-from .plan_search import GreedyPlanSearch, SearchSettings, TrajectoryRunner
+from .plan_search import GreedyPlanSearch, SearchSettings, TrajectoryRunner, search_history
 from .proxies import check_proxy, image_error_proxy
 
 
@@ -151,7 +151,7 @@ class PlanSearch(Objective):
         conditioning = module.conditioning(module.trainer.datamodule.calibration_conditioning(count, start))
         noise = torch.cat([module.noise(1, seed + i) for i in range(count)])
         return TrajectoryRunner(module.denoiser, module.inference_scheduler, module.handle, noise, conditioning,
-                                module.hparams.num_steps)
+                                module.hparams.num_steps, history=search_history(self.settings.actions))
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"harmonica": HarmoniCa, "sdt": StepwiseDenoising,
