@@ -150,6 +150,10 @@ class PlanSearch(Objective):
         seed = self.settings.calibration_seed + start
         conditioning = module.conditioning(module.trainer.datamodule.calibration_conditioning(count, start))
         noise = torch.cat([module.noise(1, seed + i) for i in range(count)])
+        dtype = module.transformer.dtype  # bf16-true casts the transformer, not what the search makes itself
+        noise = noise.to(dtype)
+        conditioning.kwargs = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                               for key, value in conditioning.kwargs.items()}
         return TrajectoryRunner(module.denoiser, module.inference_scheduler, module.handle, noise, conditioning,
                                 module.hparams.num_steps, history=search_history(self.settings.actions))
 

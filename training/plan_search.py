@@ -165,6 +165,14 @@ class GreedyPlanSearch(torch.nn.Module):
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = self._validation_reference = None
 
+    def _apply(self, fn, recurse=True):
+        """Buffers follow the module's device, never its dtype: under ``trainer.precision: bf16-true`` the scores,
+        errors and unit FLOPs stay float64 (and the order stays integer)."""
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(fn(buffer).device)
+        return self
+
     # ---- plans -------------------------------------------------------------------------------------------
     def group_codes(self, rank=None, action=None, removed: int | None = None) -> torch.Tensor:
         """Action codes ``[num_steps, num_groups]``: the entries the order caches (its ``removed`` first ones, or
@@ -375,6 +383,14 @@ class GreedyPlanSearch(torch.nn.Module):
     # ---- export ------------------------------------------------------------------------------------------
     def router(self, metadata: dict | None = None) -> CacheRouter:
         """The move order as a router: removed entries get logits in [-4.5, -0.5] by order, the others +5."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)  # bf16-true sets a bf16 default: the router file stays float32
+        try:
+            return self._router(metadata)
+        finally:
+            torch.set_default_dtype(default)
+
+    def _router(self, metadata: dict | None) -> CacheRouter:
         removed = self.rank >= 0
         count = max(int(self.rank.max()) + 1, 1)
         group_logits = torch.where(removed, -4.5 + 4.0 * self.rank.double() / count,
