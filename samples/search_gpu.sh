@@ -3,10 +3,11 @@
 # timed, with the GPU's peak memory, then its router's plans at three budgets; compare with the config's predictions.
 #
 #   bash samples/search_gpu.sh /path/to/PixArt-XL-2-512x512 [extra dit-cache-train flags]
-#   bash samples/search_gpu.sh /path/to/folder --config training/configs/flux_dev_search.yaml   # another config
 #
-# Writes outputs/search_gpu/{run/, search.log, gpu_memory.csv, summary.txt}. Written without a GPU at hand: run on the
-# CPU only with a tiny model (tests/test_search_memory.py does: --trainer.accelerator cpu, few steps).
+# Writes outputs/search_gpu/{run/, search.log, gpu_memory.csv, summary.txt} (SEARCH_GPU_OUT=DIR moves them). Written
+# without a GPU at hand: run end to end only on the CPU with a tiny random PixArt folder and --trainer.accelerator cpu
+# --trainer.precision 32-true --model.num_steps 4 --model.search.max_flops 0.5 --model.search.refine_from null
+# --model.search.calibration_prompts 1 --model.search.validation_prompts 0 --data.prompts '["a cat"]'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?"give the model's local diffusers folder, e.g. bash samples/search_gpu.sh /models/PixArt-XL-2-512x512"}
@@ -19,6 +20,17 @@ if command -v nvidia-smi > /dev/null; then  # the GPU's memory in use, every sec
   POLL=$!
 fi
 trap '[ -n "$POLL" ] && kill "$POLL" 2> /dev/null || true' EXIT
+# the searched router's plans at three budgets: which steps compute
+SUMMARY='
+import sys
+from dit_cache import CacheRouter
+router = CacheRouter.load(sys.argv[1])
+print("searched range:", router.flops_range, "plans measured:", router.metadata.get("search_evaluations"))
+for flops in (0.45, 0.55, 0.7):
+    if router.flops_range[0] <= flops <= router.flops_range[1]:
+        computed = (router.plan(flops=flops).actions == 1).all(dim=1).nonzero().flatten().tolist()
+        print(f"{flops:.0%} of the unit FLOPs skipped: steps computed {computed}")
+'
 START=$(date +%s)
 /usr/bin/time -v dit-cache-train fit --config training/configs/pixart_alpha_512_search.yaml \
   --model.model "$MODEL" --trainer.default_root_dir "$OUT/run" "$@" 2>&1 | tee "$OUT/search.log"
@@ -29,14 +41,5 @@ END=$(date +%s)
   if [ -n "$POLL" ]; then
     echo "GPU memory used, peak: $(sort -n "$OUT/gpu_memory.csv" | tail -1) MiB"
   fi
-  python - "$OUT/run/router.safetensors" <<'PY'
-import sys
-from dit_cache import CacheRouter
-router = CacheRouter.load(sys.argv[1])
-print("searched range:", router.flops_range, "plans measured:", router.metadata.get("search_evaluations"))
-for flops in (0.45, 0.55, 0.7):
-    if router.flops_range[0] <= flops <= router.flops_range[1]:
-        computed = (router.plan(flops=flops).actions == 1).all(dim=1).nonzero().flatten().tolist()
-        print(f"{flops:.0%} of the unit FLOPs skipped: steps computed {computed}")
-PY
+  python -c "$SUMMARY" "$OUT/run/router.safetensors"
 } | tee "$OUT/summary.txt"
