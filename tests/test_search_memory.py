@@ -115,14 +115,12 @@ def test_the_search_gives_the_same_router_whatever_the_memory_bound(pixart_folde
         return CacheRouter.load(tmp_path / name / "router.safetensors")
 
     loose = run("loose", "--model.search.snapshot_location", "memory")  # one snapshot per step, in memory
-    for name, extra in [("one_snapshot_on_disk", ["--model.search.snapshot_location", "disk",
-                                                  "--model.search.snapshot_limit", "1"])]:
-        bounded = run(name, *extra)
-        assert torch.equal(bounded.logits, loose.logits) and torch.equal(bounded.cheap_actions, loose.cheap_actions)
-        assert torch.equal(bounded.refined_plans, loose.refined_plans)
-        for key in ("search_trace", "refined_errors", "search_evaluations"):
-            assert json.dumps(bounded.metadata[key]) == json.dumps(loose.metadata[key])
-
+    bounded = run("one_snapshot_on_disk", "--model.search.snapshot_location", "disk",
+                  "--model.search.snapshot_limit", "1")  # one snapshot, at step 3 of 5: restarts recompute
+    assert torch.equal(bounded.logits, loose.logits) and torch.equal(bounded.cheap_actions, loose.cheap_actions)
+    assert torch.equal(bounded.refined_plans, loose.refined_plans)
+    for key in ("search_trace", "refined_errors", "search_evaluations"):
+        assert json.dumps(bounded.metadata[key]) == json.dumps(loose.metadata[key])
 
 @pytest.mark.parametrize("settings,message", [
     ({"snapshot_limit": -1}, "snapshot_limit must be a whole number >= 0"),
