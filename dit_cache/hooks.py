@@ -8,6 +8,7 @@ unit: every decision is precomputed into rows of action codes when the plan is s
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import ModelHook
@@ -50,6 +51,26 @@ class PreparedPlan:
         self.needs_time = plan.uses(*FORECASTS)
 
 
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """What ``CacheState.restore`` needs to go on with a generation from the start of ``step``: the timesteps
+    seen and, per unit, its stored ``(step computed, output)`` pairs, oldest first. The outputs are the stored
+    tensors themselves (no copy): a snapshot holds them as long as it lives."""
+
+    step: int
+    times: tuple[float, ...]
+    last_time: float | None
+    outputs: tuple[tuple[tuple[int, object], ...], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(output) for history in self.outputs for _, output in history)
+
+    def with_outputs(self, outputs) -> "CacheSnapshot":
+        """The same snapshot over other outputs (each unit's ``(step, output)`` pairs), e.g. moved to the CPU."""
+        return CacheSnapshot(self.step, self.times, self.last_time, tuple(tuple(history) for history in outputs))
+
+
 class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
@@ -82,6 +103,25 @@ class CacheState:
         self.actions = self._compute_row
         for history in self.outputs:
             history.clear()
+
+    def snapshot(self) -> CacheSnapshot:
+        """The generation so far, to ``restore`` later (under this plan or another one for the same model)."""
+        return CacheSnapshot(self.step, tuple(self.times), self.last_time,
+                             tuple(tuple(history) for history in self.outputs))
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Go on from ``snapshot`` under the current plan: the next denoising step is ``snapshot.step``. A unit
+        keeps at most its plan's history depth of the snapshot's outputs (the newest)."""
+        if len(snapshot.outputs) != len(self.outputs):
+            raise ValueError(f"This snapshot holds {len(snapshot.outputs)} units' outputs, but the cache has "
+                             f"{len(self.outputs)} units: restore it on the model it was taken from.")
+        if not 0 <= snapshot.step < self.compiled.num_steps or len(snapshot.times) != snapshot.step:
+            raise ValueError(f"This snapshot resumes at step {snapshot.step} after {len(snapshot.times)} timesteps; "
+                             f"the plan has {self.compiled.num_steps} steps: take it under a plan of as many steps.")
+        self.reset()
+        self.step, self.times, self.last_time = snapshot.step, list(snapshot.times), snapshot.last_time
+        for history, saved in zip(self.outputs, snapshot.outputs):
+            history.extend(saved)
 
     def begin_step(self, timestep) -> None:
         if self.mode == BYPASSED:

@@ -13,6 +13,7 @@ from dit_cache.router import plan_with_fallbacks
 from dit_cache.testing import tiny_pixart_pipeline
 from conftest import KillAt, train_cli
 from dit_cache.training.plan_search import GreedyPlanSearch, SearchSettings, unit_groups
+from dit_cache.training.trajectory_snapshots import TrajectorySnapshots
 from dit_cache.units import CacheUnit
 
 F, R, C = int(Action.FORECAST1), int(Action.REUSE), int(Action.COMPUTE)
@@ -47,8 +48,8 @@ class SyntheticRunner:
             return torch.zeros(1)
         return self._final(plan)
 
-    def recorded(self, plan):
-        return self.final_latents(plan), {}
+    def recorded(self, plan, snapshots=None):
+        return self.final_latents(plan), snapshots or TrajectorySnapshots([])
 
 
 def _search(cost, **settings):

@@ -13,7 +13,7 @@ from dit_cache import CacheSchedule
 from dit_cache.flops import step_flops
 
 from .denoising import fresh_scheduler, init_noise_sigma, sample_latents, scale_model_input
-from .plan_search import GreedyPlanSearch, SearchSettings, TrajectoryRunner
+from .plan_search import GreedyPlanSearch, SearchSettings, TrajectoryRunner, search_history
 from .proxies import check_proxy, image_error_proxy
 
 
@@ -150,8 +150,12 @@ class PlanSearch(Objective):
         seed = self.settings.calibration_seed + start
         conditioning = module.conditioning(module.trainer.datamodule.calibration_conditioning(count, start))
         noise = torch.cat([module.noise(1, seed + i) for i in range(count)])
+        dtype = module.transformer.dtype  # bf16-true casts the transformer, not what the search makes itself
+        noise = noise.to(dtype)
+        conditioning.kwargs = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                               for key, value in conditioning.kwargs.items()}
         return TrajectoryRunner(module.denoiser, module.inference_scheduler, module.handle, noise, conditioning,
-                                module.hparams.num_steps)
+                                module.hparams.num_steps, history=search_history(self.settings.actions))
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"harmonica": HarmoniCa, "sdt": StepwiseDenoising,

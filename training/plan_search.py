@@ -19,6 +19,9 @@ Cost: a move changes the trajectory only from its step on, so every candidate re
 current plan's trajectory at that step (latents, scheduler, the cache's stored outputs). Lazy greedy: the first
 round measures the whole-step moves only (each group move starts from its step's score per FLOP); after it only
 the few best-scoring candidates (and the whole-step move at the step of the last move) are measured, each move.
+Memory: the snapshots hold each unit's last computed outputs at every step; ``snapshot_limit`` bounds how many a
+trajectory keeps (a restart recomputes the steps from the latest one, the same result to the bit) and
+``snapshot_location`` where they live (``trajectory_snapshots``). The cost model is in docs/router.md.
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ from dit_cache.plan import ACTION_COST, Action, CachePlan
 from dit_cache.router import LOGIT_LIMIT, CacheRouter, plan_with_fallbacks
 
 from .denoising import init_noise_sigma, scale_model_input
+from .trajectory_snapshots import TrajectorySnapshots, check_snapshot_settings, snapshot_steps
 
-HISTORY = 3  # outputs every unit keeps during the search: enough for FORECAST2, so snapshots fit every candidate
+# Outputs a unit keeps during the search, by the deepest history its cheap actions read (a FORECAST2 reads three),
+# so a snapshot fits every candidate.
+HISTORY_READ = {"FORECAST1": 2, "FORECAST2": 3, "REUSE": 1, "CFG_SHARE": 1}
+
+
+def search_history(actions) -> int:
+    return max(HISTORY_READ[name] for name in actions)
 
 
 @dataclass
@@ -62,6 +72,13 @@ class SearchSettings:
         validation_prompts: prompts after the calibration ones (noise seeds following theirs) on which every
             refinement change must lower the error too, or the refinement of that budget stops: a guard against
             fitting the calibration batch (0: no guard).
+        snapshot_limit: trajectory snapshots kept at once, at most (None: one per step): the search's memory
+            is then bounded by ``snapshot_limit x units x history x batch x tokens x width`` whatever the step count;
+            a candidate restarts from the latest snapshot before it and recomputes the steps in between (same
+            result, more time: see docs/router.md).
+        snapshot_location: where the snapshots' unit outputs live: ``memory`` (on the model's device), ``cpu``
+            (copied to the CPU, for a GPU run) or ``disk`` (safetensors files in a temporary folder).
+        snapshot_dir: the folder of that temporary folder (``disk`` only; default: the system's temporary folder).
     """
 
     groups: str = "branch"
@@ -76,6 +93,9 @@ class SearchSettings:
     refine_radius: int = 1
     refine_moves: int = 3
     validation_prompts: int = 0
+    snapshot_limit: int | None = None
+    snapshot_location: str = "memory"
+    snapshot_dir: str | None = None
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -93,6 +113,12 @@ class SearchSettings:
         for name in ("calibration_prompts", "lazy_candidates", "refine_radius", "refine_moves"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
+        check_snapshot_settings(self.snapshot_limit, self.snapshot_location, self.snapshot_dir)
+
+    def snapshots(self, num_steps: int) -> TrajectorySnapshots:
+        """An empty store for one recorded trajectory, as these settings want it."""
+        return TrajectorySnapshots(snapshot_steps(num_steps, self.snapshot_limit), self.snapshot_location,
+                                   self.snapshot_dir)
 
 
 def unit_groups(units, groups: str) -> list[list[int]]:
@@ -138,6 +164,14 @@ class GreedyPlanSearch(torch.nn.Module):
         self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = self._validation_reference = None
+
+    def _apply(self, fn, recurse=True):
+        """Buffers follow the module's device, never its dtype: under ``trainer.precision: bf16-true`` the scores,
+        errors and unit FLOPs stay float64 (and the order stays integer)."""
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(fn(buffer).device)
+        return self
 
     # ---- plans -------------------------------------------------------------------------------------------
     def group_codes(self, rank=None, action=None, removed: int | None = None) -> torch.Tensor:
@@ -208,14 +242,14 @@ class GreedyPlanSearch(torch.nn.Module):
         one budget, each change checked on ``validation`` if given); returns what happened."""
         if self._reference is None:
             self._reference = runner.final_latents(CachePlan.full(self.num_steps, self.num_units))
-            self._snapshots = None
+            self.release_snapshots()
+        if self.ordered:
+            self.release_snapshots()  # refinement records the plans it refines
+            return self._refine_next(runner, validation)
         if self._snapshots is None:
-            final, self._snapshots = runner.recorded(self.plan())
-            self.error.fill_(runner.error(final, self._reference))
+            self._record(runner)
             if int(self.moves) == 0:
                 self.trace[0] = torch.tensor([0.0, float(self.error)], dtype=torch.float64)
-        if self.ordered:
-            return self._refine_next(runner, validation)
         candidates = self._candidates()
         base_share = self.skipped_share()
         fresh = {}
@@ -258,12 +292,22 @@ class GreedyPlanSearch(torch.nn.Module):
         # among the best.)
         if self.estimate.shape[1] > len(self.groups):
             self.estimate[step, len(self.groups)] = math.nan
-        final, self._snapshots = runner.recorded(self.plan())
-        self.error.fill_(runner.error(final, self._reference))
+        self._record(runner)
         share = self.skipped_share()
         self.trace[int(self.moves)] = torch.tensor([share, float(self.error)], dtype=torch.float64)
         return {"moved": True, "step": step, "move": move_index, "action": self.actions[action_index].name,
                 "share": share, "error": float(self.error), "measured": len(fresh)}
+
+    def _record(self, runner: "TrajectoryRunner") -> None:
+        """Sample the current plan, keeping its snapshots (the old ones freed first: never two sets at once)."""
+        self.release_snapshots()
+        final, self._snapshots = runner.recorded(self.plan(), self.settings.snapshots(self.num_steps))
+        self.error.fill_(runner.error(final, self._reference))
+
+    def release_snapshots(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.close()
+        self._snapshots = None
 
     # ---- refinement ------------------------------------------------------------------------------------------
     def _neighbours(self, codes: torch.Tensor):
@@ -295,7 +339,7 @@ class GreedyPlanSearch(torch.nn.Module):
             return {"moved": False}
         removed = levels[0]
         codes = self.group_codes(removed=removed)
-        final, snapshots = runner.recorded(self.plan(group_codes=codes))
+        final, snapshots = runner.recorded(self.plan(group_codes=codes), self.settings.snapshots(self.num_steps))
         before = error = runner.error(final, self._reference)
         held_out = None  # the validation error of the current plan, measured once a change needs checking
         changes = 0
@@ -321,7 +365,9 @@ class GreedyPlanSearch(torch.nn.Module):
                 held_out = checked
             error, codes = best
             changes += 1
-            final, snapshots = runner.recorded(self.plan(group_codes=codes))
+            snapshots.close()
+            final, snapshots = runner.recorded(self.plan(group_codes=codes), self.settings.snapshots(self.num_steps))
+        snapshots.close()
         self.refined[removed] = codes
         self.refined_errors[removed] = torch.tensor([before, error], dtype=torch.float64)
         share = self.plan(group_codes=codes).cached_share(self.unit_flops)
@@ -337,6 +383,14 @@ class GreedyPlanSearch(torch.nn.Module):
     # ---- export ------------------------------------------------------------------------------------------
     def router(self, metadata: dict | None = None) -> CacheRouter:
         """The move order as a router: removed entries get logits in [-4.5, -0.5] by order, the others +5."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)  # bf16-true sets a bf16 default: the router file stays float32
+        try:
+            return self._router(metadata)
+        finally:
+            torch.set_default_dtype(default)
+
+    def _router(self, metadata: dict | None) -> CacheRouter:
         removed = self.rank >= 0
         count = max(int(self.rank.max()) + 1, 1)
         group_logits = torch.where(removed, -4.5 + 4.0 * self.rank.double() / count,
@@ -367,48 +421,46 @@ class GreedyPlanSearch(torch.nn.Module):
 
 
 class TrajectoryRunner:
-    """Sampling runs of one calibration batch under a plan, on the engine-level state of a cache handle."""
+    """Sampling runs of one calibration batch under a plan, on the engine-level state of a cache handle; every unit
+    keeps at least ``history`` computed outputs (what the search's cheap actions read)."""
 
     def __init__(self, denoiser, scheduler, handle: CacheHandle, noise: torch.Tensor, conditioning,
-                 num_steps: int):
+                 num_steps: int, history: int = 3):
         from .denoising import fresh_scheduler
 
         self.denoiser, self.handle, self.noise, self.conditioning = denoiser, handle, noise, conditioning
-        self.num_steps = num_steps
+        self.num_steps, self.history = num_steps, history
         self.scheduler = fresh_scheduler(scheduler, num_steps, noise.device)
 
     @staticmethod
     def error(final: torch.Tensor, reference: torch.Tensor) -> float:
         return float((final.double() - reference.double()).pow(2).mean())
 
-    def _start(self, plan: CachePlan, snapshot=None):
+    @torch.no_grad()
+    def _run(self, plan: CachePlan, snapshot=None, record: TrajectorySnapshots | None = None) -> torch.Tensor:
         state = self.handle.state
-        state.set_plan(PreparedPlan(plan, HISTORY))
+        state.set_plan(PreparedPlan(plan, self.history))
         if snapshot is None:
-            return copy.deepcopy(self.scheduler), self.noise * init_noise_sigma(self.scheduler), 0
-        step, latents, scheduler, outputs, times = snapshot
-        for history, saved in zip(state.outputs, outputs):
-            history.extend(saved)
-        state.step, state.times, state.last_time = step, list(times), times[-1]
-        return copy.deepcopy(scheduler), latents, step
-
-    def _run(self, plan: CachePlan, snapshot=None, record: bool = False):
-        scheduler, latents, first = self._start(plan, snapshot)
-        state, snapshots = self.handle.state, {}
+            scheduler, latents, first = copy.deepcopy(self.scheduler), self.noise * init_noise_sigma(self.scheduler), 0
+        else:
+            state.restore(snapshot.cache)
+            scheduler, latents, first = snapshot.scheduler, snapshot.latents, snapshot.step
         for index in range(first, self.num_steps):
             t = scheduler.timesteps[index]
-            if record and index > 0:
-                snapshots[index] = (index, latents, copy.deepcopy(scheduler),
-                                    [list(history) for history in state.outputs], list(state.times))
+            if record is not None and index in record.steps:
+                record.add(index, latents, scheduler, state.snapshot())
             output = self.denoiser(scale_model_input(scheduler, latents, t), t, self.conditioning)
             latents = scheduler.step(output, t, latents).prev_sample
         state.reset()
-        return latents, snapshots
+        return latents
 
-    def final_latents(self, plan: CachePlan, start: int = 0, snapshots=None) -> torch.Tensor:
-        snapshot = snapshots.get(start) if snapshots and start > 0 else None
-        return self._run(plan, snapshot)[0]
+    def final_latents(self, plan: CachePlan, start: int = 0, snapshots: TrajectorySnapshots | None = None):
+        """Final latents of ``plan``, which departs from the trajectory recorded in ``snapshots`` at step ``start``:
+        restarted from the latest snapshot at or before it (none: from the noise)."""
+        snapshot = snapshots.latest(start, self.noise.device) if snapshots is not None and start > 0 else None
+        return self._run(plan, snapshot)
 
-    def recorded(self, plan: CachePlan):
-        """Final latents, and a snapshot before every step after the first."""
-        return self._run(plan, record=True)
+    def recorded(self, plan: CachePlan, snapshots: TrajectorySnapshots | None = None):
+        """Final latents, and ``snapshots`` (default: one before every step after the first, in memory) filled."""
+        snapshots = TrajectorySnapshots(range(1, self.num_steps)) if snapshots is None else snapshots
+        return self._run(plan, record=snapshots), snapshots
