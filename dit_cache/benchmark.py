@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .bench_rounds import RestorationError, Rounds, can_fork, default_workers, measure
 from .cache import apply_cache, remove_cache
+from .families import family_of
 from .flops import unit_flops
 from .plan import CachePlan
 from .schedule import CacheSchedule
@@ -69,16 +70,17 @@ class _BlockClock:
 @torch.no_grad()
 def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bool = False) -> float:
     """Seconds of one generation of ``num_steps`` steps: the whole forward, or (``per_block``) the blocks only."""
-    device = inputs["hidden_states"].device
+    key = family_of(transformer).timestep_argument
+    device = inputs[key].device
     # Decreasing timesteps, as a sampler gives them: forecasting extrapolates over them, and a timestep that goes
     # up again starts a new generation. Built before the clock starts.
-    timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
+    timesteps = [torch.full_like(inputs[key], 999 - step * 999 // num_steps) for step in range(num_steps)]
     clock = _BlockClock(transformer, device) if per_block else None
     try:
         _synchronize(device)
         start = time.perf_counter()
         for timestep in timesteps:
-            transformer(**{**inputs, "timestep": timestep})
+            transformer(**{**inputs, key: timestep})
         _synchronize(device)
         return time.perf_counter() - start if clock is None else clock.seconds
     finally:

@@ -243,20 +243,35 @@ class DenoisingStepHook:
     whatever else wraps the transformer's forward later (accelerate's CPU offload does).
     """
 
-    def __init__(self, handle):
+    def __init__(self, handle, timestep_argument: str = "timestep"):
         self.handle = handle
+        self.timestep_argument = timestep_argument
+        self.timestep_position: int | None = None  # where a positional call passes the timestep
 
     def attach(self, transformer: torch.nn.Module) -> list:
+        import inspect
+
+        model = getattr(transformer, "_orig_mod", transformer)
+        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        if self.timestep_argument in names:
+            self.timestep_position = names.index(self.timestep_argument)
         return [
             transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
             transformer.register_forward_hook(self._end),
         ]
 
+    def _timestep(self, args, kwargs):
+        if self.timestep_argument in kwargs:
+            return kwargs[self.timestep_argument]
+        position = self.timestep_position
+        return args[position] if position is not None and position < len(args) else None
+
     @_EAGER
     def _begin(self, module, args, kwargs):
+        self.handle.name_call()
         state = self.handle.active_state()
         if state is not None:
-            state.begin_step(kwargs.get("timestep"))
+            state.begin_step(self._timestep(args, kwargs))
 
     @_EAGER
     def _end(self, module, args, output):

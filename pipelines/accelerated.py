@@ -150,8 +150,13 @@ class CachedPipelineMixin:
         if not cached:
             self.cache_stats = None
             return call(*args, **kwargs)
-        computed_half = self.model_family.cfg.conditional_half  # CFG_SHARE computes the conditional half
-        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half) as states:
+        family = self.model_family
+        computed_half = family.cfg.conditional_half  # CFG_SHARE computes the conditional half
+        # A pipeline that runs CFG as two unnamed calls per step (Chroma): the cache names them, in its order.
+        names = (("cond", "uncond") if family.unnamed_cfg_calls is not None and family.unnamed_cfg_calls(
+            lambda name: self._call_argument(args, kwargs, name)) else ())
+        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half,
+                               call_names=names) as states:
             try:
                 return call(*args, **kwargs)
             finally:
