@@ -296,8 +296,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             if unit.index == 0:  # one listener is enough: it sets a context variable
                 hook._is_stateful, hook.call_context = True, _CallContextListener()
             handle._register(root.get_submodule(unit.path), hook, UNIT_HOOK)
-        timestep_argument = family_of(transformer).timestep_argument
-        handle._step_hooks = DenoisingStepHook(handle, timestep_argument).attach(transformer)
+        handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_units(handle, **options)

@@ -243,10 +243,12 @@ class DenoisingStepHook:
     whatever else wraps the transformer's forward later (accelerate's CPU offload does).
     """
 
-    def __init__(self, handle, timestep_argument: str = "timestep"):
+    def __init__(self, handle, family=None):
         self.handle = handle
-        self.timestep_argument = timestep_argument
+        self.timestep_argument = "timestep" if family is None else family.timestep_argument
         self.timestep_position: int | None = None  # where a positional call passes the timestep
+        self.family = family
+        self.time_sign = 1.0
 
     def attach(self, transformer: torch.nn.Module) -> list:
         import inspect
@@ -255,6 +257,11 @@ class DenoisingStepHook:
         names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
         if self.timestep_argument in names:
             self.timestep_position = names.index(self.timestep_argument)
+        if self.family is not None:
+            # The state expects a generation's times to decrease, as scheduler timesteps do; a family whose model
+            # time runs the other way (Z-Image: (1000 - t) / 1000) is seen negated, which forecasts alike.
+            early, late = (float(self.family.timesteps(t, 1, model.config)[0]) for t in (900, 100))
+            self.time_sign = -1.0 if early < late else 1.0
         return [
             transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
             transformer.register_forward_hook(self._end),
@@ -262,9 +269,11 @@ class DenoisingStepHook:
 
     def _timestep(self, args, kwargs):
         if self.timestep_argument in kwargs:
-            return kwargs[self.timestep_argument]
-        position = self.timestep_position
-        return args[position] if position is not None and position < len(args) else None
+            timestep = kwargs[self.timestep_argument]
+        else:
+            position = self.timestep_position
+            timestep = args[position] if position is not None and position < len(args) else None
+        return timestep if timestep is None or self.time_sign > 0 else -timestep
 
     @_EAGER
     def _begin(self, module, args, kwargs):
