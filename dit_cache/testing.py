@@ -386,6 +386,32 @@ def tiny_z_image_pipeline(num_layers: int = 2, pipeline_class=None):
         tokenizer=_chat_tokenizer(), transformer=tiny_z_image(num_layers=num_layers))
 
 
+def tiny_ovis_image(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 16,
+                    text_dim: int = 16, seed: int = 0):
+    """Ovis-Image: FLUX.1-style double and single blocks (SwiGLU MLPs), no pooled text, no guidance input."""
+    from diffusers import OvisImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim, axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """An OvisImagePipeline from tiny random components (a Qwen3 text encoder, a FLUX-style VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=512)).eval()
+    return (pipeline_class or OvisImagePipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0), text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(), transformer=tiny_ovis_image(num_layers, num_single_layers))
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """A family's tiny random model and pipeline, as the contract test (tests/test_family_contract.py) runs them.
@@ -424,4 +450,6 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                          cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
     "z-image": TinyFamily(tiny_z_image, tiny_z_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
                           cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
+    "ovis-image": TinyFamily(tiny_ovis_image, tiny_ovis_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                             cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
 }

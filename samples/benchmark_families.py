@@ -17,7 +17,8 @@ import math
 
 import torch
 from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
-                       SanaTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel)
+                       OvisImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
+                       ZImageTransformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
@@ -37,6 +38,7 @@ FAMILIES = {
     "chroma1-hd": (lambda: ChromaTransformer2DModel(num_layers=1, num_single_layers=1), 4096, 512),
     # Z-Image-Turbo: 30 main layers after 2 + 2 refiners; the main layers are timed (text: a typical prompt, unpadded).
     "z-image-turbo": (lambda: ZImageTransformer2DModel(n_layers=2, n_refiner_layers=0), 4096, 128),
+    "ovis-image": (lambda: OvisImageTransformer2DModel(num_layers=1, num_single_layers=1), 4096, 256),
 }
 
 
@@ -62,7 +64,8 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo.
+        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo,
+                ovis-image.
         image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.

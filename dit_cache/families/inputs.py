@@ -101,3 +101,10 @@ def z_image(config, batch, text_tokens, generator, size):
     # unpadded text features [tokens, cap_feat_dim].
     return {"x": list(torch.randn(batch, config.in_channels, 1, size, size, generator=generator).unbind(0)),
             "cap_feats": list(torch.randn(batch, text_tokens, config.cap_feat_dim, generator=generator).unbind(0))}
+
+
+def ovis_image(config, batch, text_tokens, generator, size):
+    # FLUX.1's packed layout and ids, without pooled text or a guidance input.
+    return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "img_ids": image_ids(size), "txt_ids": torch.zeros(text_tokens, 3)}

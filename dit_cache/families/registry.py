@@ -147,4 +147,12 @@ FAMILIES = FamilyRegistry([
         aliases=("Z-Image-Turbo", "Z-Image"),
         notes=("Its forward takes lists (one latent and one text tensor per sample) and returns one: router "
                "training does not support it yet.")),
+    ModelFamily(
+        "ovis-image", "OvisImageTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        {"OvisImageTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "OvisImageSingleTransformerBlock": (A("proj_mlp"), A("attn"))},  # FLUX.1's blocks, SwiGLU MLPs
+        # OvisImagePipeline runs CFG (guidance_scale > 1) as two calls in cache_context("cond") / ("uncond").
+        inputs.ovis_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
+        latent_layout="packed", pipelines=("OvisImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        aliases=("Ovis-Image",), notes="Router training does not reproduce its two-call CFG yet (no conditioning)."),
 ])
