@@ -149,7 +149,6 @@ def format_results(results: list[SpeedResult]) -> str:
 
 # --- the peer benchmark: dit-cache against diffusers' own caches (``dit-cache bench``) ---------------------------
 
-MAX_PSNR = 100.0  # identical images (MSE 0) count as this many dB, so means and intervals stay finite
 MATPLOTLIB_MISSING = 'the Pareto plot needs matplotlib: pip install "dit-cache[bench]"'
 
 
@@ -161,9 +160,9 @@ def _prompt_inputs(pipe, count: int, seed: int) -> list[dict]:
 
 
 def _caption_inputs(pipe, count: int, seed: int) -> list[dict]:
-    from .cli import _can_clean_captions
+    from .families.prompts import can_clean_captions
 
-    return [{**item, "clean_caption": _can_clean_captions()} for item in _prompt_inputs(pipe, count, seed)]
+    return [{**item, "clean_caption": can_clean_captions()} for item in _prompt_inputs(pipe, count, seed)]
 
 
 def _class_label_inputs(pipe, count: int, seed: int) -> list[dict]:
@@ -382,10 +381,6 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
     return results
 
 
-def _psnr(mse: torch.Tensor) -> torch.Tensor:
-    return (10 * torch.log10(1.0 / mse)).clamp(max=MAX_PSNR)
-
-
 def score(candidates, records: dict, inputs: list[dict], seeds: list[int], family,
           config: BenchConfig) -> dict:
     """Per-configuration figures, per image and aggregated: speed and measured cache ratios, and (unless
@@ -428,17 +423,13 @@ def _score_quality(row: dict, images: list, reference_images: list, inputs: list
                    config: BenchConfig) -> None:
     """Fill ``row`` with the error of ``images`` against the uncached ones: MSE, PSNR (bootstrap interval), SSIM,
     and concept accuracy where the detector knows the captions."""
-    import numpy as np
     from PIL import Image
-    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from .evaluation import image_batch, paired_difference, per_image_mse, to_uint8
+    from .metrics import image_errors, paired_difference, to_uint8
     from .shapes import concept_accuracy
 
-    batch, reference = image_batch(images), image_batch(reference_images)
-    mse = per_image_mse(batch, reference)
-    psnr = _psnr(mse)
-    ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
+    errors = image_errors(images, reference_images)
+    mse, psnr, ssim = errors["mse"], errors["psnr"], errors["ssim"]
     # paired_difference against zeros is the plain bootstrap interval of the mean.
     psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
     if family.concept_scored:
@@ -460,7 +451,7 @@ def nearest_rival(row: dict, rows: list[dict]) -> dict | None:
 
 def paired_comparison(row: dict, other: dict, resamples: int = 10_000) -> dict:
     """Paired bootstrap differences ``row - other`` over the same images: PSNR (dB) and time ratio vs uncached."""
-    from .evaluation import paired_difference
+    from .metrics import paired_difference
 
     def values(r, key):
         return [image[key] for image in r["per_image"]]

@@ -442,14 +442,13 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                              cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
     "wan": TinyFamily(tiny_wan, None),
     # --- families helper f1 ---
-    # FLUX.2 [klein] base: its CFG is two calls per step in cache_context (FLUX.2-dev's Flux2Pipeline, one
-    # guidance-distilled call, is checked in tests/test_families_flux2_chroma_z_image.py).
-    "flux2": TinyFamily(tiny_flux2, tiny_flux2_klein_pipeline, dict(height=64, width=64, max_sequence_length=8),
+    # FLUX.2-dev: one guidance-distilled call per step (Klein's two-call CFG: tests/test_families_flux2_chroma_z_image.py).
+    "flux2": TinyFamily(tiny_flux2, tiny_flux2_pipeline, dict(height=64, width=64, max_sequence_length=8),
                         cfg_call=dict(guidance_scale=4.0)),
     "chroma": TinyFamily(tiny_chroma, tiny_chroma_pipeline, dict(height=64, width=64, max_sequence_length=8),
                          cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
     "z-image": TinyFamily(tiny_z_image, tiny_z_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
-                          cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
+                          cfg_call=dict(guidance_scale=4.0)),  # one call on [prompt, ""]
     "ovis-image": TinyFamily(tiny_ovis_image, tiny_ovis_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
                              cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
 }

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import diffusers
 
-from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
-from dit_cache.compile import compile_options, compile_units
+from dit_cache.cache import CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
+from dit_cache.compile import compile_options
 from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
@@ -151,12 +151,11 @@ class CachedPipelineMixin:
             self.cache_stats = None
             return call(*args, **kwargs)
         family = self.model_family
-        computed_half = family.cfg.conditional_half  # CFG_SHARE computes the conditional half
         # A pipeline that runs CFG as two unnamed calls per step (Chroma): the cache names them, in its order.
         names = (("cond", "uncond") if family.unnamed_cfg_calls is not None and family.unnamed_cfg_calls(
             lambda name: self._call_argument(args, kwargs, name)) else ())
-        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half,
-                               call_names=names) as states:
+        # CFG_SHARE computes the family's conditional half
+        with handle.generation(plan, call_names=names) as states:
             try:
                 return call(*args, **kwargs)
             finally:

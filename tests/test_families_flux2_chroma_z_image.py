@@ -1,4 +1,4 @@
-"""What the family contract test does not cover for FLUX.2, Chroma and Z-Image: FLUX.2-dev's own pipeline, Chroma's
+"""What the family contract test does not cover for FLUX.2, Chroma and Z-Image: FLUX.2 Klein's two-call CFG, Chroma's
 CFG calls that the cache names itself, Z-Image's refused CFG truncation and its positional, rising model time."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import dit_cache
 from dit_cache import CacheSchedule, apply_cache, cache_units, remove_cache
 from dit_cache.pipelines import decelerate
-from dit_cache.testing import (run_steps, tiny_chroma, tiny_chroma_pipeline, tiny_flux2_pipeline, tiny_z_image,
+from dit_cache.testing import (run_steps, tiny_chroma, tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_z_image,
                                tiny_z_image_pipeline)
 
 STEPS = 4
@@ -24,19 +24,21 @@ def _quiet(pipe):
     return pipe
 
 
-def test_flux2_dev_pipeline_makes_one_guidance_distilled_call_per_step():
-    pipe = _quiet(tiny_flux2_pipeline())
-    stock = _generate(pipe, guidance_scale=4.0)
+def test_flux2_klein_true_cfg_runs_its_two_calls_per_step_as_one_step_each():
+    """Flux2KleinPipeline (a base model, guidance_scale > 1) names its calls cache_context("cond") / ("uncond")."""
+    pipe = _quiet(tiny_flux2_klein_pipeline())
     num_units = len(cache_units(pipe.transformer))
-    dit_cache.accelerate(pipe, schedule=CacheSchedule.full(STEPS, num_units))
-    assert torch.equal(_generate(pipe, guidance_scale=4.0), stock)
-    assert pipe.cache_stats.computed == STEPS * num_units  # one call per step, whatever the guidance scale
-    decelerate(pipe)
-    dit_cache.accelerate(pipe, schedule=CacheSchedule.uniform(STEPS, num_units, interval=2))
-    assert not torch.equal(_generate(pipe, guidance_scale=4.0), stock)
-    assert pipe.cache_stats.reused == STEPS // 2 * num_units
-    decelerate(pipe)
-    assert torch.equal(_generate(pipe, guidance_scale=4.0), stock)
+    for guidance, calls in ((4.0, 2), (1.0, 1)):  # guidance_scale <= 1: no negative call
+        stock = _generate(pipe, guidance_scale=guidance)
+        dit_cache.accelerate(pipe, schedule=CacheSchedule.full(STEPS, num_units))
+        assert torch.equal(_generate(pipe, guidance_scale=guidance), stock)
+        assert pipe.cache_stats.steps == STEPS and pipe.cache_stats.computed == calls * STEPS * num_units
+        decelerate(pipe)
+        dit_cache.accelerate(pipe, schedule=CacheSchedule.uniform(STEPS, num_units, interval=2))
+        assert not torch.equal(_generate(pipe, guidance_scale=guidance), stock)
+        assert pipe.cache_stats.reused == calls * (STEPS // 2) * num_units
+        decelerate(pipe)
+        assert torch.equal(_generate(pipe, guidance_scale=guidance), stock)
 
 
 def test_chroma_cfg_calls_are_named_by_the_cache_one_history_each():
