@@ -40,7 +40,7 @@ class ActionFacts:
 
 ACTIONS: dict[Action, ActionFacts] = {
     Action.COMPUTE: ActionFacts(1.0, 0, "#", "computed", False, None),
-    Action.REUSE: ActionFacts(0.0, 1, ".", "reused", True, "newest"),
+    Action.REUSE: ActionFacts(0.0, 1, ".", "reused", True, "reuse"),
     Action.FORECAST1: ActionFacts(0.0, 2, "f", "forecast", True, "forecast1"),
     Action.FORECAST2: ActionFacts(0.0, 3, "F", "forecast", True, "forecast2"),
     Action.LINEAR: ActionFacts(0.0, 0, "l", "linear", False, "linear"),

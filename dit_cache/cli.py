@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_concept_options(generate)
-    from .benchmark import add_bench_parser
+    from .bench.peer_bench import add_bench_parser
 
     add_bench_parser(commands)
     return parser
@@ -296,7 +296,7 @@ def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        from .benchmark import run_bench
+        from .bench.peer_bench import run_bench
 
         return run_bench(args)
     try:
@@ -315,7 +315,7 @@ def _generate(pipe, router, args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .evaluation import to_uint8
+    from .toy.evaluation import to_uint8
     from .pipelines import concept_positions
 
     state = PartialState()

@@ -132,7 +132,6 @@ def _generate(pipe, name, steps=STEPS, prompt="a red circle and a blue square", 
 
 @pytest.mark.parametrize("name", WITH_PIPELINE)
 def test_the_accelerated_pipeline_is_stock_with_a_full_plan_skips_with_uniform_and_decelerate_restores(name):
-    family = FAMILIES.named(name)
     pipe = _pipeline(name)
     stock = _generate(pipe, name)
     num_units = len(cache_units(pipe.transformer))

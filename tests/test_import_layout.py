@@ -131,8 +131,8 @@ def test_the_engine_does_not_import_the_tools():
             reachable.add(target)
             todo.append(target)
     tools = {m for m in reachable if m.startswith(("dit_cache.bench", "dit_cache.cli", "dit_cache.toy",
-                                                   "dit_cache.training", "dit_cache.pipelines", "dit_cache.benchmark",
-                                                   "dit_cache.peers", "dit_cache.shapes", "dit_cache.evaluation"))}
+                                                   "dit_cache.training", "dit_cache.pipelines", "dit_cache.bench.peer_bench",
+                                                   "dit_cache.bench.peers", "dit_cache.toy.shapes", "dit_cache.toy.evaluation"))}
     assert not tools
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dit_cache import metrics
-from dit_cache.evaluation import GenerationRun, image_error
+from dit_cache.toy.evaluation import GenerationRun, image_error
 from dit_cache.metrics import paired_difference
 
 

@@ -157,3 +157,25 @@ def flux2_extra_inputs(transformer, latents, guidance_scale) -> dict:
     if transformer.config.guidance_embeds:  # Flux2Pipeline passes the scale itself (the model multiplies by 1000)
         extra["guidance"] = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
     return extra
+
+
+def ovis_image_encode(pipe, prompts, max_sequence_length):
+    embeds, negative, text_ids, negative_text_ids = pipe.encode_prompt(
+        prompts, negative_prompt="", do_classifier_free_guidance=True, device="cpu",
+        max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "text_ids": text_ids, "negative_embeds": negative[:1],
+            "negative_text_ids": negative_text_ids}
+
+
+def ovis_image_conditioning(rows, transformer) -> dict:
+    """Two calls per step: the prompts ("cond") and OvisImagePipeline's default negative prompt "" ("uncond")."""
+    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"], "txt_ids": rows["text_ids"]},
+            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds"),
+                       "txt_ids": rows["negative_text_ids"]}}
+
+
+def packed_image_ids(transformer, latents, guidance_scale) -> dict:
+    """FLUX.1-style rotary ids of the packed latents' token grid, for families without a guidance input."""
+    import math
+
+    return {"img_ids": image_ids(math.isqrt(latents.shape[1])).to(latents.device)}

@@ -133,7 +133,8 @@ FAMILIES = FamilyRegistry([
         inputs.chroma, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
         pipelines=("ChromaPipeline",), unnamed_cfg_calls=lambda argument: (argument("guidance_scale") or 0) > 1,
         concepts_refusal=_JOINT_ATTENTION, aliases=("Chroma1-HD", "Chroma1-Base"),
-        notes="Router training does not reproduce its two-call CFG yet (no conditioning)."),
+        notes=("Router training does not reproduce its CFG calls yet: the pipeline's attention mask spans the "
+               "image tokens too, which the conditioning does not know.")),
     ModelFamily(
         "z-image", "ZImageTransformer2DModel", ("noise_refiner", "context_refiner", "layers"),
         # The refiners run on the image tokens (modulated) and on the text tokens alone (unmodulated: the same
@@ -157,5 +158,6 @@ FAMILIES = FamilyRegistry([
         # OvisImagePipeline runs CFG (guidance_scale > 1) as two calls in cache_context("cond") / ("uncond").
         inputs.ovis_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
         latent_layout="packed", pipelines=("OvisImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
-        aliases=("Ovis-Image",), notes="Router training does not reproduce its two-call CFG yet (no conditioning)."),
+        encode=prompts.ovis_image_encode, conditioning=prompts.ovis_image_conditioning,
+        extra_inputs=prompts.packed_image_ids, aliases=("Ovis-Image",)),
 ])

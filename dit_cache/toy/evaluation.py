@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import shapes
-from .metrics import image_batch, paired_difference, per_image_mse, psnr, to_uint8  # noqa: F401  (re-exported)
+from ..metrics import image_batch, per_image_mse, psnr, to_uint8
 
 
 @dataclass
