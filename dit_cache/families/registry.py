@@ -144,8 +144,8 @@ FAMILIES = FamilyRegistry([
         timestep=_z_image_timestep, timestep_dtype=torch.float32, timestep_argument="t",
         text_tokens=128,  # unpadded: the prompt's own tokens with the chat template (typical prompts)
         sample_size=8, pipelines=("ZImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
-        second_calls=(C("cfg_truncation", lambda kwargs: kwargs.get("cfg_truncation") is not None
-                        and float(kwargs["cfg_truncation"]) < 1, "Leave cfg_truncation=1.0",
+        second_calls=(C("cfg_truncation", lambda kwargs: isinstance(kwargs.get("cfg_truncation"), (int, float))
+                        and kwargs["cfg_truncation"] < 1, "Leave cfg_truncation=1.0",
                         effect=("drop the unconditional half of its CFG batch at the late steps, which outputs "
                                 "cached on the two-half batch cannot follow")),),
         aliases=("Z-Image-Turbo", "Z-Image"),
