@@ -24,6 +24,7 @@ from jsonargparse import CLI
 from dit_cache import CacheSchedule, cache_units
 from dit_cache.bench.speed import compare_schedules, format_results
 from dit_cache.families import family_of
+from dit_cache.flops import unit_flops
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks
 
@@ -59,8 +60,25 @@ def _to(value, device):
     return value
 
 
+def flop_theoretical(name: str, num_steps: int) -> str:
+    """The FLOP-theoretical per-block speedups of uniform interval 2 and 3 at the real token counts, counted on
+    meta tensors (shapes only: nothing is allocated or computed, so even FLUX.2's 6144-wide blocks take a second)."""
+    build, image_tokens, text_tokens = FAMILIES[name]
+    with torch.device("meta"):
+        transformer = build().eval()
+    batch = family_of(transformer).cfg.batch
+    inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
+                         sample_size=_sample_size(name, transformer, image_tokens))
+    per_unit, total = unit_flops(transformer, blocks_only=True, **{k: _to(v, "meta") for k, v in inputs.items()})
+    num_units = len(cache_units(transformer))
+    speedups = [CacheSchedule.uniform(num_steps, num_units, k).theoretical_speedup(per_unit, total) for k in (2, 3)]
+    return (f"{name}: {image_tokens} image + {text_tokens} text tokens, batch {batch}: units {float(per_unit.sum()) / total:.1%} "
+            f"of the blocks' FLOPs; FLOP-theoretical speedup interval 2 {speedups[0]:.3f}x, interval 3 {speedups[1]:.3f}x")
+
+
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
-         num_steps: int = 6, rounds: int = 3, device: str = "cpu", whole_model: bool = False):
+         num_steps: int = 6, rounds: int = 3, device: str = "cpu", whole_model: bool = False,
+         flops_only: bool = False):
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
@@ -71,7 +89,12 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         num_steps: denoising steps per generation.
         rounds: timed generations per schedule (the median is reported), after one warm-up round.
         whole_model: time the whole forward (embeddings and final layer included) instead of the blocks.
+        flops_only: print only the FLOP-theoretical speedups at the real token counts (seconds, no timing).
     """
+    if flops_only:
+        for name in families:
+            print(flop_theoretical(name, num_steps))
+        return
     for name in families:
         build, real_image_tokens, real_text_tokens = FAMILIES[name]
         torch.manual_seed(0)
