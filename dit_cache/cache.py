@@ -50,11 +50,22 @@ class _CallContextListener(StateManager):
 
 
 class ContextStates:
-    """The cache states of one generation, one per cache context of the pipeline's calls (None: no context)."""
+    """The cache states of one generation, one per cache context of the pipeline's calls (None: no context).
 
-    def __init__(self, make_state, first: CacheState | None = None):
+    ``call_names``: for a pipeline that makes several transformer calls per step without naming them (Chroma's
+    CFG), the names its calls take in turn, each call naming itself when it starts (:meth:`name_next_call`).
+    """
+
+    def __init__(self, make_state, first: CacheState | None = None, call_names: tuple[str, ...] = ()):
         self._make_state = make_state
         self.by_context: dict[str | None, CacheState] = {None: first or make_state()}
+        self.call_names = tuple(call_names)
+        self._calls = 0
+
+    def name_next_call(self) -> None:
+        if self.call_names:
+            _CALL_CONTEXT.set(self.call_names[self._calls % len(self.call_names)])
+            self._calls += 1
 
     def current(self) -> CacheState:
         name = _CALL_CONTEXT.get()
@@ -160,23 +171,34 @@ class CacheHandle:
         return self.prepare(plan)
 
     @contextmanager
-    def generation(self, plan=None, *, computed_half: int | None = None):
+    def generation(self, plan=None, *, computed_half: int | None = None, call_names: tuple[str, ...] = ()):
         """A generation with a cache of its own, for the duration of the block (e.g. one pipeline call).
 
         ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs,
         by default the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt,
         SD3 and Sana, whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
         ``ContextStates`` (one ``CacheState`` per cache context); ``CacheStats.of(states)`` gives its statistics.
+        ``call_names``: the contexts the pipeline's unnamed calls of one step take in turn (``("cond", "uncond")``
+        for Chroma's CFG); empty: the pipeline names its calls itself, or makes one.
         """
         compiled = plan if isinstance(plan, PreparedPlan) else self.prepare(self.plan if plan is None else plan)
         half = self.conditional_half if computed_half is None else computed_half
-        states = ContextStates(lambda: CacheState(compiled, computed_half=half))
+        states = ContextStates(lambda: CacheState(compiled, computed_half=half), call_names=call_names)
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
+        outer_context = _CALL_CONTEXT.get()
         try:
             yield states
         finally:
             _ACTIVE_GENERATIONS.reset(token)
+            _CALL_CONTEXT.set(outer_context)  # the names this generation gave its calls end with it
             states.reset()  # free the cached tensors now, not when the last reference goes
+
+    def name_call(self) -> None:
+        """A transformer call starts: in a generation whose pipeline does not name its calls, name this one."""
+        for handle, states in reversed(_ACTIVE_GENERATIONS.get()):
+            if handle is self:
+                states.name_next_call()
+                return
 
     def active_state(self) -> CacheState | None:
         """The state the hooks use now: the innermost open generation of this handle, else the engine-level one
@@ -294,7 +316,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             if unit.index == 0:  # one listener is enough: it sets a context variable
                 hook._is_stateful, hook.call_context = True, _CallContextListener()
             handle._register(root.get_submodule(unit.path), hook, UNIT_HOOK)
-        handle._step_hooks = DenoisingStepHook(handle).attach(transformer)
+        handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_hooks(handle, options)

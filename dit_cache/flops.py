@@ -54,7 +54,7 @@ def step_inputs(transformer, batch: int = 2, text_tokens: int = 6, timestep: int
     size = sample_size or config.get("sample_size", None) or family.sample_size
     generator = torch.Generator().manual_seed(seed)
     inputs = family.step_inputs(config, batch, text_tokens, generator, size)
-    inputs["timestep"] = family.timesteps(timestep, batch, config)
+    inputs[family.timestep_argument] = family.timesteps(timestep, batch, config)
     return inputs
 
 

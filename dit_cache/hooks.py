@@ -294,20 +294,44 @@ class DenoisingStepHook:
     whatever else wraps the transformer's forward later (accelerate's CPU offload does).
     """
 
-    def __init__(self, handle):
+    def __init__(self, handle, family=None):
         self.handle = handle
+        self.timestep_argument = "timestep" if family is None else family.timestep_argument
+        self.timestep_position: int | None = None  # where a positional call passes the timestep
+        self.family = family
+        self.time_sign = 1.0
 
     def attach(self, transformer: torch.nn.Module) -> list:
+        import inspect
+
+        model = getattr(transformer, "_orig_mod", transformer)
+        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        if self.timestep_argument in names:
+            self.timestep_position = names.index(self.timestep_argument)
+        if self.family is not None:
+            # The state expects a generation's times to decrease, as scheduler timesteps do; a family whose model
+            # time runs the other way (Z-Image: (1000 - t) / 1000) is seen negated, which forecasts alike.
+            early, late = (float(self.family.timesteps(t, 1, model.config)[0]) for t in (900, 100))
+            self.time_sign = -1.0 if early < late else 1.0
         return [
             transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
             transformer.register_forward_hook(self._end),
         ]
 
+    def _timestep(self, args, kwargs):
+        if self.timestep_argument in kwargs:
+            timestep = kwargs[self.timestep_argument]
+        else:
+            position = self.timestep_position
+            timestep = args[position] if position is not None and position < len(args) else None
+        return timestep if timestep is None or self.time_sign > 0 else -timestep
+
     @_EAGER
     def _begin(self, module, args, kwargs):
+        self.handle.name_call()
         state = self.handle.active_state()
         if state is not None:
-            state.begin_step(kwargs.get("timestep"))
+            state.begin_step(self._timestep(args, kwargs))
             check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
 
     @_EAGER

@@ -104,14 +104,19 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
     """Call ``transformer`` once per step, feeding each output back as the next latent (a toy sampler)."""
     inputs = step_inputs(transformer, **step_kwargs)
     family, config = family_of(transformer), transformer.config
+    latent, timestep = next(iter(inputs)), family.timestep_argument  # every family's step inputs start with the latents
     outputs = []
     with torch.no_grad():
         for step in range(num_steps):
-            inputs["timestep"] = family.timesteps(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0],
-                                                  config)
+            inputs[timestep] = family.timesteps(900 - step * (800 // max(num_steps, 1)), inputs[timestep].shape[0],
+                                                config)
             output = transformer(**inputs, return_dict=False)[0]  # FLUX's CP split hook refuses a return_dict
+            listed = isinstance(output, list)  # Z-Image: one tensor per sample, in and out
+            output = torch.stack(output) if listed else output
             outputs.append(output)
-            inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]
+            latents = torch.stack(inputs[latent]) if listed else inputs[latent]
+            latents = latents - 0.1 * output[:, : latents.shape[1]]
+            inputs[latent] = list(latents.unbind(0)) if listed else latents
     return outputs
 
 
@@ -234,6 +239,180 @@ def tiny_sana_pipeline(num_layers: int = 2, pipeline_class=None):
     )
 
 
+def tiny_qwen_image_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A QwenImagePipeline from tiny random components (a Qwen2.5-VL text encoder, the Qwen-Image VAE)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **ids),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                           patch_size=2, spatial_merge_size=2, temporal_patch_size=1, fullatt_block_indexes=[0]),
+        vocab_size=64, hidden_size=16, **ids)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    # 2x2-packed latents of a 4-channel VAE: the transformer reads 16 channels and predicts 4 per token x 4.
+    return (pipeline_class or QwenImagePipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(), transformer=tiny_qwen_image(num_layers=num_layers))
+
+
+# The text encoders of FLUX.2 and Z-Image are chat models: their tokenizers format each prompt with a chat template.
+# The tiny ones keep the user's text only (FLUX.2's system message would fill the few tiny tokens).
+_USER_TEXT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{% if m['content'] is string %}"
+                       "{{ m['content'] }}{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}"
+                       "{% endif %}{% endfor %}")
+
+
+def _chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = _USER_TEXT_TEMPLATE
+    return tokenizer
+
+
+# FLUX.2 stacks three hidden states of its text encoder (Mistral 3 layers 10, 20, 30; Klein's Qwen3 9, 18, 27): the
+# tiny encoders have 31 narrow layers so that the pipelines' default layers exist.
+_FLUX2_TEXT_LAYERS = 31
+
+
+def tiny_flux2(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 16,
+               text_dim: int = 48, guidance_embeds: bool = True, seed: int = 0):
+    """FLUX.2 (``guidance_embeds``: dev's guidance distillation; Klein has none). 16 packed channels: a 4-channel
+    VAE's 2x2 patches; ``text_dim``: three stacked text-encoder layers of width 16."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def _tiny_flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    return AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                              block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                              norm_num_groups=2, sample_size=64).eval()
+
+
+def tiny_flux2_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A Flux2Pipeline (FLUX.2-dev: guidance-distilled, one call per step) from tiny random components (a
+    Mistral 3 text encoder, the FLUX.2 VAE). Its ``__call__`` takes ``image`` first: pass ``prompt=``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=64, hidden_size=16, intermediate_size=16,
+                         num_hidden_layers=_FLUX2_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=512),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=16, patch_size=4),
+        spatial_merge_size=1)).eval()
+    return (pipeline_class or Flux2Pipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_flux2_vae(), text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(), transformer=tiny_flux2(num_layers, num_single_layers))
+
+
+def tiny_flux2_klein_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A Flux2KleinPipeline (FLUX.2 [klein] base: true CFG, two calls per step in cache_context) from tiny random
+    components (a Qwen3 text encoder). Its ``__call__`` takes ``image`` first: pass ``prompt=``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=_FLUX2_TEXT_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512)).eval()
+    return (pipeline_class or Flux2KleinPipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_flux2_vae(), text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(),
+        transformer=tiny_flux2(num_layers, num_single_layers, guidance_embeds=False))
+
+
+def tiny_chroma(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 16,
+                text_dim: int = 32, seed: int = 0):
+    """Chroma: FLUX.1-schnell's blocks, modulation from a small approximator network instead of per-block MLPs."""
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim, axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1,
+    ).eval()
+
+
+def tiny_chroma_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A ChromaPipeline from tiny random components (a T5, a FLUX-style VAE)."""
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    return (pipeline_class or ChromaPipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0), text_encoder=_tiny_t5(d_model=32),
+        tokenizer=tiny_tokenizer(), transformer=tiny_chroma(num_layers, num_single_layers))
+
+
+def tiny_z_image(num_layers: int = 2, refiner_layers: int = 1, heads: int = 2, dim: int = 32, text_dim: int = 16,
+                 seed: int = 0):
+    """Z-Image: single-stream blocks over [image, text] tokens, after refiner blocks on each stream alone."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=dim, n_layers=num_layers,
+        n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=text_dim, axes_dims=[4, 6, 6],
+        axes_lens=[128, 32, 32],  # text positions come first: 128 covers the tiny prompts padded to 32 tokens
+    ).eval()
+
+
+def tiny_z_image_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A ZImagePipeline from tiny random components (a Qwen3 text encoder, a FLUX-style VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=512)).eval()
+    return (pipeline_class or ZImagePipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(shift_factor=0.0), text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(), transformer=tiny_z_image(num_layers=num_layers))
+
+
+def tiny_ovis_image(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 16,
+                    text_dim: int = 16, seed: int = 0):
+    """Ovis-Image: FLUX.1-style double and single blocks (SwiGLU MLPs), no pooled text, no guidance input."""
+    from diffusers import OvisImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim, axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """An OvisImagePipeline from tiny random components (a Qwen3 text encoder, a FLUX-style VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=512)).eval()
+    return (pipeline_class or OvisImagePipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0), text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(), transformer=tiny_ovis_image(num_layers, num_single_layers))
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """A family's tiny random model and pipeline, as the contract test (tests/test_family_contract.py) runs them.
@@ -259,8 +438,20 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                        cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
     "sana": TinyFamily(tiny_sana, tiny_sana_pipeline,
                        dict(height=32, width=32, max_sequence_length=8, use_resolution_binning=False)),
-    "qwen-image": TinyFamily(tiny_qwen_image, None, cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
+    "qwen-image": TinyFamily(tiny_qwen_image, tiny_qwen_image_pipeline,
+                             dict(height=32, width=32, max_sequence_length=8),
+                             cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
     "wan": TinyFamily(tiny_wan, None),
+    # --- families helper f1 ---
+    # FLUX.2-dev: one guidance-distilled call per step (Klein's two-call CFG: tests/test_families_flux2_chroma_z_image.py).
+    "flux2": TinyFamily(tiny_flux2, tiny_flux2_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                        cfg_call=dict(guidance_scale=4.0)),
+    "chroma": TinyFamily(tiny_chroma, tiny_chroma_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                         cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
+    "z-image": TinyFamily(tiny_z_image, tiny_z_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                          cfg_call=dict(guidance_scale=4.0)),  # one call on [prompt, ""]
+    "ovis-image": TinyFamily(tiny_ovis_image, tiny_ovis_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
+                             cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
 }
 
 

@@ -16,12 +16,15 @@ not depend on what the weights are.
 import math
 
 import torch
-from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
+from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
+                       OvisImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
+                       ZImageTransformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
 from dit_cache.bench.speed import compare_schedules, format_results
 from dit_cache.families import family_of
+from dit_cache.flops import unit_flops
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks
 
@@ -31,27 +34,67 @@ FAMILIES = {
     "sd3.5-large": (lambda: SD3Transformer2DModel(num_layers=2, num_attention_heads=38, attention_head_dim=64,
                                                   caption_projection_dim=2432, pos_embed_max_size=192), 4096, 333),
     "sana-1600m": (lambda: SanaTransformer2DModel(num_layers=2), 1024, 300),
+    # --- families helper f1 --- (diffusers' defaults are the released widths)
+    "flux2-dev": (lambda: Flux2Transformer2DModel(num_layers=1, num_single_layers=1), 4096, 512),
+    "chroma1-hd": (lambda: ChromaTransformer2DModel(num_layers=1, num_single_layers=1), 4096, 512),
+    # Z-Image-Turbo: 30 main layers after 2 + 2 refiners; the main layers are timed (text: a typical prompt, unpadded).
+    "z-image-turbo": (lambda: ZImageTransformer2DModel(n_layers=2, n_refiner_layers=0), 4096, 128),
+    "ovis-image": (lambda: OvisImageTransformer2DModel(num_layers=1, num_single_layers=1), 4096, 256),
 }
 
 
 def _sample_size(name: str, transformer, image_tokens: int) -> int:
     side = math.isqrt(image_tokens)
-    # FLUX inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
-    return side if name.startswith("flux") else side * transformer.config.patch_size
+    # FLUX-style (packed) inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
+    if family_of(transformer).latent_layout == "packed":
+        return side
+    config = transformer.config
+    return side * (config.patch_size if "patch_size" in config else config.all_patch_size[0])  # Z-Image: a list
+
+
+def _to(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, list) and all(torch.is_tensor(v) for v in value):  # Z-Image: a tensor per sample
+        return [v.to(device) for v in value]
+    return value
+
+
+def flop_theoretical(name: str, num_steps: int) -> str:
+    """The FLOP-theoretical per-block speedups of uniform interval 2 and 3 at the real token counts, counted on
+    meta tensors (shapes only: nothing is allocated or computed, so even FLUX.2's 6144-wide blocks take a second)."""
+    build, image_tokens, text_tokens = FAMILIES[name]
+    with torch.device("meta"):
+        transformer = build().eval()
+    batch = family_of(transformer).cfg.batch
+    inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
+                         sample_size=_sample_size(name, transformer, image_tokens))
+    per_unit, total = unit_flops(transformer, blocks_only=True, **{k: _to(v, "meta") for k, v in inputs.items()})
+    num_units = len(cache_units(transformer))
+    speedups = [CacheSchedule.uniform(num_steps, num_units, k).theoretical_speedup(per_unit, total) for k in (2, 3)]
+    return (f"{name}: {image_tokens} image + {text_tokens} text tokens, batch {batch}: units {float(per_unit.sum()) / total:.1%} "
+            f"of the blocks' FLOPs; FLOP-theoretical speedup interval 2 {speedups[0]:.3f}x, interval 3 {speedups[1]:.3f}x")
 
 
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
-         num_steps: int = 6, rounds: int = 3, device: str = "cpu", whole_model: bool = False):
+         num_steps: int = 6, rounds: int = 3, device: str = "cpu", whole_model: bool = False,
+         flops_only: bool = False):
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m.
+        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo,
+                ovis-image.
         image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.
         rounds: timed generations per schedule (the median is reported), after one warm-up round.
         whole_model: time the whole forward (embeddings and final layer included) instead of the blocks.
+        flops_only: print only the FLOP-theoretical speedups at the real token counts (seconds, no timing).
     """
+    if flops_only:
+        for name in families:
+            print(flop_theoretical(name, num_steps))
+        return
     for name in families:
         build, real_image_tokens, real_text_tokens = FAMILIES[name]
         torch.manual_seed(0)
@@ -60,7 +103,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         batch = family_of(transformer).cfg.batch
         inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
                              sample_size=_sample_size(name, transformer, image_tokens))
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs = {k: _to(v, device) for k, v in inputs.items()}
         num_units = len(cache_units(transformer))
         schedules = {
             "full (hooks, no reuse)": CacheSchedule.full(num_steps, num_units),
@@ -69,8 +112,10 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         }
         results = compare_schedules(transformer, schedules, inputs, rounds=rounds, per_block=not whole_model)
         config = transformer.config
+        heads = config.get("num_attention_heads", config.get("n_heads"))
+        head_dim = config.get("attention_head_dim") or config.dim // heads
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
-              f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {image_tokens} image + "
+              f"blocks, {heads} heads x {head_dim}, {image_tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
               f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}, "
               f"timed: {'whole forward' if whole_model else 'blocks'}")

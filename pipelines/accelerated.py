@@ -160,7 +160,12 @@ class CachedPipelineMixin:
         if not cached:
             self.cache_stats = None
             return _checked_output(call(*args, **kwargs))
-        with handle.generation(plan) as states:  # CFG_SHARE computes the family's conditional half
+        family = self.model_family
+        # A pipeline that runs CFG as two unnamed calls per step (Chroma): the cache names them, in its order.
+        names = (("cond", "uncond") if family.unnamed_cfg_calls is not None and family.unnamed_cfg_calls(
+            lambda name: self._call_argument(args, kwargs, name)) else ())
+        # CFG_SHARE computes the family's conditional half
+        with handle.generation(plan, call_names=names) as states:
             try:
                 return _checked_output(call(*args, **kwargs))
             finally:

@@ -19,9 +19,8 @@ def check_family_call(pipe, family: ModelFamily, cached: bool, concepts, kwargs:
         return
     for option in family.second_calls:
         if option.is_on(kwargs):
-            raise ValueError(f"{option.keyword}={kwargs[option.keyword]!r} makes {type(pipe).__name__} call the "
-                             "transformer twice per denoising step, but cache plans and routers count one call "
-                             f"per step. {option.fix}, or call the pipeline with cache=False.")
+            raise ValueError(f"{option.keyword}={kwargs[option.keyword]!r} makes {type(pipe).__name__} "
+                             f"{option.effect}. {option.fix}, or call the pipeline with cache=False.")
     if family.check_pipeline is not None:
         problem = family.check_pipeline(pipe)
         if problem:

@@ -4,6 +4,8 @@ Parametrised over ``dit_cache.families.FAMILIES`` (as diffusers applies its ``Ca
 record is checked by every test here without a line of test code of its own.
 """
 
+import re
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -223,8 +225,8 @@ def test_options_that_add_an_unnamed_call_per_step_are_refused_while_cached(name
     pipe = _pipeline(name)
     dit_cache.accelerate(pipe, schedule=CacheSchedule.full(2, len(cache_units(pipe.transformer))))
     for option in FAMILIES.named(name).second_calls:
-        value = [0] if option.keyword.endswith("layers") else 2.0
-        with pytest.raises(ValueError, match=f"{option.keyword}=.*twice per denoising step.*cache=False"):
+        value = next(v for v in ([0], 2.0, 0.5) if option.is_on({option.keyword: v}))  # a value that turns it on
+        with pytest.raises(ValueError, match=f"{option.keyword}=.*{re.escape(option.effect[:30])}.*cache=False"):
             _generate(pipe, name, steps=2, **{option.keyword: value})
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import apply_cache, remove_cache
+from ..families import family_of
 from ..flops import unit_flops
 from ..plan import CachePlan
 from ..schedule import CacheSchedule
@@ -61,16 +62,21 @@ class _BlockClock:
 @torch.no_grad()
 def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bool = False) -> float:
     """Seconds of one generation of ``num_steps`` steps: the whole forward, or (``per_block``) the blocks only."""
-    device = inputs["hidden_states"].device
-    # Decreasing timesteps, as a sampler gives them: forecasting extrapolates over them, and a timestep that goes
-    # up again starts a new generation. Built before the clock starts.
-    timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
+    family = family_of(transformer)
+    key = family.timestep_argument
+    device, batch = inputs[key].device, inputs[key].shape[0]
+    # Decreasing scheduler timesteps, as a sampler gives them, mapped as the family's pipeline passes them:
+    # forecasting extrapolates over them, and a timestep that goes back starts a new generation. Built before the
+    # clock starts.
+    config = getattr(transformer, "_orig_mod", transformer).config
+    timesteps = [family.timesteps(999 - step * 999 // num_steps, batch, config).to(device)
+                 for step in range(num_steps)]
     clock = _BlockClock(transformer, device) if per_block else None
     try:
         _synchronize(device)
         start = time.perf_counter()
         for timestep in timesteps:
-            transformer(**{**inputs, "timestep": timestep})
+            transformer(**{**inputs, key: timestep})
         _synchronize(device)
         return time.perf_counter() - start if clock is None else clock.seconds
     finally:

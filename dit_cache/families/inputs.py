@@ -65,3 +65,46 @@ def wan(config, batch, text_tokens, generator, size):
     # One frame (an image); a video adds frames along dim 2.
     return {"hidden_states": torch.randn(batch, config.in_channels, 1, size, size, generator=generator),
             "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_dim, generator=generator)}
+
+
+# --- families helper f1 ---
+def flux2_ids(side: int) -> torch.Tensor:
+    """FLUX.2's 4-axis rotary position ids (T, H, W, L) of a ``side`` x ``side`` token grid."""
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros, rows, columns, zeros], dim=-1).reshape(-1, 4)
+
+
+def flux2(config, batch, text_tokens, generator, size):
+    # Packed 2x2 latents, ``size`` the side of the token grid; text ids count the tokens along the L axis.
+    text_ids = torch.zeros(text_tokens, 4, dtype=torch.long)
+    text_ids[:, 3] = torch.arange(text_tokens)
+    inputs = {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+              "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+              "img_ids": flux2_ids(size), "txt_ids": text_ids}
+    if config.guidance_embeds:  # FLUX.2-dev: the guidance scale is an input
+        inputs["guidance"] = torch.full((batch,), 4.0)
+    return inputs
+
+
+def chroma(config, batch, text_tokens, generator, size):
+    # FLUX.1's packed layout and ids, no pooled text; the mask covers the text and image tokens.
+    mask = torch.ones(batch, text_tokens + size * size, dtype=torch.bool)
+    mask[:, text_tokens // 2 + 1 : text_tokens] = False  # padded prompts (Chroma keeps one padding token unmasked)
+    return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "img_ids": image_ids(size), "txt_ids": torch.zeros(text_tokens, 3), "attention_mask": mask}
+
+
+def z_image(config, batch, text_tokens, generator, size):
+    # Lists, one tensor per sample, as ZImagePipeline passes them: latents [C, 1, H, W] (one frame) and the prompt's
+    # unpadded text features [tokens, cap_feat_dim].
+    return {"x": list(torch.randn(batch, config.in_channels, 1, size, size, generator=generator).unbind(0)),
+            "cap_feats": list(torch.randn(batch, text_tokens, config.cap_feat_dim, generator=generator).unbind(0))}
+
+
+def ovis_image(config, batch, text_tokens, generator, size):
+    # FLUX.1's packed layout and ids, without pooled text or a guidance input.
+    return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+            "img_ids": image_ids(size), "txt_ids": torch.zeros(text_tokens, 3)}

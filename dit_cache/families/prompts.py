@@ -134,3 +134,48 @@ def wan_encode(pipe, prompts, max_sequence_length):
 def wan_conditioning(rows, transformer) -> dict:
     return {"cond": {"encoder_hidden_states": rows["prompt_embeds"]},
             "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds")}}
+
+
+# --- families helper f1 ---
+def flux2_encode(pipe, prompts, max_sequence_length):
+    """FLUX.2 (Flux2Pipeline and Flux2KleinPipeline alike): stacked text-encoder layers and 4-axis text ids."""
+    embeds, text_ids = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "text_ids": text_ids}
+
+
+def flux2_conditioning(rows, transformer) -> dict:
+    """FLUX.2-dev is guidance-distilled: one call per step on the prompts alone (Klein's true CFG is not trained)."""
+    return {"encoder_hidden_states": rows["prompt_embeds"], "txt_ids": rows["text_ids"]}
+
+
+def flux2_extra_inputs(transformer, latents, guidance_scale) -> dict:
+    import math
+
+    from .inputs import flux2_ids
+
+    extra = {"img_ids": flux2_ids(math.isqrt(latents.shape[1])).to(latents.device)}
+    if transformer.config.guidance_embeds:  # Flux2Pipeline passes the scale itself (the model multiplies by 1000)
+        extra["guidance"] = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
+    return extra
+
+
+def ovis_image_encode(pipe, prompts, max_sequence_length):
+    embeds, negative, text_ids, negative_text_ids = pipe.encode_prompt(
+        prompts, negative_prompt="", do_classifier_free_guidance=True, device="cpu",
+        max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "text_ids": text_ids, "negative_embeds": negative[:1],
+            "negative_text_ids": negative_text_ids}
+
+
+def ovis_image_conditioning(rows, transformer) -> dict:
+    """Two calls per step: the prompts ("cond") and OvisImagePipeline's default negative prompt "" ("uncond")."""
+    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"], "txt_ids": rows["text_ids"]},
+            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds"),
+                       "txt_ids": rows["negative_text_ids"]}}
+
+
+def packed_image_ids(transformer, latents, guidance_scale) -> dict:
+    """FLUX.1-style rotary ids of the packed latents' token grid, for families without a guidance input."""
+    import math
+
+    return {"img_ids": image_ids(math.isqrt(latents.shape[1])).to(latents.device)}

@@ -52,6 +52,8 @@ class SecondCall:
     keyword: str
     is_on: Callable[[dict], bool]  # the call's keyword arguments -> does this call make the extra call?
     fix: str
+    # What the option does that the cache cannot follow (the refusal's wording; another batch per step, too).
+    effect: str = "call the transformer twice per denoising step, but cache plans and routers count one call per step"
 
 
 def _identity_timestep(t: torch.Tensor, config) -> torch.Tensor:
@@ -75,7 +77,10 @@ class ModelFamily:
     transformer)`` -> forward kwargs of one call, ``extra_inputs(transformer, latents, guidance_scale)`` ->
     the inputs that depend on the latents' shape. Pipelines: ``pipelines`` are the diffusers classes that front
     the transformer; ``second_calls`` their options the cache refuses; ``concepts_refusal`` why ``concepts=``
-    cannot apply (empty: it can).
+    cannot apply (empty: it can). ``timestep_argument``: the forward's name for the timestep (Z-Image: ``t``).
+    ``unnamed_cfg_calls(argument)``: for a pipeline that runs CFG as two transformer calls per step without naming
+    them in ``cache_context`` (Chroma), whether a call does, from its arguments (``argument(name)`` -> the value
+    given or the default); the cache then names the calls itself, "cond" then "uncond", as the pipeline orders them.
     """
 
     name: str
@@ -100,6 +105,8 @@ class ModelFamily:
     bench_inputs: str = "prompts"  # "prompts", "captions" (PixArt: clean_caption) or "class_labels"
     concept_scored: bool = False  # the exact shape detector can score its images (the embedded model's world)
     notes: str = ""
+    timestep_argument: str = "timestep"
+    unnamed_cfg_calls: Callable | None = None
     aliases: tuple[str, ...] = field(default=())  # model names users know it by (README's table)
 
     def branches_of(self, block: torch.nn.Module) -> tuple[Branch, ...] | None:

@@ -28,6 +28,10 @@ def _sana_timestep(t, config):
     return t * config.get("timestep_scale", 1.0)
 
 
+def _z_image_timestep(t, config):
+    return (1000 - t) / 1000  # ZImagePipeline: the time runs from 0 (noise) to 1 (image)
+
+
 _JOINT_ATTENTION = ("its joint attention has no cross-attention over the text tokens, which Cross-Token NMS "
                     "needs. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) and "
                     "pass prompt_embeds=.")
@@ -105,4 +109,55 @@ FAMILIES = FamilyRegistry([
         sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
         encode=prompts.wan_encode, conditioning=prompts.wan_conditioning,
         concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),
+    # --- families helper f1 ---
+    ModelFamily(
+        "flux2", "Flux2Transformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        # A single block's attention also runs its MLP (one fused input and one fused output projection): one unit.
+        {"Flux2TransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "Flux2SingleTransformerBlock": (A("attn"),)},
+        # Flux2Pipeline (dev) is guidance-distilled: one call per step, the scale an input. Flux2KleinPipeline's
+        # true CFG (guidance_scale > 1 on a base model) is a second call in cache_context("uncond"), followed as
+        # the same step.
+        inputs.flux2, B.NONE, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
+        pipelines=("Flux2Pipeline", "Flux2KleinPipeline"), encode=prompts.flux2_encode,
+        conditioning=prompts.flux2_conditioning, extra_inputs=prompts.flux2_extra_inputs,
+        concepts_refusal=_JOINT_ATTENTION, aliases=("FLUX.2-dev", "FLUX.2-klein"),
+        notes=("Router training reproduces the one guidance-distilled call of FLUX.2-dev (Klein base's CFG is not "
+               "trained), and samples with FLUX.1's resolution shift, not Flux2Pipeline's empirical mu.")),
+    ModelFamily(
+        "chroma", "ChromaTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        {"ChromaTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "ChromaSingleTransformerBlock": (A("proj_mlp"), A("attn"))},  # FLUX.1's blocks
+        # ChromaPipeline runs CFG (guidance_scale > 1, its default 5.0) as a second call per step without
+        # cache_context: the cache names the calls "cond" then "uncond" itself, in the pipeline's order.
+        inputs.chroma, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
+        pipelines=("ChromaPipeline",), unnamed_cfg_calls=lambda argument: (argument("guidance_scale") or 0) > 1,
+        concepts_refusal=_JOINT_ATTENTION, aliases=("Chroma1-HD", "Chroma1-Base"),
+        notes=("Router training does not reproduce its CFG calls yet: the pipeline's attention mask spans the "
+               "image tokens too, which the conditioning does not know.")),
+    ModelFamily(
+        "z-image", "ZImageTransformer2DModel", ("noise_refiner", "context_refiner", "layers"),
+        # The refiners run on the image tokens (modulated) and on the text tokens alone (unmodulated: the same
+        # output at every step), then the main single-stream layers on both.
+        {"ZImageTransformerBlock": (A("attention"), A("feed_forward"))},
+        inputs.z_image, B.CONDITIONAL_FIRST,  # ZImagePipeline batches [prompt, negative]
+        timestep=_z_image_timestep, timestep_dtype=torch.float32, timestep_argument="t",
+        text_tokens=128,  # unpadded: the prompt's own tokens with the chat template (typical prompts)
+        sample_size=8, pipelines=("ZImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        second_calls=(C("cfg_truncation", lambda kwargs: isinstance(kwargs.get("cfg_truncation"), (int, float))
+                        and kwargs["cfg_truncation"] < 1, "Leave cfg_truncation=1.0",
+                        effect=("drop the unconditional half of its CFG batch at the late steps, which outputs "
+                                "cached on the two-half batch cannot follow")),),
+        aliases=("Z-Image-Turbo", "Z-Image"),
+        notes=("Its forward takes lists (one latent and one text tensor per sample) and returns one: router "
+               "training does not support it yet.")),
+    ModelFamily(
+        "ovis-image", "OvisImageTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        {"OvisImageTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "OvisImageSingleTransformerBlock": (A("proj_mlp"), A("attn"))},  # FLUX.1's blocks, SwiGLU MLPs
+        # OvisImagePipeline runs CFG (guidance_scale > 1) as two calls in cache_context("cond") / ("uncond").
+        inputs.ovis_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
+        latent_layout="packed", pipelines=("OvisImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        encode=prompts.ovis_image_encode, conditioning=prompts.ovis_image_conditioning,
+        extra_inputs=prompts.packed_image_ids, aliases=("Ovis-Image",)),
 ])
