@@ -16,12 +16,14 @@ not depend on what the weights are.
 import math
 
 import torch
-from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
+from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideo15Transformer3DModel,
+                       LTXVideoTransformer3DModel, SanaTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
 from dit_cache.benchmark import compare_schedules, format_results
 from dit_cache.families import family_of
+from dit_cache.families.inputs import VIDEO_FRAMES
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks
 
@@ -31,13 +33,30 @@ FAMILIES = {
     "sd3.5-large": (lambda: SD3Transformer2DModel(num_layers=2, num_attention_heads=38, attention_head_dim=64,
                                                   caption_projection_dim=2432, pos_embed_max_size=192), 4096, 333),
     "sana-1600m": (lambda: SanaTransformer2DModel(num_layers=2), 1024, 300),
+    # Video (f3): real tokens of the usual generation (480p; latent frames x tokens per frame), real context.
+    # Wan 2.1 14B, 81 frames at 832x480: 21 x 52x30 tokens, 512 text tokens.
+    "wan2.1-14b": (lambda: WanTransformer3DModel(num_layers=1, num_attention_heads=40, attention_head_dim=128,
+                                                 ffn_dim=13824), 21 * 1560, 512),
+    # HunyuanVideo 1.5 480p, 121 frames: 31 x 53x30 tokens (16x VAE, patch 1); 1000 + 256 + 729 context tokens.
+    "hunyuan-video-1.5": (lambda: HunyuanVideo15Transformer3DModel(num_layers=1, task_type="t2v"), 31 * 1590, 1985),
+    # LTX-Video 2B (0.9.x), 161 frames at 704x480: 21 x 22x15 tokens (32x VAE), 128 text tokens.
+    "ltx-video-2b": (lambda: LTXVideoTransformer3DModel(num_layers=2), 21 * 330, 128),
+    # CogVideoX-5b, 49 frames at 720x480: 13 x 45x30 tokens (8x VAE, patch 2), 226 text tokens.
+    "cogvideox-5b": (lambda: CogVideoXTransformer3DModel(num_layers=2, num_attention_heads=48,
+                                                         use_rotary_positional_embeddings=True), 13 * 1350, 226),
 }
+VIDEO = ("wan2.1-14b", "hunyuan-video-1.5", "ltx-video-2b", "cogvideox-5b")
 
 
-def _sample_size(name: str, transformer, image_tokens: int) -> int:
-    side = math.isqrt(image_tokens)
-    # FLUX inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
-    return side if name.startswith("flux") else side * transformer.config.patch_size
+def _grid(name: str, transformer, image_tokens: int) -> tuple[int, int]:
+    """The latent side for about ``image_tokens`` tokens, and the tokens it makes. Video families: VIDEO_FRAMES
+    latent frames of side x side tokens each (``--image_tokens 128``: 2 x 8 x 8)."""
+    frames = VIDEO_FRAMES if name in VIDEO else 1
+    side = math.isqrt(image_tokens // frames)
+    # FLUX (and LTX) inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1; Wan's (1, 2, 2).
+    patch = transformer.config.patch_size
+    patch = 1 if name.startswith(("flux", "ltx")) else patch[-1] if isinstance(patch, (tuple, list)) else patch
+    return side * patch, frames * side * side
 
 
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
@@ -45,8 +64,10 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m.
-        image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
+        families: which of flux1-dev, sd3.5-large, sana-1600m, wan2.1-14b, hunyuan-video-1.5, ltx-video-2b,
+            cogvideox-5b.
+        image_tokens: image tokens per sample (a square number; video: 2 latent frames of a square, 128 = 2 x 8 x 8);
+            text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.
         rounds: timed generations per schedule (the median is reported), after one warm-up round.
@@ -58,8 +79,8 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         transformer = build().eval().to(device)
         text_tokens = real_text_tokens if full_text else max(8, round(real_text_tokens * image_tokens / real_image_tokens))
         batch = family_of(transformer).cfg.batch
-        inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
-                             sample_size=_sample_size(name, transformer, image_tokens))
+        sample_size, tokens = _grid(name, transformer, image_tokens)
+        inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens, sample_size=sample_size)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         num_units = len(cache_units(transformer))
         schedules = {
@@ -70,7 +91,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         results = compare_schedules(transformer, schedules, inputs, rounds=rounds, per_block=not whole_model)
         config = transformer.config
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
-              f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {image_tokens} image + "
+              f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
               f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}, "
               f"timed: {'whole forward' if whole_model else 'blocks'}")

@@ -95,15 +95,16 @@ def ltx_video(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
 
 
 def cogvideox(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
-    """CogVideoX latents are frame-major [B, F, C, H, W]; the text length is fixed by the config (226 real).
-    The rotary positions (CogVideoX-5B, 1.5) are the pipeline's own, for this latent grid."""
+    """CogVideoX latents are frame-major [B, F, C, H, W]. With sin-cos positions (2B) the text length is the
+    config's (226 real); the rotary positions (5B, 1.5) are the pipeline's own, for this latent grid."""
     from types import SimpleNamespace
 
     from diffusers import CogVideoXPipeline
 
     inputs = {"hidden_states": torch.randn(batch, frames, config.in_channels, size, size, generator=generator),
-              "encoder_hidden_states": torch.randn(batch, config.max_text_seq_length, config.text_embed_dim,
-                                                   generator=generator)}
+              "encoder_hidden_states": torch.randn(
+                  batch, text_tokens if config.use_rotary_positional_embeddings else config.max_text_seq_length,
+                  config.text_embed_dim, generator=generator)}
     if config.use_rotary_positional_embeddings:
         grid = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=1)
         inputs["image_rotary_emb"] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
