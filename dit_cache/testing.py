@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, FluxTransformer2DModel,
-                       HunyuanVideo15Transformer3DModel, LTXVideoTransformer3DModel, PixArtTransformer2DModel,
+                       HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, PixArtTransformer2DModel,
                        QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
                        WanTransformer3DModel)
 
@@ -132,6 +132,16 @@ def tiny_cogvideox(num_layers: int = 2, heads: int = 2, head_dim: int = 16, text
         text_embed_dim=text_dim, num_layers=num_layers, sample_width=4, sample_height=4, sample_frames=5,
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text_tokens,
         use_rotary_positional_embeddings=rotary, norm_eps=1e-5,
+    ).eval()
+
+
+def tiny_hunyuan_video(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 8,
+                       text_dim: int = 16, pooled_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=text_dim, pooled_projection_dim=pooled_dim, rope_axes_dim=(2, 2, 4),
     ).eval()
 
 
@@ -372,6 +382,28 @@ def tiny_cogvideox_pipeline(num_layers: int = 2, pipeline_class=None):
         scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
 
 
+def tiny_hunyuan_video_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A HunyuanVideoPipeline from tiny random components (a Llama, a CLIP, HunyuanVideo's VAE: 4x in time, 8x in
+    space); call it with TINY_FAMILIES["hunyuan-video"].call (a one-slot prompt template)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    # The pipeline reads hidden_states[-3]: three layers.
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                          bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        spatial_compression_ratio=8, temporal_compression_ratio=4).eval()
+    return (pipeline_class or HunyuanVideoPipeline)(
+        text_encoder=text_encoder, tokenizer=tiny_tokenizer(), transformer=tiny_hunyuan_video(num_layers,
+                                                                                              num_single_layers),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=_tiny_clip(False, seed=1),
+        tokenizer_2=_clip_slot_tokenizer())
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """A family's tiny random model and pipeline, as the contract test (tests/test_family_contract.py) runs them.
@@ -405,4 +437,9 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                                                                     max_sequence_length=8)),
     "cogvideox": TinyFamily(tiny_cogvideox, tiny_cogvideox_pipeline, dict(height=32, width=32, num_frames=5,
                                                                           max_sequence_length=8)),
+    # The real prompt template (a system prompt, cropped after 95 tokens) is an argument: a one-slot one here.
+    "hunyuan-video": TinyFamily(tiny_hunyuan_video, tiny_hunyuan_video_pipeline,
+                                dict(height=32, width=32, num_frames=5, max_sequence_length=8,
+                                     prompt_template={"template": "{}", "crop_start": 0}),
+                                cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
 }

@@ -17,7 +17,7 @@ import math
 
 import torch
 from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideo15Transformer3DModel,
-                       LTXVideoTransformer3DModel, SanaTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
+                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, SanaTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
@@ -44,8 +44,10 @@ FAMILIES = {
     # CogVideoX-5b, 49 frames at 720x480: 13 x 45x30 tokens (8x VAE, patch 2), 226 text tokens.
     "cogvideox-5b": (lambda: CogVideoXTransformer3DModel(num_layers=2, num_attention_heads=48,
                                                          use_rotary_positional_embeddings=True), 13 * 1350, 226),
+    # HunyuanVideo 13B (1 double + 1 single block), 129 frames at 1280x720: 33 x 80x45 tokens, 256 text tokens.
+    "hunyuan-video": (lambda: HunyuanVideoTransformer3DModel(num_layers=1, num_single_layers=1), 33 * 3600, 256),
 }
-VIDEO = ("wan2.1-14b", "hunyuan-video-1.5", "ltx-video-2b", "cogvideox-5b")
+VIDEO = ("wan2.1-14b", "hunyuan-video-1.5", "ltx-video-2b", "cogvideox-5b", "hunyuan-video")
 
 
 def _grid(name: str, transformer, image_tokens: int) -> tuple[int, int]:
@@ -65,7 +67,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
 
     Args:
         families: which of flux1-dev, sd3.5-large, sana-1600m, wan2.1-14b, hunyuan-video-1.5, ltx-video-2b,
-            cogvideox-5b.
+            cogvideox-5b, hunyuan-video.
         image_tokens: image tokens per sample (a square number; video: 2 latent frames of a square, 128 = 2 x 8 x 8);
             text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.

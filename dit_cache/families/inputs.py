@@ -110,3 +110,13 @@ def cogvideox(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
         inputs["image_rotary_emb"] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
             grid, size, size, frames, torch.device("cpu"))
     return inputs
+
+
+def hunyuan_video(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
+    """HunyuanVideo (1.0): Llama prompt tokens with their mask, a CLIP pooled vector, and the distilled guidance
+    scale as an input (x1000, as HunyuanVideoPipeline passes it)."""
+    return {"hidden_states": torch.randn(batch, config.in_channels, frames, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_embed_dim, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
+            "guidance": torch.full((batch,), 6.0 * 1000)}

@@ -151,4 +151,16 @@ FAMILIES = FamilyRegistry([
         pipelines=("CogVideoXPipeline",), concepts_refusal=_JOINT_ATTENTION,
         notes="Latents are frame-major [B, F, C, H, W]. Router training: no video latents in "
               "training/denoising.py yet.", aliases=("CogVideoX-2b", "CogVideoX-5b", "CogVideoX 1.5")),
+    ModelFamily(
+        "hunyuan-video", "HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
+        # FLUX-like: dual-stream blocks, then single-stream blocks whose proj_mlp and joint attention run in
+        # parallel before one projection. The I2V token-replace blocks are other classes: not units (yet).
+        {"HunyuanVideoTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "HunyuanVideoSingleTransformerBlock": (A("proj_mlp"), A("attn", 2))},
+        # Guidance-distilled (the scale is an input); true CFG (true_cfg_scale > 1 with a negative prompt) is a
+        # second call in cache_context("uncond"), as FLUX's. t passes as a float.
+        inputs.hunyuan_video, B.NONE, timestep=_float, timestep_dtype=torch.float32, text_tokens=256,
+        sample_size=4, latent_layout="video", pipelines=("HunyuanVideoPipeline",),
+        concepts_refusal=_JOINT_ATTENTION,
+        notes="Router training: no video latents in training/denoising.py yet.", aliases=("HunyuanVideo",)),
 ])
