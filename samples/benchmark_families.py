@@ -11,13 +11,19 @@ model (``--whole_model`` times the whole forward instead). On a CPU the token co
 down from the real ones (FLUX.1-dev 4096 image + 512 text tokens at 1024 px, SD3.5-large 4096 + 333, Sana 1600M
 1024 + 300) keeping each model's image:text ratio, so that the whole run takes minutes. Random weights: speed does
 not depend on what the weights are.
+
+The video families (Wan 2.1 14B, HunyuanVideo 1.5 and 1.0, LTX-Video 2B, CogVideoX-5b) run two latent frames; their
+real token counts (7k-120k video tokens) are far out of a CPU's reach:
+
+    OMP_NUM_THREADS=1 python samples/benchmark_families.py --families '[ltx-video-2b,cogvideox-5b]' --image_tokens 128
 """
 
 import math
 
 import torch
 from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideo15Transformer3DModel,
-                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, SanaTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
+                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
