@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, FluxTransformer2DModel,
-                       HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, PixArtTransformer2DModel,
-                       QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
-                       WanTransformer3DModel)
+                       HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel,
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 
 from .families import family_of
 from .flops import step_inputs  # noqa: F401  (re-exported for the tests and benchmarks)

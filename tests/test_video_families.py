@@ -31,8 +31,9 @@ def test_hunyuan_video15_follows_plain_cfg_and_refuses_guiders_that_change_the_c
     dit_cache.accelerate(pipe, schedule=CacheSchedule.full(2, num_units))
     _generate(pipe, "hunyuan-video-1.5")  # "pred_cond" and "pred_uncond": two calls per step, one state each
     assert pipe.cache_stats.steps == 2 and pipe.cache_stats.computed == 2 * 2 * num_units
-    refusals = {"its guider runs CFG only from 0.2 to 1.0 of the steps": ClassifierFreeGuidance(guidance_scale=6.0, start=0.2),
-                "its guider is SkipLayerGuidance": SkipLayerGuidance(guidance_scale=6.0, skip_layer_guidance_layers=[0])}
+    refusals = {
+        "its guider runs CFG only from 0.2 to 1.0 of the steps": ClassifierFreeGuidance(guidance_scale=6.0, start=0.2),
+        "its guider is SkipLayerGuidance": SkipLayerGuidance(guidance_scale=6.0, skip_layer_guidance_layers=[0])}
     for reason, guider in refusals.items():
         pipe.guider = guider
         with pytest.raises(ValueError, match=f"cannot run cached: {reason}.*cache=False"):
