@@ -12,14 +12,18 @@ from collections import deque
 import torch
 from diffusers.hooks import ModelHook
 
+from .actions import ACTIONS, Action
 from .forecast import extrapolate, lagrange_weights, weighted_sum
-from .plan import Action, CachePlan
+from .parallel import check_step
+from .plan import CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
 BYPASS = 0  # compute, leave the cache alone (teacher passes, caching switched off for one call)
 GATE = 3  # training: blend fresh and cached outputs with the router's soft score
-COMPUTE, REUSE, LINEAR, CFG_SHARE = Action.COMPUTE, Action.REUSE, Action.LINEAR, Action.CFG_SHARE
+COMPUTE = Action.COMPUTE
 FORECASTS = (Action.FORECAST1, Action.FORECAST2)
+# action code -> the CacheState method producing a skipped unit's output (the table's ``runs``)
+_RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
 
 SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
@@ -33,8 +37,9 @@ _EAGER = torch.compiler.disable(reason=(
     "fullgraph=True: drop it, or compile the units themselves with dit_cache.accelerate(pipe, ..., compile=True)"))
 
 
-class CompiledPlan:
-    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats."""
+class PreparedPlan:
+    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats.
+    (Nothing to do with ``torch.compile``; it was called ``CompiledPlan``, a name kept as an alias.)"""
 
     def __init__(self, plan: CachePlan, min_history: int = 1):
         self.plan = plan
@@ -48,16 +53,17 @@ class CompiledPlan:
 class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
-    def __init__(self, compiled: CompiledPlan, mode: str = SCHEDULE, computed_half: int = 1,
+    def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
                  detect_new_generation: bool = False):
         self.mode = mode
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
         self.detect_new_generation = detect_new_generation
         self.gate_scores: torch.Tensor | None = None
         self.gate_writes: list[bool] = []
+        self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
         self.set_plan(compiled)
 
-    def set_plan(self, compiled: CompiledPlan) -> None:
+    def set_plan(self, compiled: PreparedPlan) -> None:
         """Follow ``compiled`` from a new generation on."""
         self.compiled = compiled
         num_units = compiled.num_units
@@ -102,12 +108,21 @@ class CacheState:
         if self.mode != BYPASSED:
             self.step += 1
 
-    # ---- what the actions do ---------------------------------------------------------------------------------
+    # ---- what the actions do (dit_cache.actions.ACTIONS names the method of each) --------------------------
     def store(self, unit: int, output) -> None:
         self.outputs[unit].append((self.step, output))
 
     def newest(self, unit: int):
         return self.outputs[unit][-1][1]
+
+    def reuse(self, unit: int, forward, args, kwargs):
+        return self.newest(unit)
+
+    def forecast1(self, unit: int, forward, args, kwargs):
+        return self.forecast(unit, 1)
+
+    def forecast2(self, unit: int, forward, args, kwargs):
+        return self.forecast(unit, 2)
 
     def forecast(self, unit: int, order: int):
         """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
@@ -119,7 +134,7 @@ class CacheState:
             self._forecast_weights[(self.step, sources)] = weights
         return extrapolate(weights, [output for _, output in history])
 
-    def linear(self, unit: int):
+    def linear(self, unit: int, forward=None, args=(), kwargs=None):
         """The plan's learned weights over the last K computed outputs, the newest first."""
         weights = self.compiled.linear[self.step][unit]
         history = list(self.outputs[unit])[-len(weights):][::-1]
@@ -199,6 +214,9 @@ def _rebuild(computed, newest, computed_half: int, half: int):
     return torch.cat([rebuilt, computed] if computed_half else [computed, rebuilt])
 
 
+CompiledPlan = PreparedPlan  # the old name (training code and user code may use it)
+
+
 class UnitCacheHook(ModelHook):
     """Wraps one branch (attn1 / attn2 / ff / ...): computes it, or produces its pre-gate output from the cache."""
 
@@ -220,16 +238,9 @@ class UnitCacheHook(ModelHook):
         forward = self.compiled_forward or self.fn_ref.original_forward
         unit = self.unit
         action = state.actions[unit]
-        if action == REUSE:
-            return state.newest(unit)
-        if action == Action.FORECAST1:
-            return state.forecast(unit, 1)
-        if action == Action.FORECAST2:
-            return state.forecast(unit, 2)
-        if action == LINEAR:
-            return state.linear(unit)
-        if action == CFG_SHARE:
-            return state.cfg_share(unit, forward, args, kwargs)
+        runner = state.runners.get(action)
+        if runner is not None:
+            return runner(unit, forward, args, kwargs)
         output = forward(*args, **kwargs)
         if action == COMPUTE:
             state.store(unit, output)
@@ -259,6 +270,7 @@ class DenoisingStepHook:
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
+            check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
 
     @_EAGER
     def _end(self, module, args, output):

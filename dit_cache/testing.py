@@ -17,7 +17,7 @@ from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, FluxT
 
 from .families import family_of
 from .flops import step_inputs  # noqa: F401  (re-exported for the tests and benchmarks)
-from .tokenizers import word_tokenizer
+from .toy.tokenizers import word_tokenizer
 
 
 def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, seed: int = 0):
@@ -154,7 +154,7 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
         for step in range(num_steps):
             inputs["timestep"] = family.timesteps(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0],
                                                   config)
-            output = transformer(**inputs).sample
+            output = transformer(**inputs, return_dict=False)[0]  # FLUX's CP split hook refuses a return_dict
             outputs.append(output)
             latents = inputs["hidden_states"]
             # HunyuanVideo 1.5 reads more channels than it predicts (image condition + mask): update the latents'.

@@ -36,9 +36,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from dit_cache.tokenizers import word_tokenizer
+from dit_cache.toy.tokenizers import word_tokenizer
 
-from dit_cache import shapes
+from dit_cache.toy import shapes
 
 # Token positions are measured in patches of this many latent pixels whatever the patch size, so weights
 # transfer across patch sizes (``transfer_weights``).
