@@ -15,7 +15,7 @@ not depend on what the weights are.
 The video families (Wan 2.1 14B, HunyuanVideo 1.5 and 1.0, LTX-Video 2B, CogVideoX-5b) run two latent frames; their
 real token counts (7k-120k video tokens) are far out of a CPU's reach:
 
-    OMP_NUM_THREADS=1 python samples/benchmark_families.py --families '[ltx-video-2b,cogvideox-5b]' --image_tokens 128
+    OMP_NUM_THREADS=1 python experiments/benchmark_families.py --families '[ltx-video-2b,cogvideox-5b]' --image_tokens 128
 """
 
 import math
