@@ -321,9 +321,34 @@ def _chat_tokenizer():
     return tokenizer
 
 
+def _short_hunyuan_video15_class():
+    """HunyuanVideo15Pipeline with tiny text lengths. The real ones (1000 prompt tokens after a 108-token system
+    prompt, 256 glyph and 729 image tokens) are set in ``__init__``, not taken as arguments, and a 2000-token context
+    makes the tiny pipeline 10x slower; shortening them in a subclass's ``__init__`` (not on an instance) keeps
+    them through ``from_pipe``, which builds the pipeline anew."""
+    global _ShortHunyuanVideo15Pipeline
+    if "_ShortHunyuanVideo15Pipeline" not in globals():
+        from diffusers import HunyuanVideo15Pipeline
+
+        class _ShortHunyuanVideo15Pipeline(HunyuanVideo15Pipeline):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.tokenizer_max_length, self.prompt_template_encode_start_idx = 8, 4
+                self.tokenizer_2_max_length, self.vision_num_semantic_tokens = 4, 4
+
+        import inspect
+
+        # diffusers reads the components from the signature of __init__.
+        _ShortHunyuanVideo15Pipeline.__init__.__signature__ = inspect.signature(HunyuanVideo15Pipeline.__init__)
+        _ShortHunyuanVideo15Pipeline.__init__.__annotations__ = HunyuanVideo15Pipeline.__init__.__annotations__
+        _ShortHunyuanVideo15Pipeline.__name__ = _ShortHunyuanVideo15Pipeline.__qualname__ = "TinyHunyuanVideo15Pipeline"
+    return _ShortHunyuanVideo15Pipeline
+
+
 def tiny_hunyuan_video15_pipeline(num_layers: int = 2, pipeline_class=None):
-    """A HunyuanVideo15Pipeline from tiny random components (a Qwen2.5-VL text model, a ByT5, the 16x VAE)."""
-    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    """A HunyuanVideo15Pipeline (with tiny text lengths: ``_short_hunyuan_video15_class``) from tiny random
+    components (a Qwen2.5-VL text model, a ByT5, the 16x VAE)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
@@ -335,15 +360,10 @@ def tiny_hunyuan_video15_pipeline(num_layers: int = 2, pipeline_class=None):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})).eval()
     vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
                                       spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
-    pipe = (pipeline_class or HunyuanVideo15Pipeline)(
+    return (pipeline_class or _short_hunyuan_video15_class())(
         text_encoder=text_encoder, tokenizer=_chat_tokenizer(), transformer=tiny_hunyuan_video15(num_layers),
         vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=_tiny_t5(d_model=8),
         tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0))
-    # The real lengths (1000 prompt tokens after a 108-token system prompt, 256 glyph, 729 image tokens) are
-    # attributes of the pipeline, not arguments: shortened here to keep the context tiny.
-    pipe.tokenizer_max_length, pipe.prompt_template_encode_start_idx = 8, 4
-    pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 4, 4
-    return pipe
 
 
 def tiny_ltx_vae(latent_channels: int = 8):
