@@ -239,6 +239,8 @@ def _detached(output):
 
 
 def _take(value, keep: slice, batch: int):
+    if isinstance(value, (tuple, list)):  # e.g. LTX-Video's per-sample rotary (cos, sin), each [B, T, D]
+        return type(value)(_take(v, keep, batch) for v in value)
     return value[keep] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                       QwenImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
-                       WanTransformer3DModel)
+from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, FluxTransformer2DModel,
+                       HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel,
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 
 from .families import family_of
 from .flops import step_inputs  # noqa: F401  (re-exported for the tests and benchmarks)
@@ -100,6 +101,51 @@ def tiny_wan(num_layers: int = 2, heads: int = 2, head_dim: int = 12, text_dim: 
     ).eval()
 
 
+def tiny_hunyuan_video15(num_layers: int = 2, heads: int = 2, head_dim: int = 16, latent_channels: int = 4,
+                         text_dim: int = 16, glyph_dim: int = 8, image_dim: int = 8, seed: int = 0):
+    """HunyuanVideo 1.5; its input is the latents, the image-condition latents and their mask (2C + 1 channels),
+    as HunyuanVideo15Pipeline concatenates them."""
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=2 * latent_channels + 1, out_channels=latent_channels, num_attention_heads=heads,
+        attention_head_dim=head_dim, num_layers=num_layers, num_refiner_layers=1, mlp_ratio=2.0,
+        text_embed_dim=text_dim, text_embed_2_dim=glyph_dim, image_embed_dim=image_dim, rope_axes_dim=(4, 6, 6),
+        task_type="t2v",
+    ).eval()
+
+
+def tiny_ltx_video(num_layers: int = 2, heads: int = 2, head_dim: int = 8, in_channels: int = 8,
+                   caption_channels: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=in_channels, num_attention_heads=heads, attention_head_dim=head_dim,
+        cross_attention_dim=heads * head_dim, num_layers=num_layers, caption_channels=caption_channels,
+    ).eval()
+
+
+def tiny_cogvideox(num_layers: int = 2, heads: int = 2, head_dim: int = 16, text_dim: int = 16, text_tokens: int = 8,
+                   rotary: bool = True, seed: int = 0):
+    """CogVideoX (``rotary``: the 5B's rotary positions; the 2B's are sin-cos); the text length is part of the
+    config (226 in the real models)."""
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=text_dim, num_layers=num_layers, sample_width=4, sample_height=4, sample_frames=5,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text_tokens,
+        use_rotary_positional_embeddings=rotary, norm_eps=1e-5,
+    ).eval()
+
+
+def tiny_hunyuan_video(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 8,
+                       text_dim: int = 16, pooled_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=text_dim, pooled_projection_dim=pooled_dim, rope_axes_dim=(2, 2, 4),
+    ).eval()
+
+
 def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
     """Call ``transformer`` once per step, feeding each output back as the next latent (a toy sampler)."""
     inputs = step_inputs(transformer, **step_kwargs)
@@ -115,7 +161,9 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
             output = torch.stack(output) if listed else output
             outputs.append(output)
             latents = torch.stack(inputs[latent]) if listed else inputs[latent]
-            latents = latents - 0.1 * output[:, : latents.shape[1]]
+            # HunyuanVideo 1.5 reads more channels than it predicts (image condition + mask): update the latents'.
+            channels = min(latents.shape[1], output.shape[1])
+            latents = torch.cat([latents[:, :channels] - 0.1 * output[:, :channels], latents[:, channels:]], dim=1)
             inputs[latent] = list(latents.unbind(0)) if listed else latents
     return outputs
 
@@ -413,6 +461,147 @@ def tiny_ovis_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, pi
         tokenizer=_chat_tokenizer(), transformer=tiny_ovis_image(num_layers, num_single_layers))
 
 
+def tiny_umt5(d_model: int = 16):
+    """A tiny UMT5 encoder (Wan's text encoder family)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    return UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=d_model, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                       relative_attention_num_buckets=8, dropout_rate=0.0)).eval()
+
+
+def tiny_wan_vae(z_dim: int = 4):
+    """Wan's causal video VAE with its real compression (4x in time, 8x in space) at width 3: 5 frames of 32x32
+    pixels are 2 latent frames of 4x4."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                            latents_std=[1.0] * z_dim).eval()
+
+
+def tiny_wan_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A WanPipeline (Wan 2.1 text-to-video: one transformer) from tiny random components (a UMT5, a Wan VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return (pipeline_class or WanPipeline)(
+        tokenizer=tiny_tokenizer(), text_encoder=tiny_umt5(d_model=16), vae=tiny_wan_vae(z_dim=4),
+        transformer=tiny_wan(num_layers=num_layers, text_dim=16), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def _chat_prompt_tokenizer():
+    """tiny_tokenizer with a plain chat template: HunyuanVideo 1.5 formats its prompt as a chat."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }} {{ message['content'] }} "
+                               "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+    return tokenizer
+
+
+def _short_hunyuan_video15_class():
+    """HunyuanVideo15Pipeline with tiny text lengths. The real ones (1000 prompt tokens after a 108-token system
+    prompt, 256 glyph and 729 image tokens) are set in ``__init__``, not taken as arguments, and a 2000-token context
+    makes the tiny pipeline 10x slower; shortening them in a subclass's ``__init__`` (not on an instance) keeps
+    them through ``from_pipe``, which builds the pipeline anew."""
+    global _ShortHunyuanVideo15Pipeline
+    if "_ShortHunyuanVideo15Pipeline" not in globals():
+        from diffusers import HunyuanVideo15Pipeline
+
+        class _ShortHunyuanVideo15Pipeline(HunyuanVideo15Pipeline):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.tokenizer_max_length, self.prompt_template_encode_start_idx = 8, 4
+                self.tokenizer_2_max_length, self.vision_num_semantic_tokens = 4, 4
+
+        import inspect
+
+        # diffusers reads the components from the signature of __init__.
+        _ShortHunyuanVideo15Pipeline.__init__.__signature__ = inspect.signature(HunyuanVideo15Pipeline.__init__)
+        _ShortHunyuanVideo15Pipeline.__init__.__annotations__ = HunyuanVideo15Pipeline.__init__.__annotations__
+        _ShortHunyuanVideo15Pipeline.__name__ = _ShortHunyuanVideo15Pipeline.__qualname__ = "TinyHunyuanVideo15Pipeline"
+    return _ShortHunyuanVideo15Pipeline
+
+
+def tiny_hunyuan_video15_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A HunyuanVideo15Pipeline (with tiny text lengths: ``_short_hunyuan_video15_class``) from tiny random
+    components (a Qwen2.5-VL text model, a ByT5, the 16x VAE)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(0)
+    # The pipeline reads hidden_states[-3]: three layers. mrope sections of the tiny head (head_dim 8).
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})).eval()
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
+    return (pipeline_class or _short_hunyuan_video15_class())(
+        text_encoder=text_encoder, tokenizer=_chat_prompt_tokenizer(), transformer=tiny_hunyuan_video15(num_layers),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=_tiny_t5(d_model=8),
+        tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+def tiny_ltx_vae(latent_channels: int = 8):
+    """LTX's video VAE at width 8 without its 4x4 patching: 8x in time and in space (the real one: 8x, 32x), so
+    that 9 frames of 32x32 pixels (the pipeline wants multiples of 32) are 2 latent frames of 4x4."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    torch.manual_seed(0)
+    flags = (True, True, True, False)
+    return AutoencoderKLLTXVideo(
+        latent_channels=latent_channels, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, spatio_temporal_scaling=flags,
+        decoder_spatio_temporal_scaling=flags, decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1).eval()
+
+
+def tiny_ltx_pipeline(num_layers: int = 2, pipeline_class=None):
+    """An LTXPipeline from tiny random components (a T5, LTX's video VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    return (pipeline_class or LTXPipeline)(
+        transformer=tiny_ltx_video(num_layers=num_layers, in_channels=8, caption_channels=16), vae=tiny_ltx_vae(8),
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=_tiny_t5(d_model=16), tokenizer=tiny_tokenizer())
+
+
+def tiny_cogvideox_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A CogVideoXPipeline from tiny random components (a T5, CogVideoX's video VAE: 4x in time, 8x in space)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    return (pipeline_class or CogVideoXPipeline)(
+        tokenizer=tiny_tokenizer(), text_encoder=_tiny_t5(d_model=16), vae=vae,
+        transformer=tiny_cogvideox(num_layers=num_layers, text_dim=16, text_tokens=8),
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+
+
+def tiny_hunyuan_video_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A HunyuanVideoPipeline from tiny random components (a Llama, a CLIP, HunyuanVideo's VAE: 4x in time, 8x in
+    space); call it with TINY_FAMILIES["hunyuan-video"].call (a one-slot prompt template)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    # The pipeline reads hidden_states[-3]: three layers.
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                          bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        spatial_compression_ratio=8, temporal_compression_ratio=4).eval()
+    return (pipeline_class or HunyuanVideoPipeline)(
+        text_encoder=text_encoder, tokenizer=tiny_tokenizer(), transformer=tiny_hunyuan_video(num_layers,
+                                                                                              num_single_layers),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=_tiny_clip(False, seed=1),
+        tokenizer_2=_clip_slot_tokenizer())
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """A family's tiny random model and pipeline, as the contract test (tests/test_family_contract.py) runs them.
@@ -441,7 +630,6 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "qwen-image": TinyFamily(tiny_qwen_image, tiny_qwen_image_pipeline,
                              dict(height=32, width=32, max_sequence_length=8),
                              cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
-    "wan": TinyFamily(tiny_wan, None),
     # --- families helper f1 ---
     # FLUX.2-dev: one guidance-distilled call per step (Klein's two-call CFG: tests/test_families_flux2_chroma_z_image.py).
     "flux2": TinyFamily(tiny_flux2, tiny_flux2_pipeline, dict(height=64, width=64, max_sequence_length=8),
@@ -452,6 +640,18 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                           cfg_call=dict(guidance_scale=4.0)),  # one call on [prompt, ""]
     "ovis-image": TinyFamily(tiny_ovis_image, tiny_ovis_image_pipeline, dict(height=64, width=64, max_sequence_length=8),
                              cfg_call=dict(guidance_scale=4.0, negative_prompt="blurry")),
+    "wan": TinyFamily(tiny_wan, tiny_wan_pipeline, dict(height=32, width=32, num_frames=5, max_sequence_length=8)),
+    "hunyuan-video-1.5": TinyFamily(tiny_hunyuan_video15, tiny_hunyuan_video15_pipeline,
+                                    dict(height=32, width=32, num_frames=5), cfg_call={}),  # CFG: the guider's
+    "ltx-video": TinyFamily(tiny_ltx_video, tiny_ltx_pipeline, dict(height=32, width=32, num_frames=9,
+                                                                    max_sequence_length=8)),
+    "cogvideox": TinyFamily(tiny_cogvideox, tiny_cogvideox_pipeline, dict(height=32, width=32, num_frames=5,
+                                                                          max_sequence_length=8)),
+    # The real prompt template (a system prompt, cropped after 95 tokens) is an argument: a one-slot one here.
+    "hunyuan-video": TinyFamily(tiny_hunyuan_video, tiny_hunyuan_video_pipeline,
+                                dict(height=32, width=32, num_frames=5, max_sequence_length=8,
+                                     prompt_template={"template": "{}", "crop_start": 0}),
+                                cfg_call=dict(true_cfg_scale=2.0, negative_prompt="blurry")),
 }
 
 

@@ -11,20 +11,27 @@ model (``--whole_model`` times the whole forward instead). On a CPU the token co
 down from the real ones (FLUX.1-dev 4096 image + 512 text tokens at 1024 px, SD3.5-large 4096 + 333, Sana 1600M
 1024 + 300) keeping each model's image:text ratio, so that the whole run takes minutes. Random weights: speed does
 not depend on what the weights are.
+
+The video families (Wan 2.1 14B, HunyuanVideo 1.5 and 1.0, LTX-Video 2B, CogVideoX-5b) run two latent frames; their
+real token counts (7k-120k video tokens) are far out of a CPU's reach:
+
+    OMP_NUM_THREADS=1 python experiments/benchmark_families.py --families '[ltx-video-2b,cogvideox-5b]' --image_tokens 128
 """
 
 import math
 
 import torch
-from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
-                       OvisImageTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
-                       ZImageTransformer2DModel)
+from diffusers import (ChromaTransformer2DModel, CogVideoXTransformer3DModel, Flux2Transformer2DModel,
+                       FluxTransformer2DModel, HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel,
+                       LTXVideoTransformer3DModel, OvisImageTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel, ZImageTransformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
 from dit_cache.bench.speed import compare_schedules, format_results
 from dit_cache.families import family_of
 from dit_cache.flops import unit_flops
+from dit_cache.families.inputs import VIDEO_FRAMES
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks
 
@@ -40,16 +47,36 @@ FAMILIES = {
     # Z-Image-Turbo: 30 main layers after 2 + 2 refiners; the main layers are timed (text: a typical prompt, unpadded).
     "z-image-turbo": (lambda: ZImageTransformer2DModel(n_layers=2, n_refiner_layers=0), 4096, 128),
     "ovis-image": (lambda: OvisImageTransformer2DModel(num_layers=1, num_single_layers=1), 4096, 256),
+    # Video (f3): real tokens of the usual generation (480p; latent frames x tokens per frame), real context.
+    # Wan 2.1 14B, 81 frames at 832x480: 21 x 52x30 tokens, 512 text tokens.
+    "wan2.1-14b": (lambda: WanTransformer3DModel(num_layers=1, num_attention_heads=40, attention_head_dim=128,
+                                                 ffn_dim=13824), 21 * 1560, 512),
+    # HunyuanVideo 1.5 480p, 121 frames: 31 x 53x30 tokens (16x VAE, patch 1); 1000 + 256 + 729 context tokens.
+    "hunyuan-video-1.5": (lambda: HunyuanVideo15Transformer3DModel(num_layers=1, task_type="t2v"), 31 * 1590, 1985),
+    # LTX-Video 2B (0.9.x), 161 frames at 704x480: 21 x 22x15 tokens (32x VAE), 128 text tokens.
+    "ltx-video-2b": (lambda: LTXVideoTransformer3DModel(num_layers=2), 21 * 330, 128),
+    # CogVideoX-5b, 49 frames at 720x480: 13 x 45x30 tokens (8x VAE, patch 2), 226 text tokens.
+    "cogvideox-5b": (lambda: CogVideoXTransformer3DModel(num_layers=2, num_attention_heads=48,
+                                                         use_rotary_positional_embeddings=True), 13 * 1350, 226),
+    # HunyuanVideo 13B (1 double + 1 single block), 129 frames at 1280x720: 33 x 80x45 tokens, 256 text tokens.
+    "hunyuan-video": (lambda: HunyuanVideoTransformer3DModel(num_layers=1, num_single_layers=1), 33 * 3600, 256),
 }
+VIDEO = ("wan2.1-14b", "hunyuan-video-1.5", "ltx-video-2b", "cogvideox-5b", "hunyuan-video")
 
 
-def _sample_size(name: str, transformer, image_tokens: int) -> int:
-    side = math.isqrt(image_tokens)
-    # FLUX-style (packed) inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
+def _grid(name: str, transformer, image_tokens: int) -> tuple[int, int]:
+    """The latent side for about ``image_tokens`` tokens, and the tokens it makes. Video families: VIDEO_FRAMES
+    latent frames of side x side tokens each (``--image_tokens 128``: 2 x 8 x 8)."""
+    frames = VIDEO_FRAMES if name in VIDEO else 1
+    side = math.isqrt(image_tokens // frames)
+    # Packed inputs (FLUX-style, LTX) are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1;
+    # Wan's (1, 2, 2); Z-Image keeps a list of patch sizes.
     if family_of(transformer).latent_layout == "packed":
-        return side
+        return side, frames * side * side
     config = transformer.config
-    return side * (config.patch_size if "patch_size" in config else config.all_patch_size[0])  # Z-Image: a list
+    patch = config.patch_size if "patch_size" in config else config.all_patch_size[0]
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    return side * patch, frames * side * side
 
 
 def _to(value, device):
@@ -68,12 +95,13 @@ def flop_theoretical(name: str, num_steps: int) -> str:
         transformer = build().eval()
     batch = family_of(transformer).cfg.batch
     inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
-                         sample_size=_sample_size(name, transformer, image_tokens))
+                         sample_size=_grid(name, transformer, image_tokens)[0])
     per_unit, total = unit_flops(transformer, blocks_only=True, **{k: _to(v, "meta") for k, v in inputs.items()})
     num_units = len(cache_units(transformer))
     speedups = [CacheSchedule.uniform(num_steps, num_units, k).theoretical_speedup(per_unit, total) for k in (2, 3)]
-    return (f"{name}: {image_tokens} image + {text_tokens} text tokens, batch {batch}: units {float(per_unit.sum()) / total:.1%} "
-            f"of the blocks' FLOPs; FLOP-theoretical speedup interval 2 {speedups[0]:.3f}x, interval 3 {speedups[1]:.3f}x")
+    return (f"{name}: {image_tokens} image + {text_tokens} text tokens, batch {batch}: units "
+            f"{float(per_unit.sum()) / total:.1%} of the blocks' FLOPs; FLOP-theoretical speedup interval 2 "
+            f"{speedups[0]:.3f}x, interval 3 {speedups[1]:.3f}x")
 
 
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
@@ -82,9 +110,10 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo,
-                ovis-image.
-        image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
+        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo, ovis-image,
+            wan2.1-14b, hunyuan-video-1.5, ltx-video-2b, cogvideox-5b, hunyuan-video.
+        image_tokens: image tokens per sample (a square number; video: 2 latent frames of a square, 128 = 2 x 8 x 8);
+            text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.
         rounds: timed generations per schedule (the median is reported), after one warm-up round.
@@ -101,8 +130,8 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         transformer = build().eval().to(device)
         text_tokens = real_text_tokens if full_text else max(8, round(real_text_tokens * image_tokens / real_image_tokens))
         batch = family_of(transformer).cfg.batch
-        inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens,
-                             sample_size=_sample_size(name, transformer, image_tokens))
+        sample_size, tokens = _grid(name, transformer, image_tokens)
+        inputs = step_inputs(transformer, batch=batch, text_tokens=text_tokens, sample_size=sample_size)
         inputs = {k: _to(v, device) for k, v in inputs.items()}
         num_units = len(cache_units(transformer))
         schedules = {
@@ -115,7 +144,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         heads = config.get("num_attention_heads", config.get("n_heads"))
         head_dim = config.get("attention_head_dim") or config.dim // heads
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
-              f"blocks, {heads} heads x {head_dim}, {image_tokens} image + "
+              f"blocks, {heads} heads x {head_dim}, {tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
               f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}, "
               f"timed: {'whole forward' if whole_model else 'blocks'}")

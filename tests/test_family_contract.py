@@ -125,9 +125,10 @@ def _calls_per_step(name) -> int:
 
 def _generate(pipe, name, steps=STEPS, prompt="a red circle and a blue square", cfg=True, **kwargs):
     tiny = TINY_FAMILIES[name]
-    return pipe(**_inputs(pipe, name, prompt), num_inference_steps=steps, output_type="pt",
+    output = pipe(**_inputs(pipe, name, prompt), num_inference_steps=steps, output_type="pt",
                 generator=torch.Generator().manual_seed(0), **tiny.call, **(tiny.cfg_call if cfg else {}),
-                **kwargs).images
+                **kwargs)
+    return output.frames if hasattr(output, "frames") else output.images  # video pipelines return frames
 
 
 @pytest.mark.parametrize("name", WITH_PIPELINE)

@@ -108,3 +108,58 @@ def ovis_image(config, batch, text_tokens, generator, size):
     return {"hidden_states": torch.randn(batch, size * size, config.in_channels, generator=generator),
             "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
             "img_ids": image_ids(size), "txt_ids": torch.zeros(text_tokens, 3)}
+
+
+# --- video families (helper f3): latents of ``frames`` latent frames; 2 keeps the tiny videos tiny ---
+VIDEO_FRAMES = 2
+
+
+def hunyuan_video15(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
+    """HunyuanVideo 1.5's context is three streams the transformer joins, padding included: Qwen2.5-VL prompt
+    tokens (1000 in the pipeline), ByT5 glyph tokens (256, all padding without quoted text) and SigLIP image
+    tokens (729, zeros and masked out for text-to-video). ``text_tokens`` is their total, split in those shares."""
+    glyph, image = max(1, text_tokens * 256 // 1985), max(1, text_tokens * 729 // 1985)
+    prompt = max(2, text_tokens - glyph - image)
+    return {"hidden_states": torch.randn(batch, config.in_channels, frames, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, prompt, config.text_embed_dim, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, prompt),
+            "encoder_hidden_states_2": torch.zeros(batch, glyph, config.text_embed_2_dim),
+            "encoder_attention_mask_2": torch.zeros(batch, glyph, dtype=torch.long),
+            "image_embeds": torch.zeros(batch, image, config.image_embed_dim)}
+
+
+def ltx_video(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
+    """LTX-Video takes packed tokens [B, F*H*W, C] and the latent grid's size for its rotary positions; the
+    interpolation scale is LTXPipeline's at 25 fps with the real VAE (8x in time, 32x in space)."""
+    return {"hidden_states": torch.randn(batch, frames * size * size, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens),
+            "num_frames": frames, "height": size, "width": size, "rope_interpolation_scale": (8 / 25, 32, 32)}
+
+
+def cogvideox(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
+    """CogVideoX latents are frame-major [B, F, C, H, W]. With sin-cos positions (2B) the text length is the
+    config's (226 real); the rotary positions (5B, 1.5) are the pipeline's own, for this latent grid."""
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
+    inputs = {"hidden_states": torch.randn(batch, frames, config.in_channels, size, size, generator=generator),
+              "encoder_hidden_states": torch.randn(
+                  batch, text_tokens if config.use_rotary_positional_embeddings else config.max_text_seq_length,
+                  config.text_embed_dim, generator=generator)}
+    if config.use_rotary_positional_embeddings:
+        grid = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=1)
+        inputs["image_rotary_emb"] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            grid, size, size, frames, torch.device("cpu"))
+    return inputs
+
+
+def hunyuan_video(config, batch, text_tokens, generator, size, frames=VIDEO_FRAMES):
+    """HunyuanVideo (1.0): Llama prompt tokens with their mask, a CLIP pooled vector, and the distilled guidance
+    scale as an input (x1000, as HunyuanVideoPipeline passes it)."""
+    return {"hidden_states": torch.randn(batch, config.in_channels, frames, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_embed_dim, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
+            "guidance": torch.full((batch,), 6.0 * 1000)}

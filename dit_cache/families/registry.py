@@ -49,6 +49,25 @@ def _no_concepts(pipeline: str) -> str:
             "embeddings yourself (dit_cache.concepts.correct_by_similarities) and pass prompt_embeds=.")
 
 
+def _plain_two_call_guider(pipe) -> str:
+    """HunyuanVideo 1.5 runs CFG through a diffusers guider: one call per condition, each in a cache context named
+    after it. Plain CFG over every step is two calls in every step, which the cache follows; a guider that skips
+    the unconditional call on some steps (start/stop) or adds calls (skip-layer, PAG) would put a context's
+    history out of step with the plan."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    guider = getattr(pipe, "guider", None)
+    if guider is None or type(guider) is not ClassifierFreeGuidance:
+        return (f"its guider is {type(guider).__name__}, and dit-cache follows only ClassifierFreeGuidance (one "
+                "conditional and one unconditional call in every step). Set pipe.guider = "
+                "ClassifierFreeGuidance(guidance_scale=...), or call with cache=False.")
+    if guider._start != 0.0 or guider._stop != 1.0:
+        return (f"its guider runs CFG only from {guider._start} to {guider._stop} of the steps, so the "
+                "unconditional call skips steps of the plan. Use ClassifierFreeGuidance(start=0.0, stop=1.0), or "
+                "call with cache=False.")
+    return ""
+
+
 FAMILIES = FamilyRegistry([
     ModelFamily(
         "dit", "DiTTransformer2DModel", ("transformer_blocks",),
@@ -160,4 +179,46 @@ FAMILIES = FamilyRegistry([
         latent_layout="packed", pipelines=("OvisImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
         encode=prompts.ovis_image_encode, conditioning=prompts.ovis_image_conditioning,
         extra_inputs=prompts.packed_image_ids, aliases=("Ovis-Image",)),
+    # --- f3 families (video) ---
+    ModelFamily(
+        "hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel", ("transformer_blocks",),
+        # Dual-stream blocks: joint attention returns (video, text); one feed-forward per stream.
+        {"HunyuanVideo15TransformerBlock": (A("attn", 2), A("ff"), A("ff_context"))},
+        # HunyuanVideo15Pipeline's guider calls the transformer per condition in cache_context("pred_cond") /
+        # ("pred_uncond"); it passes the scheduler's t as a float. Context: 1000 + 256 + 729 tokens (inputs.py).
+        inputs.hunyuan_video15, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=1985,
+        sample_size=4, latent_layout="video", pipelines=("HunyuanVideo15Pipeline",),
+        check_pipeline=_plain_two_call_guider, concepts_refusal=_JOINT_ATTENTION,
+        notes="Router training: no video latents or two-call CFG in training/denoising.py yet.",
+        aliases=("HunyuanVideo 1.5",)),
+    ModelFamily(
+        "ltx-video", "LTXVideoTransformer3DModel", ("transformer_blocks",),
+        {"LTXVideoTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        # LTXPipeline batches [negative, prompt] in one call (cache_context("cond_uncond")), t as a float; the
+        # transformer reads packed tokens [B, F*H*W, C] with the grid size as inputs.
+        inputs.ltx_video, B.UNCONDITIONAL_FIRST, timestep=_float, timestep_dtype=torch.float32, text_tokens=128,
+        sample_size=4, latent_layout="packed", pipelines=("LTXPipeline",),
+        concepts_refusal=_no_concepts("LTXPipeline"),
+        notes="Router training: no video latents in training/denoising.py yet.", aliases=("LTX-Video",)),
+    ModelFamily(
+        "cogvideox", "CogVideoXTransformer3DModel", ("transformer_blocks",),
+        # The joint attention returns (video, text); the feed-forward runs on their concatenation (one output).
+        {"CogVideoXBlock": (A("attn1", 2), A("ff"))},
+        # CogVideoXPipeline batches [negative, prompt] in one call, with the scheduler's integer t.
+        inputs.cogvideox, B.UNCONDITIONAL_FIRST, text_tokens=226, sample_size=4, latent_layout="video",
+        pipelines=("CogVideoXPipeline",), concepts_refusal=_JOINT_ATTENTION,
+        notes="Latents are frame-major [B, F, C, H, W]. Router training: no video latents in "
+              "training/denoising.py yet.", aliases=("CogVideoX-2b", "CogVideoX-5b", "CogVideoX 1.5")),
+    ModelFamily(
+        "hunyuan-video", "HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
+        # FLUX-like: dual-stream blocks, then single-stream blocks whose proj_mlp and joint attention run in
+        # parallel before one projection. The I2V token-replace blocks are other classes: not units (yet).
+        {"HunyuanVideoTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "HunyuanVideoSingleTransformerBlock": (A("proj_mlp"), A("attn", 2))},
+        # Guidance-distilled (the scale is an input); true CFG (true_cfg_scale > 1 with a negative prompt) is a
+        # second call in cache_context("uncond"), as FLUX's. t passes as a float.
+        inputs.hunyuan_video, B.NONE, timestep=_float, timestep_dtype=torch.float32, text_tokens=256,
+        sample_size=4, latent_layout="video", pipelines=("HunyuanVideoPipeline",),
+        concepts_refusal=_JOINT_ATTENTION,
+        notes="Router training: no video latents in training/denoising.py yet.", aliases=("HunyuanVideo",)),
 ])
