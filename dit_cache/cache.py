@@ -22,6 +22,7 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 
+from .families import family_of
 from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
 from .plan import as_plan
 from .units import CacheUnit, _unwrap, cache_units
@@ -111,7 +112,8 @@ class CacheHandle:
         self.schedule = plan  # what the user gave (a CachePlan or a CacheSchedule)
         self.plan = as_plan(plan)
         self.compiled = CompiledPlan(self.plan, history)
-        self.state = CacheState(self.compiled, detect_new_generation=True)  # engine-level default
+        self.time_rises = _time_rises(transformer)
+        self.state = CacheState(self.compiled, detect_new_generation=True, time_rises=self.time_rises)  # engine-level
         self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
@@ -120,7 +122,8 @@ class CacheHandle:
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
     def _engine_state(self) -> CacheState:
-        state = CacheState(self.compiled, mode=self.state.mode, detect_new_generation=True)
+        state = CacheState(self.compiled, mode=self.state.mode, detect_new_generation=True,
+                           time_rises=self.time_rises)
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
@@ -228,6 +231,14 @@ class CacheHandle:
 
     def __repr__(self) -> str:
         return f"CacheHandle({type(self.transformer).__name__}, {self.plan})"
+
+
+def _time_rises(transformer) -> bool:
+    """Whether the transformer's timestep goes up over a generation: its family maps the scheduler's falling
+    timesteps (1000 -> 0) onto rising ones (Lumina2)."""
+    family = family_of(transformer)
+    start, end = family.timestep(torch.tensor([1000.0, 0.0]), _unwrap(transformer).config).tolist()
+    return end > start
 
 
 def _invalidate_hook_lookup(transformer) -> None:

@@ -338,8 +338,8 @@ def tiny_cogview4_pipeline(num_layers: int = 2, pipeline_class=None):
 
 def tiny_hunyuan_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
     """A HunyuanImagePipeline (2.1, with its adaptive projected guider) from tiny random components: a
-    Qwen2.5-VL text encoder, a ByT5 glyph encoder and a HunyuanImage VAE; no download. The prompt is padded to
-    16 tokens instead of 1000, to stay fast, without the system template."""
+    Qwen2.5-VL text encoder, a ByT5 glyph encoder and a HunyuanImage VAE; no download. As the real pipeline, it
+    pads every prompt to 1000 tokens."""
     from diffusers import (AdaptiveProjectedMixGuidance, AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler,
                            HunyuanImagePipeline)
     from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
@@ -357,16 +357,12 @@ def tiny_hunyuan_image_pipeline(num_layers: int = 1, num_single_layers: int = 2,
     vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
                                     layers_per_block=1, scaling_factor=0.476986, spatial_compression_ratio=8,
                                     sample_size=64).eval()
-    pipe = (pipeline_class or HunyuanImagePipeline)(
+    return (pipeline_class or HunyuanImagePipeline)(
         transformer=tiny_hunyuan_image(num_layers=num_layers, num_single_layers=num_single_layers),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), vae=vae, text_encoder=text_encoder,
         tokenizer=tiny_tokenizer(), text_encoder_2=glyph_encoder, tokenizer_2=ByT5Tokenizer(),
         guider=AdaptiveProjectedMixGuidance(guidance_scale=3.0, adaptive_projected_guidance_start_step=2),
     )
-    # Tiny sizes: the real template's system instruction, spelled out letter by letter by the tiny tokenizer, would
-    # fill the prompt's 16 tokens; keep the user prompt alone.
-    pipe.tokenizer_max_length, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx = 16, "{}", 0
-    return pipe
 
 
 TINY_FAMILIES.update({

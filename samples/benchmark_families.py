@@ -16,7 +16,8 @@ not depend on what the weights are.
 import math
 
 import torch
-from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
+from diffusers import (CogView4Transformer2DModel, FluxTransformer2DModel, HunyuanImageTransformer2DModel,
+                       Lumina2Transformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
@@ -31,13 +32,24 @@ FAMILIES = {
     "sd3.5-large": (lambda: SD3Transformer2DModel(num_layers=2, num_attention_heads=38, attention_head_dim=64,
                                                   caption_projection_dim=2432, pos_embed_max_size=192), 4096, 333),
     "sana-1600m": (lambda: SanaTransformer2DModel(num_layers=2), 1024, 300),
+    # families-f2: Lumina-Image 2.0 (one refiner of each kind + 2 joint blocks), CogView4-6B, HunyuanImage-2.1.
+    "lumina2": (lambda: Lumina2Transformer2DModel(num_layers=2, num_refiner_layers=1, cap_feat_dim=2304), 4096, 256),
+    "cogview4": (lambda: CogView4Transformer2DModel(num_layers=2, num_attention_heads=32, attention_head_dim=128), 4096,
+                 128),
+    "hunyuan-image-2.1": (lambda: HunyuanImageTransformer2DModel(num_layers=1, num_single_layers=1,
+                                                                 text_embed_2_dim=1472), 4096, 1000),
 }
 
 
 def _sample_size(name: str, transformer, image_tokens: int) -> int:
     side = math.isqrt(image_tokens)
     # FLUX inputs are the token grid itself; SD3 patches 2x2 latents; Sana's patch is 1.
-    return side if name.startswith("flux") else side * transformer.config.patch_size
+    patch = transformer.config.patch_size
+    return side if name.startswith("flux") else side * (patch[-1] if isinstance(patch, (tuple, list)) else patch)
+
+
+def _head_dim(config) -> int:
+    return config.get("attention_head_dim", None) or config.hidden_size // config.num_attention_heads  # Lumina2
 
 
 def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, full_text: bool = False,
@@ -45,7 +57,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m.
+        families: which of the FAMILIES keys (flux1-dev, sd3.5-large, sana-1600m, lumina2, cogview4, ...).
         image_tokens: image tokens per sample (a square number); text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
         num_steps: denoising steps per generation.
@@ -70,7 +82,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         results = compare_schedules(transformer, schedules, inputs, rounds=rounds, per_block=not whole_model)
         config = transformer.config
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
-              f"blocks, {config.num_attention_heads} heads x {config.attention_head_dim}, {image_tokens} image + "
+              f"blocks, {config.num_attention_heads} heads x {_head_dim(config)}, {image_tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "
               f"{num_units} units, {num_steps} steps, {device}, torch threads {torch.get_num_threads()}, "
               f"timed: {'whole forward' if whole_model else 'blocks'}")

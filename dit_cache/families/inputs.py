@@ -83,14 +83,15 @@ def cogview4(config, batch, text_tokens, generator, size):
 
 
 def hunyuan_image(config, batch, text_tokens, generator, size):
-    # The pipeline pads the Qwen2.5-VL prompt to its full length and adds 128 ByT5 glyph tokens (all padding
-    # when the prompt quotes no text).
+    # The pipeline pads the Qwen2.5-VL prompt to its 1000 tokens and adds 128 ByT5 glyph tokens (all padding when
+    # the prompt quotes no text); the glyph tokens scale with text_tokens, so scaled-down benchmarks keep the ratio.
     inputs = {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
               "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_embed_dim, generator=generator),
               "encoder_attention_mask": padded_mask(batch, text_tokens)}
     if config.text_embed_2_dim is not None:
-        inputs["encoder_hidden_states_2"] = torch.randn(batch, 128, config.text_embed_2_dim, generator=generator)
-        inputs["encoder_attention_mask_2"] = torch.zeros(batch, 128, dtype=torch.long)
+        glyphs = max(1, text_tokens * 128 // 1000)
+        inputs["encoder_hidden_states_2"] = torch.randn(batch, glyphs, config.text_embed_2_dim, generator=generator)
+        inputs["encoder_attention_mask_2"] = torch.zeros(batch, glyphs, dtype=torch.long)
     if config.guidance_embeds:  # the distilled model: the pipeline passes distilled_guidance_scale x 1000
         inputs["guidance"] = torch.full((batch,), 3250.0)
     if config.use_meanflow:
