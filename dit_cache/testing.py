@@ -376,3 +376,39 @@ TINY_FAMILIES.update({
     "hunyuan-image": TinyFamily(tiny_hunyuan_image, tiny_hunyuan_image_pipeline, dict(height=64, width=64),
                                 cfg_call=dict(negative_prompt="blurry")),
 })
+
+
+def tiny_allegro(num_layers: int = 2, heads: int = 2, head_dim: int = 12, caption_channels: int = 16, seed: int = 0):
+    """``head_dim`` splits in three for its 3D rotary embedding (frames, rows, columns)."""
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(seed)
+    return AllegroTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, num_layers=num_layers,
+        cross_attention_dim=heads * head_dim, caption_channels=caption_channels, sample_height=8, sample_width=8,
+        sample_frames=2,
+    ).eval()
+
+
+def tiny_allegro_pipeline(num_layers: int = 2, pipeline_class=None):
+    """An AllegroPipeline (text-to-video) from tiny random components (a T5, a tiled 3D VAE): no download."""
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, DDIMScheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLAllegro(
+        in_channels=3, out_channels=3, down_block_types=("AllegroDownBlock3D",) * 4,
+        up_block_types=("AllegroUpBlock3D",) * 4, block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4).eval()
+    vae.enable_tiling()  # diffusers' Allegro VAE decodes tiled only
+    # ... in tiles of 24 frames x 320 x 320 pixels, which an 8-frame 16 x 16 video does not fill (it would decode to
+    # nothing): one tile of exactly the tiny video.
+    vae.kernel = vae.stride = (8, 16, 16)
+    return (pipeline_class or AllegroPipeline)(
+        transformer=tiny_allegro(num_layers=num_layers), vae=vae, scheduler=DDIMScheduler(),
+        text_encoder=_tiny_t5(d_model=16), tokenizer=tiny_tokenizer(),
+    )
+
+
+TINY_FAMILIES["allegro"] = TinyFamily(tiny_allegro, tiny_allegro_pipeline,
+                                      dict(height=16, width=16, num_frames=8, max_sequence_length=8,
+                                           clean_caption=False))

@@ -16,7 +16,7 @@ not depend on what the weights are.
 import math
 
 import torch
-from diffusers import (CogView4Transformer2DModel, FluxTransformer2DModel, HunyuanImageTransformer2DModel,
+from diffusers import (AllegroTransformer3DModel, CogView4Transformer2DModel, FluxTransformer2DModel, HunyuanImageTransformer2DModel,
                        Lumina2Transformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel)
 from jsonargparse import CLI
 
@@ -38,6 +38,8 @@ FAMILIES = {
                  128),
     "hunyuan-image-2.1": (lambda: HunyuanImageTransformer2DModel(num_layers=1, num_single_layers=1,
                                                                  text_embed_2_dim=1472), 4096, 1000),
+    # Allegro: 88 frames at 720 x 1280 are 22 x 45 x 80 = 79200 latent tokens (one frame per sample here).
+    "allegro": (lambda: AllegroTransformer3DModel(num_layers=2), 79200, 512),
 }
 
 

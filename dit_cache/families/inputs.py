@@ -97,3 +97,10 @@ def hunyuan_image(config, batch, text_tokens, generator, size):
     if config.use_meanflow:
         inputs["timestep_r"] = torch.full((batch,), 400.0)
     return inputs
+
+
+def allegro(config, batch, text_tokens, generator, size):
+    # One latent frame (an image); a video adds frames along dim 2 (88 frames are 22 latent frames).
+    return {"hidden_states": torch.randn(batch, config.in_channels, 1, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens)}

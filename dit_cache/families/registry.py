@@ -156,4 +156,14 @@ FAMILIES = FamilyRegistry([
         concepts_refusal=_JOINT_ATTENTION,
         notes="No router training: its pipeline runs CFG as two calls (a guider).",
         aliases=("HunyuanImage-2.1",)),
+    ModelFamily(
+        "allegro", "AllegroTransformer3DModel", ("transformer_blocks",),
+        {"AllegroTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        inputs.allegro, B.UNCONDITIONAL_FIRST,  # AllegroPipeline batches [negative, prompt]
+        text_tokens=512, sample_size=8, latent_layout="video", pipelines=("AllegroPipeline",),
+        concepts_refusal=("multi-concept is wired for the PixArt pipelines only; AllegroPipeline's video call is "
+                          "not. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) "
+                          "and pass prompt_embeds=."),
+        notes="No router training: its latents are video (training samples image latents).",
+        aliases=("Allegro",)),
 ])
