@@ -16,8 +16,9 @@ not depend on what the weights are.
 import math
 
 import torch
-from diffusers import (AllegroTransformer3DModel, CogView4Transformer2DModel, FluxTransformer2DModel, HunyuanImageTransformer2DModel,
-                       Lumina2Transformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel)
+from diffusers import (AllegroTransformer3DModel, CogView4Transformer2DModel, FluxTransformer2DModel,
+                       HunyuanImageTransformer2DModel, Lumina2Transformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
