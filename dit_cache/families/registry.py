@@ -131,7 +131,8 @@ FAMILIES = FamilyRegistry([
         concepts_refusal=_JOINT_ATTENTION,
         notes=("Cached only without CFG: Lumina2Pipeline's CFG is a second call per step with no cache_context "
                "(pairing the two calls of a step by their equal timestep would make it followable). No router "
-               "training: its denoiser batches CFG in one call."),
+               "training: the pipeline negates the model output before the scheduler step, which training's "
+               "denoiser does not."),
         aliases=("Lumina-Image 2.0",)),
     ModelFamily(
         "cogview4", "CogView4Transformer2DModel", ("transformer_blocks",),
