@@ -162,6 +162,7 @@ FAMILIES = FamilyRegistry([
         {"AllegroTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.allegro, B.UNCONDITIONAL_FIRST,  # AllegroPipeline batches [negative, prompt]
         text_tokens=512, sample_size=8, latent_layout="video", pipelines=("AllegroPipeline",),
+        bench_inputs="captions",  # its encode_prompt cleans captions like PixArt's
         concepts_refusal=("multi-concept is wired for the PixArt pipelines only; AllegroPipeline's video call is "
                           "not. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) "
                           "and pass prompt_embeds=."),
