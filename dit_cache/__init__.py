@@ -1,11 +1,10 @@
 """dit-cache: learned feature caching for diffusers diffusion transformers."""
 
-from .cache import CacheHandle, CacheStats, apply_cache, get_cache_handle, remove_cache
-from .compile import compile_units
+from .cache import CacheHandle, CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
 from .embedded import (EMBEDDED_GUIDANCE_SCALE, embedded_harmonica_router_path, embedded_model_path,
                        embedded_router_path)
 from .flops import unit_flops
-from .forecast import fit_linear_forecaster
+from .linear_fit import fit_linear_forecaster
 from .plan import Action, CachePlan
 from .router import CacheRouter
 from .schedule import CacheSchedule

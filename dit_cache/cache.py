@@ -22,9 +22,11 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 
-from .families import family_of
 from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
 from .plan import as_plan
+from .actions import ACTIONS, Action
+from .compile import compile_hooks, compile_options
+from .families import family_of
 from .units import CacheUnit, _unwrap, cache_units
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
@@ -70,7 +72,8 @@ class ContextStates:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Unit evaluations of one generation by action, and the memory its cache held."""
+    """Unit evaluations of one generation by action (the fields of ``dit_cache.actions.ACTIONS``), and the
+    memory its cache held."""
 
     steps: int
     computed: int
@@ -83,8 +86,8 @@ class CacheStats:
     @property
     def cache_ratio(self) -> float:
         """Share of unit evaluations skipped; a unit run on half of the CFG batch counts half."""
-        total = self.computed + self.reused + self.forecast + self.linear + self.cfg_shared
-        skipped = self.reused + self.forecast + self.linear + 0.5 * self.cfg_shared
+        total = sum(getattr(self, name) for name in _FIELD_COST)
+        skipped = sum((1.0 - cost) * getattr(self, name) for name, cost in _FIELD_COST.items())
         return skipped / total if total else 0.0
 
     @classmethod
@@ -92,14 +95,17 @@ class CacheStats:
         """Statistics of a ``CacheState``, or summed over a generation's ``ContextStates`` (its steps: the most
         any of its calls completed; two calls per step count their units twice)."""
         states = [states] if isinstance(states, CacheState) else list(states)
-        counts, steps, cache_bytes = {}, 0, 0
+        counts, steps, cache_bytes = dict.fromkeys(_FIELD_COST, 0), 0, 0
         for state in states:
             for action, count in state.compiled.plan.counts(state.completed_steps).items():
-                counts[action] = counts.get(action, 0) + count
+                counts[ACTIONS[Action[action]].stats_field] += count
             steps, cache_bytes = max(steps, state.completed_steps), cache_bytes + state.cache_bytes
-        return cls(steps=steps, computed=counts.get("COMPUTE", 0), reused=counts.get("REUSE", 0),
-                   forecast=counts.get("FORECAST1", 0) + counts.get("FORECAST2", 0), linear=counts.get("LINEAR", 0),
-                   cfg_shared=counts.get("CFG_SHARE", 0), cache_bytes=cache_bytes)
+        return cls(steps=steps, cache_bytes=cache_bytes, **counts)
+
+
+# CacheStats field -> the FLOP share its actions spend (actions sharing a field share a cost).
+_FIELD_COST = {facts.stats_field: facts.cost for facts in ACTIONS.values()}
+assert all(_FIELD_COST[f.stats_field] == f.cost for f in ACTIONS.values()), "actions sharing a stats field differ"
 
 
 class CacheHandle:
@@ -107,13 +113,17 @@ class CacheHandle:
 
     def __init__(self, transformer: torch.nn.Module, plan, units: list[CacheUnit], history: int):
         self.transformer = transformer
+        # CFG_SHARE computes the conditional half of the batch: the family record says which one it is.
+        conditional_half = family_of(transformer).cfg.conditional_half
+        self.conditional_half = 1 if conditional_half is None else conditional_half
         self.units = units
         self.min_history = history
         self.schedule = plan  # what the user gave (a CachePlan or a CacheSchedule)
         self.plan = as_plan(plan)
         self.compiled = CompiledPlan(self.plan, history)
         self.time_rises = _time_rises(transformer)
-        self.state = CacheState(self.compiled, detect_new_generation=True, time_rises=self.time_rises)  # engine-level
+        self.state = CacheState(self.compiled, computed_half=self.conditional_half, detect_new_generation=True,
+                                time_rises=self.time_rises)  # engine-level default
         self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
@@ -122,8 +132,8 @@ class CacheHandle:
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
     def _engine_state(self) -> CacheState:
-        state = CacheState(self.compiled, mode=self.state.mode, detect_new_generation=True,
-                           time_rises=self.time_rises)
+        state = CacheState(self.compiled, mode=self.state.mode, computed_half=self.conditional_half,
+                           detect_new_generation=True, time_rises=self.time_rises)
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
@@ -141,16 +151,17 @@ class CacheHandle:
         return self.compiled if plan is self.plan else CompiledPlan(plan, self.min_history)
 
     @contextmanager
-    def generation(self, plan=None, *, computed_half: int = 1):
+    def generation(self, plan=None, *, computed_half: int | None = None):
         """A generation with a cache of its own, for the duration of the block (e.g. one pipeline call).
 
-        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs:
-        the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt, SD3 and Sana,
-        whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
+        ``plan`` defaults to the handle's; ``computed_half`` is the half of the CFG batch that CFG_SHARE runs,
+        by default the conditional one, which the family record knows (``dit_cache.families``: 1 for PixArt,
+        SD3 and Sana, whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
         ``ContextStates`` (one ``CacheState`` per cache context); ``CacheStats.of(states)`` gives its statistics.
         """
         compiled = plan if isinstance(plan, CompiledPlan) else self.compile(self.plan if plan is None else plan)
-        states = ContextStates(lambda: CacheState(compiled, computed_half=computed_half))
+        half = self.conditional_half if computed_half is None else computed_half
+        states = ContextStates(lambda: CacheState(compiled, computed_half=half))
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
         try:
             yield states
@@ -273,8 +284,6 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
         raise ValueError(f"history must be >= 1, got {history}.")
     units = cache_units(transformer)
     as_plan(plan).check_compatible(num_units=len(units))  # a TypeError for anything but a plan or schedule
-    from .compile import compile_options, compile_units  # compile imports this module
-
     options = compile_options(compile)  # checked before anything is installed
     handle = CacheHandle(transformer, plan, units, history)
     root = _unwrap(transformer)
@@ -287,7 +296,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
         handle._step_hooks = DenoisingStepHook(handle).attach(transformer)
         _invalidate_hook_lookup(transformer)
         if options is not None:
-            compile_units(handle, **options)
+            compile_hooks(handle, options)
     except Exception:
         handle._unregister_all()
         raise
@@ -308,3 +317,26 @@ def remove_cache(transformer: torch.nn.Module) -> bool:
 
 def get_cache_handle(transformer: torch.nn.Module) -> CacheHandle | None:
     return getattr(transformer, _HANDLE_ATTRIBUTE, None)
+
+
+def compile_units(handle_or_transformer, **torch_compile_options) -> CacheHandle:
+    """Compile the computation of every cached unit with ``torch.compile`` (default ``dynamic=False``).
+
+    Takes the ``CacheHandle`` from ``apply_cache`` or the cached transformer; returns the handle. Compiling is
+    lazy: the first generation pays for it. ``mode="reduce-overhead"`` (CUDA graphs) clones each unit's output,
+    since the cache keeps outputs across steps and a CUDA graph rewrites its output buffers at every replay.
+    How this composes with torch.compile: :mod:`dit_cache.compile`.
+
+    Example::
+
+        handle = dit_cache.apply_cache(transformer, CachePlan.uniform(20, units, 2))
+        dit_cache.compile_units(handle, mode="max-autotune-no-cudagraphs")
+    """
+    handle = handle_or_transformer
+    if not isinstance(handle, CacheHandle):
+        handle = get_cache_handle(handle_or_transformer)
+        if handle is None:
+            raise ValueError(f"{type(handle_or_transformer).__name__} has no cache to compile: call "
+                             "dit_cache.apply_cache(transformer, plan) first (or apply_cache(..., compile=True)).")
+    compile_hooks(handle, compile_options(torch_compile_options or True))
+    return handle

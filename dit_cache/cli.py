@@ -21,6 +21,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from . import embedded
+from .families.prompts import can_clean_captions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="outputs", help="output folder for PNGs and JSON sidecars")
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_concept_options(generate)
-    from .benchmark import add_bench_parser
+    from .bench.peer_bench import add_bench_parser
 
     add_bench_parser(commands)
     return parser
@@ -255,7 +256,7 @@ def _call_arguments(pipe, args, router, prompt: str) -> dict:
         guidance = embedded.EMBEDDED_GUIDANCE_SCALE if args.model == "embedded" else 4.5
     call = {"num_inference_steps": steps, "guidance_scale": guidance}
     if hasattr(pipe, "tokenizer"):
-        call.update(prompt=prompt, clean_caption=_can_clean_captions())
+        call.update(prompt=prompt, clean_caption=can_clean_captions())
         if args.concepts:
             call.update(concepts=args.concepts, concept_config=args.concept_config)
     else:  # class-conditional DiT: an integer label or a label name
@@ -274,37 +275,28 @@ def _class_label(pipe, prompt: str) -> int:
     return label
 
 
-def _can_clean_captions() -> bool:
-    """PixArt cleans captions only with beautifulsoup4 and ftfy installed, and otherwise warns on every call and
-    lowercases; asking for what will happen anyway keeps the output free of those warnings."""
-    from diffusers.utils import is_bs4_available, is_ftfy_available
-
-    return is_bs4_available() and is_ftfy_available()
-
-
 def _compare(pipe, call, seed: int, cached_image, cached_seconds: float) -> dict:
     import torch
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from .evaluation import image_batch
+    from .metrics import image_errors
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    reference = image_batch(pipe(**call, generator=generator, cache=False, output_type="np").images)
+    reference = pipe(**call, generator=generator, cache=False, output_type="np").images
     seconds = time.perf_counter() - start
-    cached = image_batch(cached_image)
+    errors = image_errors(cached_image, reference)
     return {
         "uncached_seconds": round(seconds, 3),
         "speedup": round(seconds / cached_seconds, 3),
-        "psnr": _finite(float(peak_signal_noise_ratio(cached, reference, data_range=1.0))),
-        "ssim": float(structural_similarity_index_measure(cached, reference, data_range=1.0)),
+        "psnr": round(float(errors["psnr"][0]), 3),  # identical images: metrics.MAX_PSNR
+        "ssim": float(errors["ssim"][0]),
     }
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        from .benchmark import run_bench
+        from .bench.peer_bench import run_bench
 
         return run_bench(args)
     try:
@@ -323,7 +315,7 @@ def _generate(pipe, router, args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .evaluation import to_uint8
+    from .toy.evaluation import to_uint8
     from .pipelines import concept_positions
 
     state = PartialState()
@@ -332,7 +324,7 @@ def _generate(pipe, router, args) -> int:
         raise ValueError(f"--concepts needs a text-to-image pipeline with cross-attention (PixArt); "
                          f"{type(pipe).__name__} is class-conditional: drop --concepts")
     if args.concepts:  # a concept missing from any prompt fails before any image
-        concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=_can_clean_captions())
+        concept_positions(pipe, list(args.prompts), args.concepts, clean_caption=can_clean_captions())
     calls = {prompt: _call_arguments(pipe, args, router, prompt) for prompt in args.prompts}  # bad labels fail here
     out = Path(args.out)
     with state.split_between_processes(jobs) as my_jobs:
@@ -386,11 +378,6 @@ def _save(out: Path, stem: str, pixels, sidecar: dict) -> None:
     finally:
         for temporary, _ in temporaries:
             temporary.unlink(missing_ok=True)
-
-
-def _finite(value: float):
-    """JSON has no infinity: identical images (PSNR = inf) are written as the string "inf"."""
-    return round(value, 3) if value != float("inf") else "inf"
 
 
 def _slug(text: str) -> str:

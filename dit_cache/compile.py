@@ -23,12 +23,15 @@ Example::
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import CacheHandle, get_cache_handle
 from .hooks import UNIT_HOOK, UnitCacheHook
 from .units import _unwrap
+
+if TYPE_CHECKING:  # the handle imports this module (apply_cache(..., compile=True))
+    from .cache import CacheHandle
 
 DEFAULT_OPTIONS = {"dynamic": False}
 _COMPILE_PARAMETERS = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
@@ -51,47 +54,29 @@ def compile_options(compile) -> dict | None:
     return {**DEFAULT_OPTIONS, **compile}
 
 
-def _unit_hooks(handle: CacheHandle) -> list[UnitCacheHook]:
+def unit_hooks(handle: "CacheHandle") -> list[UnitCacheHook]:
     root = _unwrap(handle.transformer)
     return [root.get_submodule(unit.path)._diffusers_hook.get_hook(UNIT_HOOK) for unit in handle.units]
 
 
-def compile_units(handle_or_transformer, **torch_compile_options) -> CacheHandle:
-    """Compile the computation of every cached unit with ``torch.compile`` (default ``dynamic=False``).
-
-    Takes the ``CacheHandle`` from ``apply_cache`` or the cached transformer; returns the handle. Compiling is
-    lazy: the first generation pays for it. ``mode="reduce-overhead"`` (CUDA graphs) clones each unit's output,
-    since the cache keeps outputs across steps and a CUDA graph rewrites its output buffers at every replay.
-
-    Example::
-
-        handle = dit_cache.apply_cache(transformer, CachePlan.uniform(20, units, 2))
-        dit_cache.compile_units(handle, mode="max-autotune-no-cudagraphs")
-    """
-    handle = handle_or_transformer
-    if not isinstance(handle, CacheHandle):
-        handle = get_cache_handle(handle_or_transformer)
-        if handle is None:
-            raise ValueError(f"{type(handle_or_transformer).__name__} has no cache to compile: call "
-                             "dit_cache.apply_cache(transformer, plan) first (or apply_cache(..., compile=True)).")
-    options = compile_options(torch_compile_options or True)
-    hooks = _unit_hooks(handle)
+def compile_hooks(handle: "CacheHandle", options: dict) -> None:
+    """Compile every unit of ``handle`` with ``torch.compile(**options)`` (see :func:`dit_cache.compile_units`)."""
+    hooks = unit_hooks(handle)
     # torch.compile checks its options when called: build every unit's function before installing any.
     compiled = [_compiled(hook.fn_ref.original_forward, options) for hook in hooks]
     for hook, forward in zip(hooks, compiled):
         hook.compiled_forward = forward
     handle.compile_options = options
-    return handle
 
 
-def uncompile_units(handle: CacheHandle) -> None:
+def uncompile_units(handle: "CacheHandle") -> None:
     """Back to the eager computation (the compiled code is dropped with the functions)."""
-    for hook in _unit_hooks(handle):
+    for hook in unit_hooks(handle):
         hook.compiled_forward = None
     handle.compile_options = None
 
 
-def is_compiled(handle: CacheHandle) -> bool:
+def is_compiled(handle: "CacheHandle") -> bool:
     return handle.compile_options is not None
 
 

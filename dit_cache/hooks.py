@@ -12,14 +12,17 @@ from collections import deque
 import torch
 from diffusers.hooks import ModelHook
 
+from .actions import ACTIONS, Action
 from .forecast import extrapolate, lagrange_weights, weighted_sum
-from .plan import Action, CachePlan
+from .plan import CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
 BYPASS = 0  # compute, leave the cache alone (teacher passes, caching switched off for one call)
 GATE = 3  # training: blend fresh and cached outputs with the router's soft score
-COMPUTE, REUSE, LINEAR, CFG_SHARE = Action.COMPUTE, Action.REUSE, Action.LINEAR, Action.CFG_SHARE
+COMPUTE = Action.COMPUTE
 FORECASTS = (Action.FORECAST1, Action.FORECAST2)
+# action code -> the CacheState method producing a skipped unit's output (the table's ``runs``)
+_RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
 
 SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
@@ -56,6 +59,7 @@ class CacheState:
         self.time_rises = time_rises  # the model's timestep goes up over a generation (Lumina2: 0 is noise)
         self.gate_scores: torch.Tensor | None = None
         self.gate_writes: list[bool] = []
+        self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
         self.set_plan(compiled)
 
     def set_plan(self, compiled: CompiledPlan) -> None:
@@ -103,12 +107,21 @@ class CacheState:
         if self.mode != BYPASSED:
             self.step += 1
 
-    # ---- what the actions do ---------------------------------------------------------------------------------
+    # ---- what the actions do (dit_cache.actions.ACTIONS names the method of each) --------------------------
     def store(self, unit: int, output) -> None:
         self.outputs[unit].append((self.step, output))
 
     def newest(self, unit: int):
         return self.outputs[unit][-1][1]
+
+    def reuse(self, unit: int, forward, args, kwargs):
+        return self.newest(unit)
+
+    def forecast1(self, unit: int, forward, args, kwargs):
+        return self.forecast(unit, 1)
+
+    def forecast2(self, unit: int, forward, args, kwargs):
+        return self.forecast(unit, 2)
 
     def forecast(self, unit: int, order: int):
         """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
@@ -120,7 +133,7 @@ class CacheState:
             self._forecast_weights[(self.step, sources)] = weights
         return extrapolate(weights, [output for _, output in history])
 
-    def linear(self, unit: int):
+    def linear(self, unit: int, forward=None, args=(), kwargs=None):
         """The plan's learned weights over the last K computed outputs, the newest first."""
         weights = self.compiled.linear[self.step][unit]
         history = list(self.outputs[unit])[-len(weights):][::-1]
@@ -219,16 +232,9 @@ class UnitCacheHook(ModelHook):
         forward = self.compiled_forward or self.fn_ref.original_forward
         unit = self.unit
         action = state.actions[unit]
-        if action == REUSE:
-            return state.newest(unit)
-        if action == Action.FORECAST1:
-            return state.forecast(unit, 1)
-        if action == Action.FORECAST2:
-            return state.forecast(unit, 2)
-        if action == LINEAR:
-            return state.linear(unit)
-        if action == CFG_SHARE:
-            return state.cfg_share(unit, forward, args, kwargs)
+        runner = state.runners.get(action)
+        if runner is not None:
+            return runner(unit, forward, args, kwargs)
         output = forward(*args, **kwargs)
         if action == COMPUTE:
             state.store(unit, output)

@@ -2,39 +2,24 @@
 
 A plan is an integer tensor ``[num_steps, num_units]`` of :class:`Action` codes. ``CacheSchedule`` (a boolean
 mask) is the two-action case: True is COMPUTE, False is REUSE. Each action is one branch in the unit hook
-(``dit_cache.hooks``) and one row of :data:`ACTION_COST`; the history each unit must keep follows from the plan.
+(``dit_cache.hooks``) and one row of :data:`dit_cache.actions.ACTIONS`; the history each unit must keep follows
+from the plan.
 """
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .actions import ACTION_COST, ACTIONS, Action  # noqa: F401  (Action and ACTION_COST: public here too)
 from .schedule import CacheSchedule, check_shape, check_unit_weights
 
 PLAN_FORMAT = "dit-cache/plan"
 
 
-class Action(enum.IntEnum):
-    COMPUTE = 1  # run the unit and store its output
-    REUSE = 2  # return the newest stored output
-    FORECAST1 = 4  # extrapolate linearly in the timestep from the last 2 stored outputs (TaylorSeer order 1)
-    FORECAST2 = 5  # extrapolate quadratically from the last 3 stored outputs (order 2)
-    LINEAR = 6  # learned linear combination of the last K stored outputs (L2P-style; weights in the plan)
-    CFG_SHARE = 7  # run the unit on one half of the CFG batch, rebuild the other from the stored difference
-
-
-# Share of a unit's FLOPs each action spends. FORECAST and LINEAR cost a few element-wise operations per output
-# element (about 1 / (4 * hidden) of the unit), counted as 0; CFG_SHARE runs the unit on half the batch.
-ACTION_COST = {Action.COMPUTE: 1.0, Action.REUSE: 0.0, Action.FORECAST1: 0.0, Action.FORECAST2: 0.0,
-               Action.LINEAR: 0.0, Action.CFG_SHARE: 0.5}
-
-# Computed outputs that must exist before an action can run (LINEAR: as many as it has weights).
-_HISTORY_NEEDED = {Action.REUSE: 1, Action.FORECAST1: 2, Action.FORECAST2: 3, Action.CFG_SHARE: 1}
 
 # Spellings accepted by ``CachePlan.parse`` (``--plan taylor:3:1``), each: (builder, parameter names).
 PRESETS = {
@@ -95,8 +80,8 @@ class CachePlan:
     def _check_history(self) -> list[int]:
         """Per unit, how many computed outputs it must keep; raises if an entry needs more than exist."""
         needed = torch.zeros(max(int(a) for a in Action) + 1, dtype=torch.long)  # COMPUTE (and the rest) need 0
-        for action, count in _HISTORY_NEEDED.items():
-            needed[int(action)] = count
+        for action, facts in ACTIONS.items():
+            needed[int(action)] = facts.history
         if self.linear_weights is not None:
             needed[int(Action.LINEAR)] = self.linear_weights.shape[2]
         computes = (self.actions == Action.COMPUTE).long()
@@ -257,10 +242,9 @@ class CachePlan:
         return f"CachePlan(num_steps={self.num_steps}, num_units={self.num_units}, {used})"
 
     def describe(self) -> str:
-        """One line per step: '#' compute, '.' reuse, 'f'/'F' forecast order 1/2, 'l' linear, 'h' CFG half."""
-        glyph = {Action.COMPUTE: "#", Action.REUSE: ".", Action.FORECAST1: "f", Action.FORECAST2: "F",
-                 Action.LINEAR: "l", Action.CFG_SHARE: "h"}
-        return "\n".join(f"{step:3d} " + "".join(glyph[Action(c)] for c in row)
+        """One line per step, a glyph per unit: '#' compute, '.' reuse, 'f'/'F' forecast order 1/2, 'l' linear,
+        'h' CFG half (``dit_cache.actions.ACTIONS``)."""
+        return "\n".join(f"{step:3d} " + "".join(ACTIONS[Action(c)].glyph for c in row)
                          for step, row in enumerate(self.actions.tolist()))
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .plan import ACTION_COST, Action, CachePlan
+from .actions import ACTION_COST, ROUTER_CHOICES, Action
+from .plan import CachePlan
 from .schedule import CacheSchedule, check_unit_weights
 
 ROUTER_FORMAT = "dit-cache/router"
@@ -17,7 +18,7 @@ LOGIT_LIMIT = 5.0
 DEFAULT_THRESHOLD = 0.1
 # Cheap actions a router may assign to the entries it does not compute; a FORECAST falls back to a lower order,
 # then to REUSE, where its unit has not computed often enough yet (see ``plan_with_fallbacks``).
-CHEAP_ACTIONS = (Action.REUSE, Action.FORECAST1, Action.FORECAST2, Action.CFG_SHARE)
+CHEAP_ACTIONS = ROUTER_CHOICES  # what a router may choose for a skipped entry (dit_cache.actions.ACTIONS)
 BUDGET_TOLERANCE = 0.01
 
 

@@ -16,7 +16,7 @@ from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTran
 
 from .families import family_of
 from .flops import step_inputs  # noqa: F401  (re-exported for the tests and benchmarks)
-from .tokenizers import word_tokenizer
+from .toy.tokenizers import word_tokenizer
 
 
 def tiny_dit(num_layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8, seed: int = 0):

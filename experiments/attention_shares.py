@@ -14,7 +14,7 @@ from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, shapes
 from dit_cache.concepts import concept_token_groups, cross_attention_probs
-from dit_cache.evaluation import prompt_set
+from dit_cache.toy.evaluation import prompt_set
 
 
 class RecordConditionalAttention:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from dit_cache.evaluation import paired_difference
+from dit_cache.toy.evaluation import paired_difference
 
 
 def compare(first: Path, second: Path, resamples: int = 10_000) -> str:

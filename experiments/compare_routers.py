@@ -11,7 +11,7 @@ budget), the HarmoniCa router calibrated to each budget, the whole-step greedy s
 (uniform, taylor) at their own shares, paired per image with bootstrap intervals:
 
     OMP_NUM_THREADS=1 python experiments/compare_routers.py --budgets [0.45,0.55,0.65] --count 40 --seed 80000 \
-        --output docs/results/router_budgets.json
+        --output docs/results/archive/router_budgets.json
 """
 
 import json
@@ -25,8 +25,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, CachePlan, CacheRouter, CacheSchedule, embedded_model_path
-from dit_cache.evaluation import generate, image_error, paired_difference, prompt_set
-from dit_cache.shapes import concept_accuracy
+from dit_cache.toy.evaluation import generate, image_error, paired_difference, prompt_set
+from dit_cache.toy.shapes import concept_accuracy
 from dit_cache.flops import step_flops
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline
 

@@ -11,8 +11,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
-from dit_cache.evaluation import generate, prompt_set
-from dit_cache.shapes import detect_objects, parse_caption
+from dit_cache.toy.evaluation import generate, prompt_set
+from dit_cache.toy.shapes import detect_objects, parse_caption
 
 OUTCOMES = ("right", "right color, wrong shape", "right shape, wrong color", "both wrong", "nothing found")
 

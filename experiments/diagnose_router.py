@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dit_cache import (EMBEDDED_GUIDANCE_SCALE, CacheRouter, CacheSchedule, apply_cache, cache_units,
                        embedded_model_path, embedded_router_path)
-from dit_cache.evaluation import paired_difference, per_image_mse, prompt_set
+from dit_cache.toy.evaluation import paired_difference, per_image_mse, prompt_set
 from dit_cache.training.denoising import GuidedDenoiser, sample_latents, text_conditioning
 
 

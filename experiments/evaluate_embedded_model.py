@@ -19,8 +19,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
-from dit_cache.evaluation import generate, grid, prompt_set
-from dit_cache.shapes import concept_accuracy
+from dit_cache.toy.evaluation import generate, grid, prompt_set
+from dit_cache.toy.shapes import concept_accuracy
 
 
 def main(model: str | None = None, count: int = 200, steps: int = 20,

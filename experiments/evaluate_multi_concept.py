@@ -19,7 +19,7 @@ from jsonargparse import CLI
 from tqdm.auto import tqdm
 
 from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path, shapes
-from dit_cache.evaluation import generate, prompt_set
+from dit_cache.toy.evaluation import generate, prompt_set
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConfig
 
 
@@ -129,7 +129,7 @@ def main(model: str | None = None, count: int = 200, steps: int = 20,
         if both is not None and alone in ("correction by similarities", "cross-token NMS"):
             change = paired_change(row["present"], both["present"])
             print(f"{cache_name}: both fixes against {alone} alone, prompts fixed / broken: {change}")
-    print("\nHow the images fail (counts of prompts; see dit_cache.shapes.ConceptScore.outcome)")
+    print("\nHow the images fail (counts of prompts; see dit_cache.toy.shapes.ConceptScore.outcome)")
     print("| caching | method | " + " | ".join(shapes.OUTCOMES) + " |")
     print("|---|---|" + "---|" * len(shapes.OUTCOMES))
     for (cache_name, method), row in rows.items():

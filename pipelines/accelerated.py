@@ -14,8 +14,8 @@ from pathlib import Path
 
 import diffusers
 
-from dit_cache.cache import CacheStats, apply_cache, get_cache_handle, remove_cache
-from dit_cache.compile import compile_options, compile_units
+from dit_cache.cache import CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
+from dit_cache.compile import compile_options
 from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
@@ -150,8 +150,7 @@ class CachedPipelineMixin:
         if not cached:
             self.cache_stats = None
             return call(*args, **kwargs)
-        computed_half = self.model_family.cfg.conditional_half  # CFG_SHARE computes the conditional half
-        with handle.generation(plan, computed_half=0 if computed_half is None else computed_half) as states:
+        with handle.generation(plan) as states:  # CFG_SHARE computes the family's conditional half
             try:
                 return call(*args, **kwargs)
             finally:

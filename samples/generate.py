@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 import dit_cache
 from dit_cache import EMBEDDED_GUIDANCE_SCALE
-from dit_cache.evaluation import generate
+from dit_cache.toy.evaluation import generate
 
 DEFAULT_PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a purple circle and a green square",
                    "a green triangle", "a red square and a blue circle"]

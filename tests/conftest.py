@@ -41,3 +41,31 @@ def train_cli(args: list[str]) -> None:
         main(args)
     finally:
         sys.argv = saved
+
+
+@pytest.fixture
+def train_router(tmp_path):
+    """``train_router(pipe, folder, latent_size=None)``: save ``pipe``, train a router on it for one epoch of two
+    3-step trajectories (SDT objective), check it learned something, and return the exported ``CacheRouter``."""
+
+    def train(pipe, folder, latent_size=None):
+        from dit_cache import CacheRouter
+        from dit_cache.training.callbacks import ExportRouter
+        from dit_cache.training.data import RouterDataModule
+        from dit_cache.training.router_module import RouterModule
+
+        model = folder / "model"
+        pipe.save_pretrained(model)
+        module = RouterModule(str(model), num_steps=3, objective="sdt", guidance_scale=3.0, learning_rate=0.5,
+                              latent_size=latent_size)
+        data = RouterDataModule(str(model), prompts=["a red circle", "a blue square and a cat"], batch_size=2,
+                                num_trajectories=2, max_sequence_length=8, num_classes=2)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[ExportRouter(str(folder / "router.safetensors"))])
+        before = module.router.logits.detach().clone()
+        trainer.fit(module, data)
+        assert not torch.equal(module.router.logits.detach(), before)  # it learned something
+        return CacheRouter.load(folder / "router.safetensors")
+
+    return train

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit_cache import peers
-from dit_cache.benchmark import BenchConfig, RestorationError, pareto_front, run_benchmark
+from dit_cache.bench.peer_bench import BenchConfig, RestorationError, pareto_front, run_benchmark
 from dit_cache.cli import main
 from dit_cache.testing import tiny_pixart_pipeline
 
@@ -141,7 +141,7 @@ def test_more_than_one_worker_needs_fork(monkeypatch):
 
 
 def test_fronts_are_compared_level_by_level_on_the_fastest_configuration_reaching_each():
-    from dit_cache.benchmark import front_by_level
+    from dit_cache.bench.peer_bench import front_by_level
 
     rows = [{"group": "dit-cache", "label": "a", "speedup": 2.0, "psnr_mean": 25.0},
             {"group": "dit-cache", "label": "b", "speedup": 3.0, "psnr_mean": 21.0},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dit_cache import peers
-from dit_cache.benchmark import BenchConfig, run_benchmark
+from dit_cache.bench.peer_bench import BenchConfig, run_benchmark
 from dit_cache.cli import main
 from dit_cache.testing import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
@@ -133,7 +133,7 @@ def test_bad_pipeline_arguments_give_one_line_and_write_nothing(argument, messag
 
 def test_per_block_figures_time_and_count_the_blocks_only():
     from dit_cache import CacheSchedule, cache_units
-    from dit_cache.benchmark import _BlockClock, compare_schedules
+    from dit_cache.bench.speed import _BlockClock, compare_schedules
     from dit_cache.flops import step_inputs, unit_flops
 
     transformer = tiny_sd3_pipeline().transformer

@@ -148,7 +148,7 @@ def test_compile_units_needs_a_cache_first():
 
 
 def test_compare_schedules_measures_compiled_plans_against_a_compiled_baseline():
-    from dit_cache.benchmark import compare_schedules
+    from dit_cache.bench.speed import compare_schedules
     from dit_cache.testing import step_inputs
 
     transformer = tiny_pixart()

@@ -1,4 +1,4 @@
-"""The scripts in samples/ and experiments/, and docs/faults.py: they start from the repository root, write under
+"""The scripts in samples/ and experiments/, and experiments/faults.py: they start from the repository root, write under
 the untracked outputs/ unless told otherwise, and every path the docs name exists."""
 
 import ast
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(ROOT.glob("samples/*.py")) + sorted(ROOT.glob("experiments/*.py")) + [ROOT / "docs" / "faults.py"]
+SCRIPTS = sorted(ROOT.glob("samples/*.py")) + sorted(ROOT.glob("experiments/*.py"))
 # Parameters that name a file a script writes.
 OUTPUT_PARAMETERS = {"out", "output", "grid_path"}
 
 
 def test_scripts_are_where_the_docs_say():
     names = {path.relative_to(ROOT).as_posix() for path in SCRIPTS}
-    assert {"samples/generate.py", "samples/benchmark_speed.py", "samples/benchmark_families.py",
+    assert {"samples/generate.py", "experiments/benchmark_speed.py", "experiments/benchmark_families.py",
             "experiments/compare_routers.py", "experiments/evaluate_multi_concept.py"} <= names
     assert not (ROOT / "samples" / "results").exists()
 
@@ -75,7 +75,7 @@ def test_output_defaults_are_read():
 
 
 def test_gpu_compile_benchmark_rejects_unknown_arguments():
-    result = subprocess.run(["bash", "samples/benchmark_compile_gpu.sh", "--output", "x"], cwd=ROOT,
+    result = subprocess.run(["bash", "experiments/benchmark_compile_gpu.sh", "--output", "x"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "--out FOLDER" in result.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dit_cache.shapes import (
+from dit_cache.toy.shapes import (
     BACKGROUND,
     COLORS,
     IMAGE_SIZE,

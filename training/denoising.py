@@ -14,20 +14,28 @@ import torch
 from diffusers import DiffusionPipeline
 
 from dit_cache.embedded import resolve_model
-from dit_cache.families import FAMILIES, ModelFamily, family_of
+from dit_cache.families import FAMILIES, CFGLayout, ModelFamily, family_of
 from dit_cache.families import prompts
 
 
 @dataclass
 class Conditioning:
-    """Forward kwargs for a CFG batch in the stock pipeline's order, plus the number of samples."""
+    """Forward kwargs of a step's call in the stock pipeline's CFG order (two calls: {"cond": ..., "uncond": ...}),
+    plus the number of samples."""
 
     kwargs: dict
     batch_size: int
 
     def to(self, device) -> "Conditioning":
-        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.kwargs.items()}
-        return Conditioning(moved, self.batch_size)
+        return Conditioning(_moved(self.kwargs, device), self.batch_size)
+
+
+def _moved(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
 
 
 def text_conditioning(prompt_embeds, prompt_mask, negative_embeds, negative_mask, transformer) -> Conditioning:
@@ -72,14 +80,16 @@ def step_conditioning(rows: dict, transformer) -> Conditioning:
 
 def latent_noise(transformer, batch_size: int, generator: torch.Generator, latent_size: int | None = None):
     """Initial noise in the transformer's input layout; ``latent_size``: the latent side (default: the config's
-    ``sample_size``; FLUX: the side of its packed token grid, default 64 = 1024 px)."""
+    ``sample_size``; FLUX, which has none, the side of its packed token grid: 64 = 1024 px). Video families train
+    on one latent frame."""
     config = transformer.config
     layout = denoising_family(transformer).latent_layout
     if layout == "packed":
         side = latent_size or 64
         return torch.randn((batch_size, side * side, config.in_channels), generator=generator)
-    side = latent_size or config.sample_size
-    return torch.randn((batch_size, config.in_channels, side, side), generator=generator)
+    side = latent_size or config.get("sample_size", None) or 64
+    frames = (1,) if layout == "video" else ()
+    return torch.randn((batch_size, config.in_channels, *frames, side, side), generator=generator)
 
 
 def init_noise_sigma(scheduler) -> float:
@@ -105,27 +115,41 @@ def static_shift(scheduler, image_tokens: int):
 
 
 class GuidedDenoiser:
-    """``denoiser(latents, t, conditioning)`` -> the guided model output the scheduler consumes."""
+    """``denoiser(latents, t, conditioning)`` -> the guided model output the scheduler consumes, with the model
+    calls the family's pipeline makes: one on the CFG batch, one conditional call, or a conditional and an
+    unconditional call in ``cache_context("cond")`` / ``("uncond")`` (``conditioning.kwargs`` then holds the two
+    calls' kwargs under "cond" and "uncond")."""
 
     def __init__(self, transformer, guidance_scale: float):
         self.transformer = transformer
         self.guidance_scale = guidance_scale
         self.family = denoising_family(transformer)
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        family, layout = self.family, self.family.cfg
-        model_input = torch.cat([latents] * layout.batch)
-        timesteps = family.timestep(timestep.expand(model_input.shape[0]).to(latents.device), self.transformer.config)
+    def _call(self, latents, timestep, kwargs):
+        family = self.family
+        timesteps = family.timestep(timestep.expand(latents.shape[0]).to(latents.device), self.transformer.config)
         extra = {} if family.extra_inputs is None else family.extra_inputs(self.transformer, latents,
                                                                            self.guidance_scale)
-        output = self.transformer(model_input, timestep=timesteps, **conditioning.kwargs, **extra).sample
+        return self.transformer(latents, timestep=timesteps, **kwargs, **extra).sample
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        layout = self.family.cfg
+        if layout is CFGLayout.SEPARATE_CALLS:
+            with self.transformer.cache_context("cond"):
+                conditional = self._call(latents, timestep, conditioning.kwargs["cond"])
+            if self.guidance_scale <= 1:
+                return conditional
+            with self.transformer.cache_context("uncond"):
+                unconditional = self._call(latents, timestep, conditioning.kwargs["uncond"])
+            return self.family.guide(conditional, unconditional, self.guidance_scale)
+        output = self._call(torch.cat([latents] * layout.batch), timestep, conditioning.kwargs)
         if layout.conditional_half is None:
             return output
         channels = latents.shape[1]
         prediction = output[:, :channels]  # learned-sigma models also predict a variance; samplers drop it
         halves = prediction.chunk(2)
         conditional, unconditional = halves[layout.conditional_half], halves[1 - layout.conditional_half]
-        return unconditional + self.guidance_scale * (conditional - unconditional)
+        return self.family.guide(conditional, unconditional, self.guidance_scale)
 
 
 def load_denoising_components(model: str, scheduler: str | None = None, dtype=torch.float32):

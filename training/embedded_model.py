@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from dit_cache.tokenizers import word_tokenizer
+from dit_cache.toy.tokenizers import word_tokenizer
 
 from dit_cache import shapes
 

@@ -12,6 +12,14 @@ import torch
 from .inputs import image_ids
 
 
+def can_clean_captions() -> bool:
+    """PixArt cleans captions only with beautifulsoup4 and ftfy installed, and otherwise warns on every call and
+    lowercases; asking for what will happen anyway keeps the output free of those warnings."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return is_bs4_available() and is_ftfy_available()
+
+
 def pixart_encode(pipe, prompts, max_sequence_length):
     embeds, mask, negative, negative_mask = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu",
@@ -81,3 +89,48 @@ def flux_extra_inputs(transformer, latents, guidance_scale) -> dict:
     if transformer.config.guidance_embeds:
         extra["guidance"] = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
     return extra
+
+
+def _mask_or_ones(embeds, mask):
+    # Qwen-Image's encode_prompt returns no mask when no token is padding.
+    return torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
+
+
+def qwen_image_encode(pipe, prompts, max_sequence_length):
+    embeds, mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=max_sequence_length)
+    # The pipeline runs true CFG only with a negative prompt; its docs suggest " " for none.
+    negative, negative_mask = pipe.encode_prompt([" "], device="cpu", max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": embeds, "prompt_mask": _mask_or_ones(embeds, mask), "negative_embeds": negative,
+            "negative_mask": _mask_or_ones(negative, negative_mask)}
+
+
+def qwen_image_conditioning(rows, transformer) -> dict:
+    """Two calls per step: the prompts ("cond") and the negative prompt ("uncond")."""
+    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"],
+                     "encoder_hidden_states_mask": rows["prompt_mask"]},
+            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds"),
+                       "encoder_hidden_states_mask": _negative_rows(rows, "negative_mask")}}
+
+
+def qwen_image_extra_inputs(transformer, latents, guidance_scale) -> dict:
+    import math
+
+    side = math.isqrt(latents.shape[1])
+    return {"img_shapes": [[(1, side, side)]] * latents.shape[0]}
+
+
+def qwen_image_guide(conditional, unconditional, scale):
+    """QwenImagePipeline's true CFG: the guided prediction rescaled to the conditional one's norm per token."""
+    combined = unconditional + scale * (conditional - unconditional)
+    return combined * (torch.norm(conditional, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+def wan_encode(pipe, prompts, max_sequence_length):
+    embeds, negative = pipe.encode_prompt(prompts, negative_prompt="", do_classifier_free_guidance=True,
+                                          max_sequence_length=max_sequence_length, device="cpu")
+    return {"prompt_embeds": embeds, "negative_embeds": negative[:1]}
+
+
+def wan_conditioning(rows, transformer) -> dict:
+    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"]},
+            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds")}}

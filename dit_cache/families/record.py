@@ -58,6 +58,10 @@ def _identity_timestep(t: torch.Tensor, config) -> torch.Tensor:
     return t
 
 
+def classifier_free_guidance(conditional, unconditional, scale):
+    return unconditional + scale * (conditional - unconditional)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Every per-family fact, for one diffusers transformer class.
@@ -92,6 +96,7 @@ class ModelFamily:
     encode: Callable | None = None
     conditioning: Callable | None = None
     extra_inputs: Callable | None = None
+    guide: Callable = classifier_free_guidance  # (conditional, unconditional, scale) -> the guided prediction
     bench_inputs: str = "prompts"  # "prompts", "captions" (PixArt: clean_caption) or "class_labels"
     concept_scored: bool = False  # the exact shape detector can score its images (the embedded model's world)
     notes: str = ""

@@ -111,12 +111,15 @@ FAMILIES = FamilyRegistry([
         {"QwenImageTransformerBlock": (A("attn", 2), A("img_mlp"), A("txt_mlp"))},
         inputs.qwen_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
         latent_layout="packed", pipelines=("QwenImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        encode=prompts.qwen_image_encode, conditioning=prompts.qwen_image_conditioning,
+        extra_inputs=prompts.qwen_image_extra_inputs, guide=prompts.qwen_image_guide,
         aliases=("Qwen-Image",)),
     ModelFamily(
         "wan", "WanTransformer3DModel", ("blocks",),
         {"WanTransformerBlock": (A("attn1"), A("attn2"), A("ffn"))},
         inputs.wan, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=512,
         sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
+        encode=prompts.wan_encode, conditioning=prompts.wan_conditioning,
         concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),
     # --- families-f2 families ---
     ModelFamily(

@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .families import CFGLayout, family_of
-from .units import _unwrap, cache_units
+from ..families import CFGLayout, family_of
+from ..units import _unwrap, cache_units
 
 
 @dataclass
@@ -179,12 +179,12 @@ def dit_cache_candidate(family: str, label: str, settings: dict, **accelerate_kw
     """A dit-cache configuration: ``accelerate(pipe, **accelerate_kwargs)`` (``schedule=``, ``plan=`` or ``router=``); ``decelerate`` removes it."""
 
     def apply(pipe):
-        from .pipelines import accelerate
+        from ..pipelines import accelerate
 
         accelerate(pipe, **accelerate_kwargs)
 
     def remove(pipe):
-        from .pipelines import decelerate
+        from ..pipelines import decelerate
 
         decelerate(pipe)
 
@@ -198,7 +198,7 @@ ROUTER_FLOP_BUDGETS = (0.45, 0.55, 0.65, 0.7, 0.75, 0.8)
 
 
 def uniform_family(setup: BenchSetup, intervals=UNIFORM_INTERVALS) -> list[Candidate]:
-    from .schedule import CacheSchedule
+    from ..schedule import CacheSchedule
 
     units = len(setup.meter.units)
     return [dit_cache_candidate("uniform", f"uniform interval {n}", {"interval": n},
@@ -210,7 +210,7 @@ TAYLOR_INTERVALS = (2, 3, 4)  # 5 is dominated by uniform interval 4 (docs/resul
 
 def taylor_family(setup: BenchSetup, intervals=TAYLOR_INTERVALS, order: int = 1) -> list[Candidate]:
     """dit-cache's training-free forecasting preset: compute every ``interval`` steps, forecast in between."""
-    from .plan import CachePlan
+    from ..plan import CachePlan
 
     units = len(setup.meter.units)
     return [dit_cache_candidate("taylor", f"taylor interval {n} order {order}", {"interval": n, "order": order},
@@ -218,7 +218,7 @@ def taylor_family(setup: BenchSetup, intervals=TAYLOR_INTERVALS, order: int = 1)
 
 
 def router_family(setup: BenchSetup, budgets=ROUTER_FLOP_BUDGETS) -> list[Candidate]:
-    from .router import CacheRouter
+    from ..router import CacheRouter
 
     candidates = []
     for name, path in setup.routers.items():

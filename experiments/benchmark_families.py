@@ -1,8 +1,8 @@
 """Speed of caching at the block shapes of FLUX.1-dev, SD3.5-large and Sana 1600M, against the stock transformer
-measured in the same run (as samples/benchmark_speed.py does for PixArt-alpha).
+measured in the same run (as experiments/benchmark_speed.py does for PixArt-alpha).
 
-    OMP_NUM_THREADS=1 python samples/benchmark_families.py                  # CPU, ~6 min on one thread
-    python samples/benchmark_families.py --device cuda --image_tokens 4096 --full_text  # the real token counts
+    OMP_NUM_THREADS=1 python experiments/benchmark_families.py                  # CPU, ~6 min on one thread
+    python experiments/benchmark_families.py --device cuda --image_tokens 4096 --full_text  # the real token counts
 
 Widths, heads and branch structure are the real models'; depth is 1-2 blocks, and the figures are per block: the
 clock runs inside the transformer blocks only and the FLOP-theoretical speedup counts the blocks' FLOPs only, since
@@ -22,7 +22,7 @@ from diffusers import (AllegroTransformer3DModel, CogView4Transformer2DModel, Fl
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
-from dit_cache.benchmark import compare_schedules, format_results
+from dit_cache.bench.speed import compare_schedules, format_results
 from dit_cache.families import family_of
 from dit_cache.testing import step_inputs
 from dit_cache.units import transformer_blocks

@@ -1,7 +1,7 @@
 """Reproduces docs/faults.md: every bad input and fault of issue 18 that the CLIs and the router face, run now.
 
-    OMP_NUM_THREADS=1 python docs/faults.py                        # ~1 min on one CPU thread; outputs/faults.md
-    OMP_NUM_THREADS=1 python docs/faults.py --out docs/faults.md   # the tracked table
+    OMP_NUM_THREADS=1 python experiments/faults.py                        # ~1 min on one CPU thread; outputs/faults.md
+    OMP_NUM_THREADS=1 python experiments/faults.py --out docs/faults.md   # the tracked table
 
 Each case runs ``dit-cache generate`` / ``dit-cache-train fit`` in-process on tiny random models (or the router
 API directly) and is classified from what actually happened: a clear error is exit code 2 with one error line
@@ -206,7 +206,7 @@ def main(out: str = "outputs/faults.md") -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(f"""# Faults tried (issue 18): bad input and faults, before and now
 
-Produced by `OMP_NUM_THREADS=1 python docs/faults.py --out docs/faults.md` (tiny random models; without `--out` it
+Produced by `OMP_NUM_THREADS=1 python experiments/faults.py --out docs/faults.md` (tiny random models; without `--out` it
 writes `outputs/faults.md`).
 "Before" is the outcome reported in issue 18 ("-": not listed there). "Now" is what this run saw: a *clear error*
 is exit code 2 with one error line and no traceback; *correct* is exit code 0 with the output checked.

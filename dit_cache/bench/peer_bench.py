@@ -1,163 +1,37 @@
-"""Benchmarks measured in one interleaved run against the stock model.
-
-* ``compare_schedules``: wall-clock speed of cache schedules at block shapes (``samples/benchmark_speed.py``).
-* ``run_benchmark`` (``dit-cache bench``): dit-cache's schedules and routers against diffusers' own caches on a
-  real pipeline: quality against the uncached image of the same input and seed, measured cache ratio, speedup,
-  and a Pareto plot. The candidates are set up in :mod:`dit_cache.peers`; docs/benchmark.md explains how.
+"""The peer benchmark (``dit-cache bench``): dit-cache's schedules and routers against diffusers' own caches on a
+real pipeline, measured in one interleaved run: quality against the uncached image of the same input and seed,
+measured cache ratio, speedup, and a Pareto plot. The candidates are set up in :mod:`dit_cache.bench.peers`, the
+timed rounds run in :mod:`dit_cache.bench.rounds`; docs/benchmark.md explains how.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .bench_rounds import RestorationError, Rounds, can_fork, default_workers, measure
-from .cache import apply_cache, remove_cache
-from .flops import unit_flops
-from .plan import CachePlan
-from .schedule import CacheSchedule
-from .units import transformer_blocks
-
-
-@dataclass
-class SpeedResult:
-    name: str
-    cache_ratio: float
-    seconds: float  # median seconds per generation
-    speedup: float  # stock seconds / seconds
-    theoretical_speedup: float
-
-    @property
-    def efficiency(self) -> float:
-        """Achieved / FLOP-theoretical speedup."""
-        return self.speedup / self.theoretical_speedup
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _BlockClock:
-    """Seconds spent inside the transformer blocks (forward pre-hook to forward hook of each block)."""
-
-    def __init__(self, transformer, device):
-        self.seconds, self.device = 0.0, device
-        self._handles = [hook for block in transformer_blocks(transformer)
-                         for hook in (block.register_forward_pre_hook(self._start),
-                                      block.register_forward_hook(self._stop))]
-
-    def _start(self, module, args):
-        _synchronize(self.device)
-        self._started = time.perf_counter()
-
-    def _stop(self, module, args, output):
-        _synchronize(self.device)
-        self.seconds += time.perf_counter() - self._started
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def _generation_seconds(transformer, inputs: dict, num_steps: int, per_block: bool = False) -> float:
-    """Seconds of one generation of ``num_steps`` steps: the whole forward, or (``per_block``) the blocks only."""
-    device = inputs["hidden_states"].device
-    # Decreasing timesteps, as a sampler gives them: forecasting extrapolates over them, and a timestep that goes
-    # up again starts a new generation. Built before the clock starts.
-    timesteps = [torch.full_like(inputs["timestep"], 999 - step * 999 // num_steps) for step in range(num_steps)]
-    clock = _BlockClock(transformer, device) if per_block else None
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        for timestep in timesteps:
-            transformer(**{**inputs, "timestep": timestep})
-        _synchronize(device)
-        return time.perf_counter() - start if clock is None else clock.seconds
-    finally:
-        if clock is not None:
-            clock.remove()
-
-
-def compare_schedules(transformer, schedules: dict[str, CacheSchedule | CachePlan], inputs: dict, rounds: int = 5,
-                      warmup: int = 1, compile=False, baseline: str = "stock",
-                      per_block: bool = False) -> list[SpeedResult]:
-    """Time one generation per schedule, interleaved over ``rounds``; the stock model runs in every round too.
-
-    ``compile``: passed to ``apply_cache`` (the warmup rounds then also compile). Speedups are over ``baseline``,
-    the stock model or one of ``schedules`` (e.g. the full plan, compiled: compiled + cached over compiled).
-    ``per_block``: time and count FLOPs inside the transformer blocks only, leaving out the embeddings and the
-    final layer, which a shallow copy of a deep model (1-2 of its 20-60 blocks) would otherwise overweight.
-
-    Interleaving spreads background noise (other processes, thermal state) evenly over the candidates, so the
-    ratios stay meaningful on a busy machine. Returns the stock model first.
-    """
-    num_steps = next(iter(schedules.values())).num_steps
-    per_unit, total = unit_flops(transformer, blocks_only=per_block, **inputs)
-    candidates = {"stock": None, **schedules}
-    seconds = {name: [] for name in candidates}
-    if baseline not in seconds:
-        raise ValueError(f"baseline must be 'stock' or one of the schedules, got {baseline!r}.")
-    names = list(candidates)
-    for round_index in tqdm(range(warmup + rounds), desc="benchmark rounds"):
-        # Rotate the order each round so no candidate always runs first (cold caches) or last.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            schedule = candidates[name]
-            if schedule is not None:
-                apply_cache(transformer, schedule, compile=compile)
-            elapsed = _generation_seconds(transformer, inputs, num_steps, per_block)
-            remove_cache(transformer)
-            if round_index >= warmup:
-                seconds[name].append(elapsed)
-    stock = statistics.median(seconds[baseline])
-    results = []
-    for name, schedule in candidates.items():
-        median = statistics.median(seconds[name])
-        schedule = schedule or CacheSchedule.full(num_steps, len(per_unit))
-        results.append(
-            SpeedResult(name, schedule.cache_ratio, median, stock / median, schedule.theoretical_speedup(per_unit, total))
-        )
-    return results
-
-
-def format_results(results: list[SpeedResult]) -> str:
-    lines = [
-        "| schedule | CUR | s / generation | measured speedup | FLOP-theoretical | measured / theoretical |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.cache_ratio:.0%} | {r.seconds:.3f} | {r.speedup:.3f}x | {r.theoretical_speedup:.3f}x "
-            f"| {r.efficiency:.3f} |"
-        )
-    return "\n".join(lines)
+from .rounds import RestorationError, Rounds, can_fork, default_workers, measure  # noqa: F401  (RestorationError: the bench's error)
 
 
 # --- the peer benchmark: dit-cache against diffusers' own caches (``dit-cache bench``) ---------------------------
 
-MAX_PSNR = 100.0  # identical images (MSE 0) count as this many dB, so means and intervals stay finite
 MATPLOTLIB_MISSING = 'the Pareto plot needs matplotlib: pip install "dit-cache[bench]"'
 
 
 def _prompt_inputs(pipe, count: int, seed: int) -> list[dict]:
-    from .evaluation import prompt_set
+    from ..toy.evaluation import prompt_set
 
     prompts = prompt_set(1, count // 2, seed) + prompt_set(2, count - count // 2, seed + 1)
     return [{"prompt": prompt} for prompt in prompts]
 
 
 def _caption_inputs(pipe, count: int, seed: int) -> list[dict]:
-    from .cli import _can_clean_captions
+    from ..families.prompts import can_clean_captions
 
-    return [{**item, "clean_caption": _can_clean_captions()} for item in _prompt_inputs(pipe, count, seed)]
+    return [{**item, "clean_caption": can_clean_captions()} for item in _prompt_inputs(pipe, count, seed)]
 
 
 def _class_label_inputs(pipe, count: int, seed: int) -> list[dict]:
@@ -174,14 +48,14 @@ _BENCH_INPUTS = {"prompts": _prompt_inputs, "captions": _caption_inputs, "class_
 
 def bench_family(pipe):
     """The family record of ``pipe``; a TypeError naming the supported pipelines for anything else."""
-    from .families import family_of_pipeline
+    from ..families import family_of_pipeline
 
     return family_of_pipeline(pipe)
 
 
 @dataclass
 class BenchConfig:
-    """Settings of one peer benchmark run. ``families`` are keys of :data:`dit_cache.peers.FAMILIES`."""
+    """Settings of one peer benchmark run. ``families`` are keys of :data:`dit_cache.bench.peers.FAMILIES`."""
 
     count: int = 40
     seed: int = 90_000  # scored prompts use seeds seed .. seed + count - 1, never used for tuning
@@ -318,8 +192,8 @@ def run_benchmark(pipe, config: BenchConfig, out: str | Path, candidates: list |
 
 def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_name: str) -> dict:
     from . import peers
-    from .embedded import EMBEDDED_GUIDANCE_SCALE
-    from .flops import step_flops
+    from ..embedded import EMBEDDED_GUIDANCE_SCALE
+    from ..flops import step_flops
 
     family = bench_family(pipe)
     pipe.set_progress_bar_config(disable=True)
@@ -376,10 +250,6 @@ def _run(pipe, config: BenchConfig, out: Path, candidates, router_paths, model_n
     return results
 
 
-def _psnr(mse: torch.Tensor) -> torch.Tensor:
-    return (10 * torch.log10(1.0 / mse)).clamp(max=MAX_PSNR)
-
-
 def score(candidates, records: dict, inputs: list[dict], seeds: list[int], family,
           config: BenchConfig) -> dict:
     """Per-configuration figures, per image and aggregated: speed and measured cache ratios, and (unless
@@ -422,17 +292,13 @@ def _score_quality(row: dict, images: list, reference_images: list, inputs: list
                    config: BenchConfig) -> None:
     """Fill ``row`` with the error of ``images`` against the uncached ones: MSE, PSNR (bootstrap interval), SSIM,
     and concept accuracy where the detector knows the captions."""
-    import numpy as np
     from PIL import Image
-    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from .evaluation import image_batch, paired_difference, per_image_mse, to_uint8
-    from .shapes import concept_accuracy
+    from ..metrics import image_errors, paired_difference, to_uint8
+    from ..toy.shapes import concept_accuracy
 
-    batch, reference = image_batch(images), image_batch(reference_images)
-    mse = per_image_mse(batch, reference)
-    psnr = _psnr(mse)
-    ssim = structural_similarity_index_measure(batch, reference, data_range=1.0, reduction="none")
+    errors = image_errors(images, reference_images)
+    mse, psnr, ssim = errors["mse"], errors["psnr"], errors["ssim"]
     # paired_difference against zeros is the plain bootstrap interval of the mean.
     psnr_interval = paired_difference(psnr.tolist(), [0.0] * len(psnr), config.resamples)
     if family.concept_scored:
@@ -454,7 +320,7 @@ def nearest_rival(row: dict, rows: list[dict]) -> dict | None:
 
 def paired_comparison(row: dict, other: dict, resamples: int = 10_000) -> dict:
     """Paired bootstrap differences ``row - other`` over the same images: PSNR (dB) and time ratio vs uncached."""
-    from .evaluation import paired_difference
+    from ..metrics import paired_difference
 
     def values(r, key):
         return [image[key] for image in r["per_image"]]
@@ -633,7 +499,7 @@ def run_bench(args) -> int:
 
     from diffusers import DiffusionPipeline
 
-    from . import embedded
+    from .. import embedded
 
     try:
         config = BenchConfig(count=args.count, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,

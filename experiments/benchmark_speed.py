@@ -1,8 +1,8 @@
 """Speed of caching at PixArt-alpha block shapes, against the stock transformer measured in the same run.
 
-    python samples/benchmark_speed.py                       # CPU, 4 blocks, 10 steps
-    python samples/benchmark_speed.py --device cuda --num_layers 28 --dtype float16
-    python samples/benchmark_speed.py --compile default     # + compiled rows (docs/compile.md)
+    python experiments/benchmark_speed.py                       # CPU, 4 blocks, 10 steps
+    python experiments/benchmark_speed.py --device cuda --num_layers 28 --dtype float16
+    python experiments/benchmark_speed.py --compile default     # + compiled rows (docs/compile.md)
 
 Random weights: speed does not depend on what the weights are.
 """
@@ -14,7 +14,7 @@ from jsonargparse import CLI
 from torch._dynamo.utils import counters
 
 from dit_cache import CachePlan, CacheSchedule, apply_cache, cache_units, remove_cache
-from dit_cache.benchmark import _generation_seconds, compare_schedules, format_results
+from dit_cache.bench.speed import _generation_seconds, compare_schedules, format_results
 from dit_cache.testing import pixart_alpha_shapes, step_inputs
 
 
