@@ -22,7 +22,8 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 
-from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, CompiledPlan, DenoisingStepHook, UnitCacheHook
+from .deprecation import warn_renamed
+from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, DenoisingStepHook, PreparedPlan, UnitCacheHook
 from .plan import as_plan
 from .actions import ACTIONS, Action
 from .compile import compile_hooks, compile_options
@@ -118,9 +119,8 @@ class CacheHandle:
         self.conditional_half = 1 if conditional_half is None else conditional_half
         self.units = units
         self.min_history = history
-        self.schedule = plan  # what the user gave (a CachePlan or a CacheSchedule)
         self.plan = as_plan(plan)
-        self.compiled = CompiledPlan(self.plan, history)
+        self.compiled = PreparedPlan(self.plan, history)
         self.time_rises = _time_rises(transformer)
         self.state = CacheState(self.compiled, computed_half=self.conditional_half, detect_new_generation=True,
                                 time_rises=self.time_rises)  # engine-level default
@@ -137,18 +137,28 @@ class CacheHandle:
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
-    def set_schedule(self, plan) -> None:
-        """Swap the engine-level plan or schedule (same unit count); starts a new generation."""
-        compiled = self.compile(plan)
-        self.schedule, self.plan, self.compiled = plan, compiled.plan, compiled
+    def set_plan(self, plan) -> None:
+        """Swap the engine-level plan (a ``CachePlan`` or ``CacheSchedule``, same unit count); starts a new
+        generation."""
+        prepared = self.prepare(plan)
+        self.plan, self.compiled = prepared.plan, prepared
         for state in self._engine_states:
-            state.set_plan(compiled)
+            state.set_plan(prepared)
 
-    def compile(self, plan) -> CompiledPlan:
+    def set_schedule(self, plan) -> None:
+        warn_renamed("CacheHandle.set_schedule", "CacheHandle.set_plan")
+        self.set_plan(plan)
+
+    def prepare(self, plan) -> PreparedPlan:
         """``plan`` checked against this transformer and prepared for the hooks (reused across calls)."""
         plan = as_plan(plan)
         plan.check_compatible(num_units=len(self.units))
-        return self.compiled if plan is self.plan else CompiledPlan(plan, self.min_history)
+        return self.compiled if plan is self.plan else PreparedPlan(plan, self.min_history)
+
+    def compile(self, plan) -> PreparedPlan:
+        warn_renamed("CacheHandle.compile (it prepares a plan; torch.compile is dit_cache.compile_units)",
+                     "CacheHandle.prepare")
+        return self.prepare(plan)
 
     @contextmanager
     def generation(self, plan=None, *, computed_half: int | None = None):
@@ -159,7 +169,7 @@ class CacheHandle:
         SD3 and Sana, whose pipelines batch [unconditional, conditional]; 0 for DiT). Yields the generation's
         ``ContextStates`` (one ``CacheState`` per cache context); ``CacheStats.of(states)`` gives its statistics.
         """
-        compiled = plan if isinstance(plan, CompiledPlan) else self.compile(self.plan if plan is None else plan)
+        compiled = plan if isinstance(plan, PreparedPlan) else self.prepare(self.plan if plan is None else plan)
         half = self.conditional_half if computed_half is None else computed_half
         states = ContextStates(lambda: CacheState(compiled, computed_half=half))
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
@@ -278,7 +288,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
     if get_cache_handle(transformer) is not None:
         raise RuntimeError(
             f"{type(transformer).__name__} already has a cache applied. "
-            "Call dit_cache.remove_cache(transformer) first, or handle.set_schedule(...) to change it."
+            "Call dit_cache.remove_cache(transformer) first, or handle.set_plan(...) to change it."
         )
     if history < 1:
         raise ValueError(f"history must be >= 1, got {history}.")

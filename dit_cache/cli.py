@@ -229,7 +229,7 @@ def _load(args):
     pipe = pipe.to(args.device if args.device is not None else state.device)
     pipe.set_progress_bar_config(disable=True)
     if router is not None:
-        accelerate(pipe, router=router, threshold=args.threshold, flops=args.flops)
+        accelerate(pipe, router=router, threshold=args.threshold, skip_flops=args.flops)
     elif args.plan is not None:
         plan = _plan(args.plan, 20 if args.steps is None else args.steps, len(cache_units(pipe.transformer)))
         if args.steps is None:

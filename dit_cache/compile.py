@@ -5,7 +5,7 @@ that reads the plan. Compiled into one graph with the computation it would be gu
 would recompile. So ``compile_units`` compiles only what the unit does when it computes (the branch module's own
 ``forward``), and the hook calls that compiled function. Consequences:
 
-* every action path is compiled once; changing the plan (``handle.set_schedule``, another ``accelerate``) never
+* every action path is compiled once; changing the plan (``handle.set_plan``, another ``accelerate``) never
   recompiles. Identical branches of repeated blocks share one graph (3 graphs for a PixArt transformer).
 * shapes are static (``dynamic=False``): a new resolution, batch or caption length compiles once more. CFG_SHARE
   runs units on half of the CFG batch, a second static shape compiled the first time a plan uses it.

@@ -26,7 +26,7 @@ def embedded_model_path() -> str:
 
 def embedded_router_path() -> str:
     """The router searched for the embedded model at its default step count (``embedded_search.yaml``): one file
-    for every FLOP budget up to 80% (``accelerate(pipe, router=..., flops=...)``)."""
+    for every FLOP budget up to 80% (``accelerate(pipe, router=..., skip_flops=...)``)."""
     return _existing(
         ASSETS / "embedded_router.safetensors",
         "embedded router",

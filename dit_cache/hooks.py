@@ -14,6 +14,7 @@ from diffusers.hooks import ModelHook
 
 from .actions import ACTIONS, Action
 from .forecast import extrapolate, lagrange_weights, weighted_sum
+from .parallel import check_step
 from .plan import CachePlan
 
 # Codes only the engine uses, next to the plan's Action codes.
@@ -36,8 +37,9 @@ _EAGER = torch.compiler.disable(reason=(
     "fullgraph=True: drop it, or compile the units themselves with dit_cache.accelerate(pipe, ..., compile=True)"))
 
 
-class CompiledPlan:
-    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats."""
+class PreparedPlan:
+    """A plan as the hooks read it: rows of plain ints, per-unit history depths, and LINEAR weights as floats.
+    (Nothing to do with ``torch.compile``; it was called ``CompiledPlan``, a name kept as an alias.)"""
 
     def __init__(self, plan: CachePlan, min_history: int = 1):
         self.plan = plan
@@ -51,7 +53,7 @@ class CompiledPlan:
 class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
-    def __init__(self, compiled: CompiledPlan, mode: str = SCHEDULE, computed_half: int = 1,
+    def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
                  detect_new_generation: bool = False, time_rises: bool = False):
         self.mode = mode
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
@@ -62,7 +64,7 @@ class CacheState:
         self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
         self.set_plan(compiled)
 
-    def set_plan(self, compiled: CompiledPlan) -> None:
+    def set_plan(self, compiled: PreparedPlan) -> None:
         """Follow ``compiled`` from a new generation on."""
         self.compiled = compiled
         num_units = compiled.num_units
@@ -211,6 +213,9 @@ def _rebuild(computed, newest, computed_half: int, half: int):
     return torch.cat([rebuilt, computed] if computed_half else [computed, rebuilt])
 
 
+CompiledPlan = PreparedPlan  # the old name (training code and user code may use it)
+
+
 class UnitCacheHook(ModelHook):
     """Wraps one branch (attn1 / attn2 / ff / ...): computes it, or produces its pre-gate output from the cache."""
 
@@ -264,6 +269,7 @@ class DenoisingStepHook:
         state = self.handle.active_state()
         if state is not None:
             state.begin_step(kwargs.get("timestep"))
+            check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
 
     @_EAGER
     def _end(self, module, args, output):

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import get_cache_handle
+from .parallel import all_reduce_sum
 from .plan import Action, CachePlan
 from .units import _unwrap, cache_units
 
@@ -95,6 +96,9 @@ def fit_linear_forecaster(pipe, plan, prompts, *, order: int | None = None, seed
     finally:
         for h in handles:
             h.remove()
+    # Under context parallelism each rank recorded its own token shard: the normal equations are sums over tokens,
+    # so their sum over the ranks is the single-process fit, the same weights on every rank.
+    all_reduce_sum(pipe.transformer, gram, target)
     eye = torch.eye(order, dtype=torch.float64)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)[:, None, None]
     solved = torch.linalg.solve(gram + ridge * scale * eye, target[..., None])[..., 0]

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .actions import ACTION_COST, ROUTER_CHOICES, Action
+from .deprecation import skip_flops_argument
 from .plan import CachePlan
 from .schedule import CacheSchedule, check_unit_weights
 
@@ -32,7 +33,7 @@ class CacheRouter(torch.nn.Module):
         router = CacheRouter.load(dit_cache.embedded_router_path())
         schedule = router.schedule()            # hard decisions at the trained threshold
         print(schedule.cache_ratio)
-        plan = router.plan(flops=0.55)          # a router with a searched budget range: 55% of unit FLOPs skipped
+        plan = router.plan(skip_flops=0.55)     # a router with a searched budget range: 55% of unit FLOPs skipped
         print(plan.cached_share(router.unit_flops))
 
     Optional parts (routers from ``objective: search``): ``cheap_actions`` ``[num_steps, num_units]``, the
@@ -100,16 +101,18 @@ class CacheRouter(torch.nn.Module):
         mask[self.fixed_rows.cpu()] = True  # pinned rows compute whatever the threshold
         return CacheSchedule(mask)
 
-    def plan(self, threshold: float | None = None, *, flops: float | None = None) -> CachePlan:
+    def plan(self, threshold: float | None = None, *, skip_flops: float | None = None,
+             flops: float | None = None) -> CachePlan:
         """The hard decisions as a :class:`CachePlan`: computed entries COMPUTE, the others take their cheap action
         (REUSE for routers without ``cheap_actions``, so ``plan() == CachePlan.from_schedule(schedule())``).
 
-        ``flops``: the share of the units' FLOPs to skip (counted with the router's ``unit_flops``), for routers
+        ``skip_flops``: the share of the units' FLOPs to skip (counted with the router's ``unit_flops``), for routers
         that serve a range of budgets (metadata ``flops_range``); the threshold is then chosen for it. A FORECAST
         entry whose unit has not computed often enough at that budget falls back to REUSE.
         """
+        flops = skip_flops_argument(skip_flops, flops, "CacheRouter.plan")  # flops=: the old name
         if threshold is not None and flops is not None:
-            raise ValueError("Pass threshold= or flops=, not both: flops= chooses the threshold.")
+            raise ValueError("Pass threshold= or skip_flops=, not both: skip_flops= chooses the threshold.")
         if flops is not None:
             threshold = self.threshold_for_flops(flops)
         mask = self.schedule(threshold).mask

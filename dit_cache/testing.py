@@ -108,7 +108,7 @@ def run_steps(transformer, num_steps: int, **step_kwargs) -> list[torch.Tensor]:
         for step in range(num_steps):
             inputs["timestep"] = family.timesteps(900 - step * (800 // max(num_steps, 1)), inputs["timestep"].shape[0],
                                                   config)
-            output = transformer(**inputs).sample
+            output = transformer(**inputs, return_dict=False)[0]  # FLUX's CP split hook refuses a return_dict
             outputs.append(output)
             inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * output[:, : inputs["hidden_states"].shape[1]]
     return outputs

@@ -12,7 +12,8 @@ from diffusers import PixArtAlphaPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from jsonargparse import CLI
 
-from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, shapes
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path
+from dit_cache.toy import shapes
 from dit_cache.concepts import concept_token_groups, cross_attention_probs
 from dit_cache.toy.evaluation import prompt_set
 

@@ -18,7 +18,8 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 from tqdm.auto import tqdm
 
-from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path, shapes
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, embedded_model_path, embedded_router_path
+from dit_cache.toy import shapes
 from dit_cache.toy.evaluation import generate, prompt_set
 from dit_cache.pipelines import AcceleratedPixArtAlphaPipeline, MultiConceptConfig
 

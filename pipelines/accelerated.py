@@ -16,6 +16,7 @@ import diffusers
 
 from dit_cache.cache import CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
 from dit_cache.compile import compile_options
+from dit_cache.deprecation import skip_flops_argument
 from dit_cache.families import FAMILIES, ModelFamily, family_of_pipeline
 from dit_cache.router import CacheRouter
 from dit_cache.plan import Action, CachePlan, as_plan
@@ -26,13 +27,14 @@ from .multi_concept import MultiConceptConfig, multi_concept_call
 
 
 def _resolve_plan(pipe, router, schedule, plan, threshold, flops=None) -> tuple[CachePlan, CacheRouter | None]:
+    # ``flops`` here is the share of the units' FLOPs to skip (the public keyword: skip_flops=).
     given = [name for name, value in (("router", router), ("schedule", schedule), ("plan", plan)) if value is not None]
     if len(given) != 1:
         raise ValueError("Pass exactly one of router= (a CacheRouter or a path to router.safetensors), plan= (a "
                          f"CachePlan) or schedule= (a CacheSchedule); got {', '.join(given) or 'none'}.")
     num_units = len(cache_units(pipe.transformer))
     if router is None and flops is not None:
-        raise ValueError("flops= chooses a router's budget; pass router= with it (a plan's budget is fixed).")
+        raise ValueError("skip_flops= chooses a router's budget; pass router= with it (a plan's budget is fixed).")
     if router is None:
         plan = as_plan(plan if plan is not None else schedule)
         plan.check_compatible(num_units=num_units)
@@ -51,7 +53,7 @@ def _resolve_plan(pipe, router, schedule, plan, threshold, flops=None) -> tuple[
             "cache decisions may not transfer. Set pipe.scheduler to the training scheduler for best quality.",
             stacklevel=3,
         )
-    return router.plan(threshold, flops=flops), router
+    return router.plan(threshold, skip_flops=flops), router
 
 
 class CachedPipelineMixin:
@@ -68,15 +70,18 @@ class CachedPipelineMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, router=None, schedule=None, plan=None,
-                        threshold=None, flops=None, **kwargs):
+                        threshold=None, skip_flops=None, flops=None, **kwargs):
         """The stock ``from_pretrained`` plus ``router=`` (path or CacheRouter), ``plan=`` or ``schedule=``;
-        none of them: no cache. ``flops``: the router's budget (see :func:`accelerate`)."""
+        none of them: no cache. ``skip_flops``: the router's budget (see :func:`accelerate`)."""
+        flops = skip_flops_argument(skip_flops, flops, f"{cls.__name__}.from_pretrained")
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
     @classmethod
-    def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, flops=None, **kwargs):
+    def from_pipe(cls, pipeline, *, router=None, schedule=None, plan=None, threshold=None, skip_flops=None,
+                  flops=None, **kwargs):
         """A new pipeline sharing ``pipeline``'s components; the original keeps running uncached."""
+        flops = skip_flops_argument(skip_flops, flops, f"{cls.__name__}.from_pipe")
         pipe = super().from_pipe(pipeline, **kwargs)
         return _install(pipe, router, schedule, plan, threshold, flops) if (router, schedule, plan) != (None,) * 3 else pipe
 
@@ -200,26 +205,28 @@ def _install(pipe, router, schedule, plan, threshold, flops=None, compile=False)
 
 
 def accelerate(pipe, router=None, *, plan=None, schedule=None, threshold: float | None = None, compile=False,
-               flops: float | None = None):
+               skip_flops: float | None = None, flops: float | None = None):
     """Turn an existing diffusers pipeline into a cached one, in place; returns it.
 
     ``router``: a trained router (path or ``CacheRouter``, at its threshold unless ``threshold`` is given);
     ``plan``: a ``CachePlan`` (e.g. ``CachePlan.taylor(20, units, interval=3)``); ``schedule``: a ``CacheSchedule``.
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles each unit's computation; the cache
     decisions stay eager, so no plan change recompiles (docs/compile.md).
-    ``flops``: for a router that serves a range of budgets (``objective: search``), the share of the units' FLOPs
-    to skip, e.g. ``flops=0.55``; a budget outside the router's range is refused (``router.flops_range``).
+    ``skip_flops``: for a router that serves a range of budgets (``objective: search``), the share of the units'
+    FLOPs to skip, e.g. ``skip_flops=0.55``; a budget outside the router's range is refused
+    (``router.flops_range``). ``flops=`` is its old name (deprecated).
 
     Example::
 
         pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
-        pipe = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), flops=0.55)
+        pipe = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), skip_flops=0.55)
         image = pipe("a red circle and a blue square", guidance_scale=2.0).images[0]
         print(pipe.cache_stats.cache_ratio)
     """
     if not hasattr(pipe, "transformer"):
         raise TypeError(f"{type(pipe).__name__} has no transformer: dit-cache accelerates DiT-style pipelines.")
     original_class = type(pipe)
+    flops = skip_flops_argument(skip_flops, flops, "accelerate")
     _install(pipe, router, schedule, plan, threshold, flops, compile)  # validates first: a bad router changes nothing
     if not isinstance(pipe, CachedPipelineMixin):
         pipe.__class__ = _accelerated_class(original_class)

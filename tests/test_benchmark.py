@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dit_cache import peers
+from dit_cache.bench import peers
 from dit_cache.bench.peer_bench import BenchConfig, RestorationError, pareto_front, run_benchmark
 from dit_cache.cli import main
 from dit_cache.testing import tiny_pixart_pipeline

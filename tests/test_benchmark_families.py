@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dit_cache import peers
+from dit_cache.bench import peers
 from dit_cache.bench.peer_bench import BenchConfig, run_benchmark
 from dit_cache.cli import main
 from dit_cache.testing import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline

@@ -67,7 +67,7 @@ def test_compiled_units_match_eager_and_a_new_plan_never_recompiles():
 
     with torch._dynamo.config.patch(error_on_recompile=True):
         for name in ("taylor", "uniform"):
-            handle.set_schedule(plans[name])
+            handle.set_plan(plans[name])
             _assert_close(run_steps(transformer, STEPS), expected[name])
     assert _compiled_frames() == frames
     assert not counters["recompiles"]
@@ -103,7 +103,7 @@ def test_an_outer_compile_of_the_transformer_works_in_either_order(order):
     _assert_close(run_steps(model, STEPS), expected["cfg"])
     assert handle.stats.cfg_shared > 0  # the cache ran under the outer compile
     with torch._dynamo.config.patch(error_on_recompile=True):
-        handle.set_schedule(plans["taylor"])
+        handle.set_plan(plans["taylor"])
         _assert_close(run_steps(model, STEPS), expected["taylor"])
     assert handle.stats.forecast > 0
 

@@ -8,7 +8,8 @@ import torch
 from diffusers import PixArtAlphaPipeline
 
 import dit_cache
-from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, cache_units, shapes
+from dit_cache import EMBEDDED_GUIDANCE_SCALE, CacheRouter, cache_units
+from dit_cache.toy import shapes
 from dit_cache.cli import main
 from dit_cache.units import unit_layout
 

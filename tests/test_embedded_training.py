@@ -7,7 +7,7 @@ import torch
 from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
-from dit_cache import shapes
+from dit_cache.toy import shapes
 from dit_cache.testing import tiny_pixart_pipeline, tiny_vae
 from dit_cache.training.embedded_model import (POSITION_UNIT, SceneMix, TextToImageStage, build_tokenizer,
                                                encode_training_set, train_embedded_model,

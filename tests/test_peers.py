@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dit_cache
-from dit_cache import peers
+from dit_cache.bench import peers
 from dit_cache.families import family_of_pipeline
 from dit_cache.flops import step_flops
 from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline

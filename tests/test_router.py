@@ -278,7 +278,7 @@ def test_gate_of_zeros_is_the_hard_reuse_step(gated_setup):
             gated = transformer(**second).sample
         mask = torch.ones(STEPS, num_units, dtype=torch.bool)
         mask[1] = False
-        handle.set_schedule(CacheSchedule(mask))
+        handle.set_plan(CacheSchedule(mask))
         transformer(**first)
         reused = transformer(**second).sample
         with handle.bypassed():

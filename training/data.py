@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from diffusers import DiffusionPipeline
 
-from dit_cache import shapes
+from dit_cache.toy import shapes
 from dit_cache.embedded import resolve_model
 
 from .denoising import conditioning_rows, encode_prompts

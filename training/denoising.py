@@ -184,7 +184,7 @@ def sample_latents(denoiser: GuidedDenoiser, scheduler, latents, conditioning: C
     """
     steps = fresh_scheduler(scheduler, num_steps, latents.device)
     if handle is not None:
-        handle.set_schedule(schedule)
+        handle.set_plan(schedule)
     latents = latents * init_noise_sigma(steps)
     for index, t in enumerate(steps.timesteps):
         model_input = scale_model_input(steps, latents, t)

@@ -38,7 +38,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from dit_cache.toy.tokenizers import word_tokenizer
 
-from dit_cache import shapes
+from dit_cache.toy import shapes
 
 # Token positions are measured in patches of this many latent pixels whatever the patch size, so weights
 # transfer across patch sizes (``transfer_weights``).

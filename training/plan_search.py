@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dit_cache.cache import CacheHandle
-from dit_cache.hooks import CompiledPlan
+from dit_cache.hooks import PreparedPlan
 from dit_cache.plan import ACTION_COST, Action, CachePlan
 from dit_cache.router import LOGIT_LIMIT, CacheRouter, plan_with_fallbacks
 
@@ -383,7 +383,7 @@ class TrajectoryRunner:
 
     def _start(self, plan: CachePlan, snapshot=None):
         state = self.handle.state
-        state.set_plan(CompiledPlan(plan, HISTORY))
+        state.set_plan(PreparedPlan(plan, HISTORY))
         if snapshot is None:
             return copy.deepcopy(self.scheduler), self.noise * init_noise_sigma(self.scheduler), 0
         step, latents, scheduler, outputs, times = snapshot
