@@ -144,9 +144,11 @@ FAMILIES = FamilyRegistry([
         # not a unit (an adapter splitting the two calls would be needed).
         {"CogView4TransformerBlock": (A("attn1", 2),)},
         inputs.cogview4, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=128,
-        pipelines=("CogView4Pipeline",), concepts_refusal=_JOINT_ATTENTION,
-        notes=("Units are the joint attentions only (the shared ff runs twice per block). No router training: "
-               "its pipeline runs CFG as two calls."),
+        pipelines=("CogView4Pipeline",), concepts_refusal=_JOINT_ATTENTION, encode=prompts.cogview4_encode,
+        conditioning=prompts.cogview4_conditioning, extra_inputs=prompts.cogview4_extra_inputs,
+        notes=("Units are the joint attentions only (the shared ff runs twice per block). Router training samples "
+               "with FLUX's static shift for the resolution; CogView4Pipeline shifts its sigmas linearly with its "
+               "own mu, so trained trajectories are close to, not exactly, the pipeline's."),
         aliases=("CogView4-6B",)),
     ModelFamily(
         "hunyuan-image", "HunyuanImageTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
@@ -158,7 +160,8 @@ FAMILIES = FamilyRegistry([
         inputs.hunyuan_image, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=1000,
         sample_size=8, pipelines=("HunyuanImagePipeline",), check_pipeline=_hunyuan_image_guider,
         concepts_refusal=_JOINT_ATTENTION,
-        notes="No router training: its pipeline runs CFG as two calls (a guider).",
+        notes=("No router training: its guider is adaptive projected guidance with a momentum buffer, not the "
+               "plain CFG rule router training applies."),
         aliases=("HunyuanImage-2.1",)),
     ModelFamily(
         "allegro", "AllegroTransformer3DModel", ("transformer_blocks",),
