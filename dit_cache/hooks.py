@@ -75,10 +75,11 @@ class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
     def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
-                 detect_new_generation: bool = False):
+                 detect_new_generation: bool = False, time_rises: bool = False):
         self.mode = mode
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
         self.detect_new_generation = detect_new_generation
+        self.time_rises = time_rises  # the model's timestep goes up over a generation (Lumina2: 0 is noise)
         self.gate_scores: torch.Tensor | None = None
         self.gate_writes: list[bool] = []
         self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
@@ -133,8 +134,8 @@ class CacheState:
         if self.step >= self.compiled.num_steps:
             self.reset()
         elif (self.detect_new_generation and self.step > 0 and time is not None and self.last_time is not None
-              and time >= self.last_time):
-            self.reset()  # the timesteps of a generation decrease: a larger one starts a new generation
+              and (time <= self.last_time if self.time_rises else time >= self.last_time)):
+            self.reset()  # a generation's timesteps move one way (down, but Lumina2's up): a step back starts anew
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
         if self.step == 0:

@@ -681,3 +681,154 @@ def run_in_lockstep(transformer, jobs):
     if errors:
         raise errors[0]
     return results
+
+
+# --- families-f2: Lumina2, CogView4, HunyuanImage 2.1 (tiny random models and pipelines) ---
+def tiny_lumina2(num_layers: int = 2, num_refiner_layers: int = 1, heads: int = 2, head_dim: int = 8,
+                 sample_size: int = 8, cap_feat_dim: int = 16, seed: int = 0):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, hidden_size=heads * head_dim, num_layers=num_layers,
+        num_refiner_layers=num_refiner_layers, num_attention_heads=heads, num_kv_heads=1, multiple_of=16,
+        axes_dim_rope=(4, 2, 2), axes_lens=(64, 32, 32), cap_feat_dim=cap_feat_dim,
+    ).eval()
+
+
+def tiny_cogview4(num_layers: int = 2, heads: int = 2, head_dim: int = 8, text_dim: int = 16, seed: int = 0):
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(seed)
+    return CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, text_embed_dim=text_dim, time_embed_dim=8, condition_dim=4, sample_size=8,
+        rope_axes_dim=(8, 8),
+    ).eval()
+
+
+def tiny_hunyuan_image(num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, head_dim: int = 8,
+                       text_dim: int = 16, text_2_dim: int | None = 16, seed: int = 0):
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=text_dim,
+        text_embed_2_dim=text_2_dim, rope_axes_dim=(4, 4),
+    ).eval()
+
+
+def _tiny_gemma2(hidden: int = 16):
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    return Gemma2Model(Gemma2Config(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=512)).eval()
+
+
+def tiny_lumina2_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A Lumina2Pipeline from tiny random components (a Gemma-2 text encoder): no download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+
+    return (pipeline_class or Lumina2Pipeline)(
+        transformer=tiny_lumina2(num_layers=num_layers, cap_feat_dim=16), vae=tiny_vae(shift_factor=0.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=_tiny_gemma2(16), tokenizer=tiny_tokenizer(),
+    )
+
+
+def tiny_cogview4_pipeline(num_layers: int = 2, pipeline_class=None):
+    """A CogView4Pipeline from tiny random components (a GLM text encoder): no download."""
+    from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(0)
+    text_encoder = GlmModel(GlmConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                                      max_position_embeddings=512)).eval()
+    # CogView4's dynamic shifting, as the real pipeline ships its scheduler.
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    return (pipeline_class or CogView4Pipeline)(
+        transformer=tiny_cogview4(num_layers=num_layers, text_dim=16), vae=tiny_vae(), scheduler=scheduler,
+        text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+    )
+
+
+def tiny_hunyuan_image_pipeline(num_layers: int = 1, num_single_layers: int = 2, pipeline_class=None):
+    """A HunyuanImagePipeline (2.1, with its adaptive projected guider) from tiny random components: a
+    Qwen2.5-VL text encoder, a ByT5 glyph encoder and a HunyuanImage VAE; no download. As the real pipeline, it
+    pads every prompt to 1000 tokens."""
+    from diffusers import (AdaptiveProjectedMixGuidance, AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler,
+                           HunyuanImagePipeline)
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        vocab_size=64, vision_start_token_id=60, vision_end_token_id=61, vision_token_id=62, image_token_id=63,
+        video_token_id=63)).eval()
+    glyph_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                            dropout_rate=0.0, feed_forward_proj="gated-gelu")).eval()
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
+                                    layers_per_block=1, scaling_factor=0.476986, spatial_compression_ratio=8,
+                                    sample_size=64).eval()
+    return (pipeline_class or HunyuanImagePipeline)(
+        transformer=tiny_hunyuan_image(num_layers=num_layers, num_single_layers=num_single_layers),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), vae=vae, text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(), text_encoder_2=glyph_encoder, tokenizer_2=ByT5Tokenizer(),
+        guider=AdaptiveProjectedMixGuidance(guidance_scale=3.0, adaptive_projected_guidance_start_step=2),
+    )
+
+
+TINY_FAMILIES.update({
+    # Lumina2Pipeline's CFG is an unnamed second call per step, refused while cached: no cfg_call.
+    "lumina2": TinyFamily(tiny_lumina2, tiny_lumina2_pipeline,
+                          dict(height=64, width=64, max_sequence_length=32, system_prompt="", guidance_scale=1.0),
+                          cfg_call={}),
+    "cogview4": TinyFamily(tiny_cogview4, tiny_cogview4_pipeline, dict(height=64, width=64, max_sequence_length=16),
+                           cfg_call=dict(guidance_scale=3.0, negative_prompt="blurry")),
+    # Its guider (set on the pipeline) runs CFG at every step; the call has no guidance_scale.
+    "hunyuan-image": TinyFamily(tiny_hunyuan_image, tiny_hunyuan_image_pipeline, dict(height=64, width=64),
+                                cfg_call=dict(negative_prompt="blurry")),
+})
+
+
+def tiny_allegro(num_layers: int = 2, heads: int = 2, head_dim: int = 12, caption_channels: int = 16, seed: int = 0):
+    """``head_dim`` splits in three for its 3D rotary embedding (frames, rows, columns)."""
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(seed)
+    return AllegroTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, num_layers=num_layers,
+        cross_attention_dim=heads * head_dim, caption_channels=caption_channels, sample_height=8, sample_width=8,
+        sample_frames=2,
+    ).eval()
+
+
+def tiny_allegro_pipeline(num_layers: int = 2, pipeline_class=None):
+    """An AllegroPipeline (text-to-video) from tiny random components (a T5, a tiled 3D VAE): no download."""
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, DDIMScheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLAllegro(
+        in_channels=3, out_channels=3, down_block_types=("AllegroDownBlock3D",) * 4,
+        up_block_types=("AllegroUpBlock3D",) * 4, block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4).eval()
+    vae.enable_tiling()  # diffusers' Allegro VAE decodes tiled only
+    # ... in tiles of 24 frames x 320 x 320 pixels, which an 8-frame 16 x 16 video does not fill (it would decode to
+    # nothing): one tile of exactly the tiny video.
+    vae.kernel = vae.stride = (8, 16, 16)
+    return (pipeline_class or AllegroPipeline)(
+        transformer=tiny_allegro(num_layers=num_layers), vae=vae, scheduler=DDIMScheduler(),
+        text_encoder=_tiny_t5(d_model=16), tokenizer=tiny_tokenizer(),
+    )
+
+
+TINY_FAMILIES["allegro"] = TinyFamily(tiny_allegro, tiny_allegro_pipeline,
+                                      dict(height=16, width=16, num_frames=8, max_sequence_length=8,
+                                           clean_caption=False))

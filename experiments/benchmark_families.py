@@ -21,10 +21,11 @@ real token counts (7k-120k video tokens) are far out of a CPU's reach:
 import math
 
 import torch
-from diffusers import (ChromaTransformer2DModel, CogVideoXTransformer3DModel, Flux2Transformer2DModel,
-                       FluxTransformer2DModel, HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel,
-                       LTXVideoTransformer3DModel, OvisImageTransformer2DModel, SanaTransformer2DModel,
-                       SD3Transformer2DModel, WanTransformer3DModel, ZImageTransformer2DModel)
+from diffusers import (AllegroTransformer3DModel, ChromaTransformer2DModel, CogVideoXTransformer3DModel,
+                       CogView4Transformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
+                       HunyuanImageTransformer2DModel, HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel,
+                       Lumina2Transformer2DModel, LTXVideoTransformer3DModel, OvisImageTransformer2DModel,
+                       SanaTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel, ZImageTransformer2DModel)
 from jsonargparse import CLI
 
 from dit_cache import CacheSchedule, cache_units
@@ -60,6 +61,14 @@ FAMILIES = {
                                                          use_rotary_positional_embeddings=True), 13 * 1350, 226),
     # HunyuanVideo 13B (1 double + 1 single block), 129 frames at 1280x720: 33 x 80x45 tokens, 256 text tokens.
     "hunyuan-video": (lambda: HunyuanVideoTransformer3DModel(num_layers=1, num_single_layers=1), 33 * 3600, 256),
+    # families-f2: Lumina-Image 2.0 (one refiner of each kind + 2 joint blocks), CogView4-6B, HunyuanImage-2.1.
+    "lumina2": (lambda: Lumina2Transformer2DModel(num_layers=2, num_refiner_layers=1, cap_feat_dim=2304), 4096, 256),
+    "cogview4": (lambda: CogView4Transformer2DModel(num_layers=2, num_attention_heads=32, attention_head_dim=128), 4096,
+                 128),
+    "hunyuan-image-2.1": (lambda: HunyuanImageTransformer2DModel(num_layers=1, num_single_layers=1,
+                                                                 text_embed_2_dim=1472), 4096, 1000),
+    # Allegro: 88 frames at 720 x 1280 are 22 x 45 x 80 = 79200 latent tokens (one frame per sample here).
+    "allegro": (lambda: AllegroTransformer3DModel(num_layers=2), 79200, 512),
 }
 VIDEO = ("wan2.1-14b", "hunyuan-video-1.5", "ltx-video-2b", "cogvideox-5b", "hunyuan-video")
 
@@ -110,8 +119,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
     """Stock, a full schedule (hook overhead) and uniform schedules (interval 2 and 3), per family.
 
     Args:
-        families: which of flux1-dev, sd3.5-large, sana-1600m, flux2-dev, chroma1-hd, z-image-turbo, ovis-image,
-            wan2.1-14b, hunyuan-video-1.5, ltx-video-2b, cogvideox-5b, hunyuan-video.
+        families: which of the FAMILIES keys (flux1-dev, sd3.5-large, sana-1600m, flux2-dev, wan2.1-14b, lumina2, ...).
         image_tokens: image tokens per sample (a square number; video: 2 latent frames of a square, 128 = 2 x 8 x 8);
             text tokens scale with it unless ``full_text``.
         full_text: use the real models' text token counts.
@@ -142,7 +150,7 @@ def main(families: tuple[str, ...] = tuple(FAMILIES), image_tokens: int = 144, f
         results = compare_schedules(transformer, schedules, inputs, rounds=rounds, per_block=not whole_model)
         config = transformer.config
         heads = config.get("num_attention_heads", config.get("n_heads"))
-        head_dim = config.get("attention_head_dim") or config.dim // heads
+        head_dim = config.get("attention_head_dim") or (config.get("dim") or config.get("hidden_size")) // heads
         print(f"\n## {name}: {len(transformer_blocks(transformer))} "
               f"blocks, {heads} heads x {head_dim}, {tokens} image + "
               f"{text_tokens} text tokens (real: {real_image_tokens} + {real_text_tokens}), batch {batch}, "

@@ -19,8 +19,11 @@ def check_family_call(pipe, family: ModelFamily, cached: bool, concepts, kwargs:
         return
     for option in family.second_calls:
         if option.is_on(kwargs):
-            raise ValueError(f"{option.keyword}={kwargs[option.keyword]!r} makes {type(pipe).__name__} "
-                             f"{option.effect}. {option.fix}, or call the pipeline with cache=False.")
+            # An option can be on by default (Lumina2Pipeline's guidance_scale=4.0): say so rather than its value.
+            given = (f"{option.keyword}={kwargs[option.keyword]!r}" if option.keyword in kwargs
+                     else f"The default {option.keyword}")
+            raise ValueError(f"{given} makes {type(pipe).__name__} {option.effect}. {option.fix}, or call the "
+                             "pipeline with cache=False.")
     if family.check_pipeline is not None:
         problem = family.check_pipeline(pipe)
         if problem:

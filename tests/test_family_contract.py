@@ -125,9 +125,10 @@ def _calls_per_step(name) -> int:
 
 def _generate(pipe, name, steps=STEPS, prompt="a red circle and a blue square", cfg=True, **kwargs):
     tiny = TINY_FAMILIES[name]
+    # Later settings win: a test may override the family's call (Lumina2's guidance_scale=1.0).
+    call = {**tiny.call, **(tiny.cfg_call if cfg else {}), **kwargs}
     output = pipe(**_inputs(pipe, name, prompt), num_inference_steps=steps, output_type="pt",
-                generator=torch.Generator().manual_seed(0), **tiny.call, **(tiny.cfg_call if cfg else {}),
-                **kwargs)
+                  generator=torch.Generator().manual_seed(0), **call)
     return output.frames if hasattr(output, "frames") else output.images  # video pipelines return frames
 
 

@@ -163,3 +163,42 @@ def hunyuan_video(config, batch, text_tokens, generator, size, frames=VIDEO_FRAM
             "encoder_attention_mask": padded_mask(batch, text_tokens),
             "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator),
             "guidance": torch.full((batch,), 6.0 * 1000)}
+
+
+# --- families-f2: Lumina2, CogView4, HunyuanImage 2.1 ---
+def lumina2(config, batch, text_tokens, generator, size):
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.cap_feat_dim, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens)}
+
+
+def cogview4(config, batch, text_tokens, generator, size):
+    # SDXL-style size conditioning, as the pipeline passes it for a square image of the latent's size.
+    pixels = torch.tensor([[size * 8.0, size * 8.0]] * batch)
+    return {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_embed_dim, generator=generator),
+            "original_size": pixels, "target_size": pixels.clone(), "crop_coords": torch.zeros(batch, 2)}
+
+
+def hunyuan_image(config, batch, text_tokens, generator, size):
+    # The pipeline pads the Qwen2.5-VL prompt to its 1000 tokens and adds 128 ByT5 glyph tokens (all padding when
+    # the prompt quotes no text); the glyph tokens scale with text_tokens, so scaled-down benchmarks keep the ratio.
+    inputs = {"hidden_states": torch.randn(batch, config.in_channels, size, size, generator=generator),
+              "encoder_hidden_states": torch.randn(batch, text_tokens, config.text_embed_dim, generator=generator),
+              "encoder_attention_mask": padded_mask(batch, text_tokens)}
+    if config.text_embed_2_dim is not None:
+        glyphs = max(1, text_tokens * 128 // 1000)
+        inputs["encoder_hidden_states_2"] = torch.randn(batch, glyphs, config.text_embed_2_dim, generator=generator)
+        inputs["encoder_attention_mask_2"] = torch.zeros(batch, glyphs, dtype=torch.long)
+    if config.guidance_embeds:  # the distilled model: the pipeline passes distilled_guidance_scale x 1000
+        inputs["guidance"] = torch.full((batch,), 3250.0)
+    if config.use_meanflow:
+        inputs["timestep_r"] = torch.full((batch,), 400.0)
+    return inputs
+
+
+def allegro(config, batch, text_tokens, generator, size):
+    # One latent frame (an image); a video adds frames along dim 2 (88 frames are 22 latent frames).
+    return {"hidden_states": torch.randn(batch, config.in_channels, 1, size, size, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels, generator=generator),
+            "encoder_attention_mask": padded_mask(batch, text_tokens)}

@@ -179,3 +179,24 @@ def packed_image_ids(transformer, latents, guidance_scale) -> dict:
     import math
 
     return {"img_ids": image_ids(math.isqrt(latents.shape[1])).to(latents.device)}
+
+
+# --- families-f2 ---
+def cogview4_encode(pipe, prompts, max_sequence_length):
+    embeds, negative = pipe.encode_prompt(prompts, negative_prompt="", do_classifier_free_guidance=True,
+                                          max_sequence_length=max_sequence_length, device="cpu")
+    return {"prompt_embeds": embeds, "negative_embeds": negative[:1]}
+
+
+def cogview4_conditioning(rows, transformer) -> dict:
+    """Two calls per step: the prompts ("cond") and the empty negative prompt ("uncond")."""
+    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"]},
+            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds")}}
+
+
+def cogview4_extra_inputs(transformer, latents, guidance_scale) -> dict:
+    """The SDXL-style size conditioning CogView4Pipeline passes by default: the image size, no crop."""
+    pixels = torch.tensor([[latents.shape[-2] * 8.0, latents.shape[-1] * 8.0]] * latents.shape[0],
+                          device=latents.device)
+    return {"original_size": pixels, "target_size": pixels.clone(),
+            "crop_coords": torch.zeros(latents.shape[0], 2, device=latents.device)}

@@ -68,6 +68,22 @@ def _plain_two_call_guider(pipe) -> str:
     return ""
 
 
+# --- families-f2 helpers (Lumina2, CogView4, HunyuanImage 2.1) ---
+def _lumina2_timestep(t, config):
+    return 1 - t / 1000  # Lumina2Pipeline: t = 0 is noise, 1 the image (so its timesteps rise)
+
+
+def _hunyuan_image_guider(pipe) -> str:
+    # The guider runs the unconditional call in its own cache context; started late, that context would count
+    # its steps from its first call and follow the plan shifted.
+    late = [name for name in ("guider", "ocr_guider")
+            if getattr(pipe, name, None) is not None and getattr(getattr(pipe, name), "_start", 0.0) > 0]
+    if not late:
+        return ""
+    return (f"its {' and '.join(late)} starts guidance after the first step (start > 0), so the unconditional "
+            "call skips the first steps and its cache would follow the plan shifted. Use a guider with start=0.")
+
+
 FAMILIES = FamilyRegistry([
     ModelFamily(
         "dit", "DiTTransformer2DModel", ("transformer_blocks",),
@@ -221,4 +237,57 @@ FAMILIES = FamilyRegistry([
         sample_size=4, latent_layout="video", pipelines=("HunyuanVideoPipeline",),
         concepts_refusal=_JOINT_ATTENTION,
         notes="Router training: no video latents in training/denoising.py yet.", aliases=("HunyuanVideo",)),
+    # --- families-f2 families ---
+    ModelFamily(
+        "lumina2", "Lumina2Transformer2DModel", ("context_refiner", "noise_refiner", "layers"),
+        # The context refiner sees the prompt only (no timestep): its outputs are the same at every step.
+        {"Lumina2TransformerBlock": (A("attn"), A("feed_forward"))},
+        inputs.lumina2, B.NONE, timestep=_lumina2_timestep, timestep_dtype=torch.float32, text_tokens=256,
+        pipelines=("Lumina2Pipeline",),
+        # CFG is a second transformer call per step on the negative prompt, outside any cache_context.
+        second_calls=(C("guidance_scale", lambda kwargs: float(kwargs.get("guidance_scale", 4.0)) > 1,
+                        "Pass guidance_scale=1.0 (one call per step)"),),
+        concepts_refusal=_JOINT_ATTENTION,
+        notes=("Cached only without CFG: Lumina2Pipeline's CFG is a second call per step with no cache_context "
+               "(pairing the two calls of a step by their equal timestep would make it followable). No router "
+               "training: the pipeline negates the model output before the scheduler step, which training's "
+               "denoiser does not."),
+        aliases=("Lumina-Image 2.0",)),
+    ModelFamily(
+        "cogview4", "CogView4Transformer2DModel", ("transformer_blocks",),
+        # One FeedForward module serves both streams, called on the image tokens and then on the text tokens:
+        # a unit hook would see two calls a step (REUSE would hand the image output to the text call), so ff is
+        # not a unit (an adapter splitting the two calls would be needed).
+        {"CogView4TransformerBlock": (A("attn1", 2),)},
+        inputs.cogview4, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=128,
+        pipelines=("CogView4Pipeline",), concepts_refusal=_JOINT_ATTENTION, encode=prompts.cogview4_encode,
+        conditioning=prompts.cogview4_conditioning, extra_inputs=prompts.cogview4_extra_inputs,
+        notes=("Units are the joint attentions only (the shared ff runs twice per block). Router training samples "
+               "with FLUX's static shift for the resolution; CogView4Pipeline shifts its sigmas linearly with its "
+               "own mu, so trained trajectories are close to, not exactly, the pipeline's."),
+        aliases=("CogView4-6B",)),
+    ModelFamily(
+        "hunyuan-image", "HunyuanImageTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"),
+        # FLUX-like: dual-stream blocks, then single-stream blocks whose proj_mlp and (image, text) attention run
+        # in parallel before one projection.
+        {"HunyuanImageTransformerBlock": (A("attn", 2), A("ff"), A("ff_context")),
+         "HunyuanImageSingleTransformerBlock": (A("proj_mlp"), A("attn", 2))},
+        # The pipeline's guider runs each condition in cache_context("pred_cond") / ("pred_uncond").
+        inputs.hunyuan_image, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=1000,
+        sample_size=8, pipelines=("HunyuanImagePipeline",), check_pipeline=_hunyuan_image_guider,
+        concepts_refusal=_JOINT_ATTENTION,
+        notes=("No router training: its guider is adaptive projected guidance with a momentum buffer, not the "
+               "plain CFG rule router training applies."),
+        aliases=("HunyuanImage-2.1",)),
+    ModelFamily(
+        "allegro", "AllegroTransformer3DModel", ("transformer_blocks",),
+        {"AllegroTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
+        inputs.allegro, B.UNCONDITIONAL_FIRST,  # AllegroPipeline batches [negative, prompt]
+        text_tokens=512, sample_size=8, latent_layout="video", pipelines=("AllegroPipeline",),
+        bench_inputs="captions",  # its encode_prompt cleans captions like PixArt's
+        concepts_refusal=("multi-concept is wired for the PixArt pipelines only; AllegroPipeline's video call is "
+                          "not. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) "
+                          "and pass prompt_embeds=."),
+        notes="No router training: its latents are video (training samples image latents).",
+        aliases=("Allegro",)),
 ])
