@@ -35,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-cache", action="store_true", help="generate without caching")
     generate.add_argument("--threshold", type=_threshold, default=None,
                           help="override the router's threshold, in (0, 1)")
-    generate.add_argument("--flops", type=_share, default=None,
+    generate.add_argument("--skip-flops", "--flops", dest="flops", type=_share, default=None,
                           help="share of the units' FLOPs to skip, e.g. 0.55, for routers that serve a range of "
-                               "budgets (the embedded one does; out-of-range budgets are refused)")
+                               "budgets (the embedded one does; out-of-range budgets are refused); --flops is its "
+                               "old name")
     generate.add_argument("--plan", default=None, metavar="PLAN",
                           help="a training-free plan instead of a router: uniform:INTERVAL, taylor:INTERVAL:ORDER "
                                "(forecast between computed steps; e.g. taylor:3:1), cfg:INTERVAL, or a plan "
@@ -130,7 +131,7 @@ def _check_arguments(args) -> None:
     if args.plan is not None:
         clashing = [flag for flag, given in (("--router", args.router is not None),
                                              ("--threshold", args.threshold is not None),
-                                             ("--flops", args.flops is not None)) if given]
+                                             ("--skip-flops", args.flops is not None)) if given]
         if clashing:
             raise ValueError(f"--plan conflicts with {', '.join(clashing)} (they set up a router): pass --plan or "
                              "the router flags")
@@ -142,13 +143,14 @@ def _check_arguments(args) -> None:
         ignored = [flag for flag, given in (("--router", args.router is not None),
                                             ("--plan", args.plan is not None),
                                             ("--threshold", args.threshold is not None),
-                                            ("--flops", args.flops is not None),
+                                            ("--skip-flops", args.flops is not None),
                                             ("--compare", args.compare)) if given]
         if ignored:
             raise ValueError(f"--no-cache conflicts with {', '.join(ignored)} (they only apply with the cache): "
                              f"drop --no-cache, or drop {', '.join(ignored)}")
     if args.threshold is not None and args.flops is not None:
-        raise ValueError("--threshold conflicts with --flops (--flops chooses the threshold): pass one of them")
+        raise ValueError("--threshold conflicts with --skip-flops (--skip-flops chooses the threshold): pass one of "
+                         "them")
     last_seed = args.seed + args.num_images - 1
     if last_seed >= SEED_LIMIT:
         raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} reaches seed {last_seed}; "

@@ -259,34 +259,24 @@ def test_a_router_trains_a_few_steps_exports_and_drives_the_pipeline(name, tmp_p
 
 @pytest.mark.parametrize("document, heading", [("docs/models.md", "## The table"),
                                                ("README.md", "## Supported models")])
-def test_the_supported_models_table_matches_the_unit_tables(document, heading):
-    """The "units per block" column of the models tables (docs/models.md, README) is what each family's tiny model
-    really has."""
+def test_the_supported_models_table_matches_the_registry(document, heading):
+    """The models tables (docs/models.md, README) list every registered family once, and their "units per block"
+    column is what each family's tiny model really has."""
     from pathlib import Path
 
-    from dit_cache.testing import tiny_dit
+    from dit_cache.families import FAMILIES
+    from dit_cache.testing import TINY_FAMILIES
 
-    builders = {
-        "DiT": tiny_dit, "PixArt-α, PixArt-Σ": tiny_pixart, "SD3, SD3.5-large": lambda: tiny_sd3(num_layers=3),
-        "SD3.5-medium (dual attention)": lambda: tiny_sd3(num_layers=3, dual_attention_layers=(0, 1)),
-        "FLUX.1-dev, FLUX.1-schnell": tiny_flux, "Sana": tiny_sana, "Qwen-Image": tiny_qwen_image,
-        "Wan 2.1 / 2.2": tiny_wan,
-    }
     table = Path(__file__).parents[1] / document
-    section = table.read_text().split(heading)[1].split("\n## ")[0]  # the models table, not the benchmark's
+    section = table.read_text().split(heading)[1].split("\n## ")[0]
     rows = [line.split("|")[1:-1] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
-    documented = {cells[0].strip(): cells[2].replace("`", "").strip() for cells in rows}
-    assert set(documented) == set(builders)
-    for model, build in builders.items():
-        transformer = build()
+    documented = {cells[1].strip(" `"): cells[2].replace("`", "").strip() for cells in rows}
+    assert sorted(documented) == sorted(family.transformer for family in FAMILIES) and len(rows) >= 16
+    for family in FAMILIES:
+        transformer = TINY_FAMILIES[family.name].model()
         terms = unit_layout(transformer).split(":")[1].split(",")  # one "NxA+B" per block list
-        assert documented[model] == ", ".join(term.split("x", 1)[1] for term in terms), model
-        # ... and every branch named there is a unit of the model (per block list).
-        named = {(index, branch) for index, term in enumerate(documented[model].split(", "))
-                 for branch in term.split("+")}
-        lists = list(dict.fromkeys(u.path.split(".")[0] for u in cache_units(transformer)))
-        assert named == {(lists.index(u.path.split(".")[0]), u.branch) for u in cache_units(transformer)}, model
+        assert documented[family.transformer] == ", ".join(term.split("x", 1)[1] for term in terms), family.name
 
 
 PLANS = ["taylor:2:1", "linear:2:2", "cfg:2"]

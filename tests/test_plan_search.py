@@ -269,7 +269,7 @@ def test_cli_generate_with_flops_uses_that_budget_and_refuses_conflicts(tmp_path
     assert record["cache_ratio"] == pytest.approx(router.plan(flops=0.5).cache_ratio, abs=1e-4)
     capsys.readouterr()
     assert generate_main([*common, "--flops", "0.5", "--threshold", "0.2", "--out", str(tmp_path / "a")]) == 2
-    assert "--threshold conflicts with --flops" in capsys.readouterr().err
+    assert "--threshold conflicts with --skip-flops" in capsys.readouterr().err
     assert generate_main([*common, "--flops", "0.95", "--out", str(tmp_path / "b")]) == 2
     assert "outside the budgets" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
