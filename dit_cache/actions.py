@@ -49,3 +49,8 @@ ACTIONS: dict[Action, ActionFacts] = {
 
 ACTION_COST = {action: facts.cost for action, facts in ACTIONS.items()}
 ROUTER_CHOICES = tuple(action for action, facts in ACTIONS.items() if facts.router_choice)
+
+
+# Modes of a generation's cache state, which override every unit's action: follow the plan, blend fresh and cached
+# outputs for router training, or run the stock computation (teacher passes, cache=False).
+SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import ModelHook
 
-from .actions import ACTIONS, Action
+from .actions import ACTIONS, BYPASSED, GATED, SCHEDULE, Action  # noqa: F401  (modes: re-exported)
 from .forecast import extrapolate, lagrange_weights, weighted_sum
 from .parallel import check_step
 from .plan import CachePlan
@@ -26,7 +26,6 @@ FORECASTS = (Action.FORECAST1, Action.FORECAST2)
 # action code -> the CacheState method producing a skipped unit's output (the table's ``runs``)
 _RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
 
-SCHEDULE, GATED, BYPASSED = "schedule", "gated", "bypassed"
 
 UNIT_HOOK = "dit_cache.unit"
 

@@ -24,6 +24,7 @@ import weakref
 
 import torch
 
+from .actions import BYPASSED, GATED
 from .units import _unwrap
 
 # diffusers' hook names (diffusers/hooks/context_parallel.py): a unit carrying one is split or gathered itself.
@@ -59,8 +60,6 @@ def check_step(transformer: torch.nn.Module, handle, state) -> None:
     group = context_parallel_group(transformer)
     if group is None:
         return
-    from .hooks import GATED  # hooks imports this module
-
     if state.mode == GATED:
         raise RuntimeError(
             "Router training (gated mode) does not work under context parallelism: each rank would get the gradient "
@@ -131,8 +130,6 @@ def _digest(state) -> int:
         hasher.update(repr((compiled.rows, compiled.linear, compiled.history)).encode())
         rows = hasher.digest()
         _DIGESTS[compiled] = rows
-    from .hooks import BYPASSED  # hooks imports this module
-
     step = None if state.mode == BYPASSED else state.step  # bypassed, every rank computes everything
     hasher = hashlib.blake2b(rows + repr((state.mode, state.computed_half, step)).encode(), digest_size=8)
     return int.from_bytes(hasher.digest(), "little") >> 1  # fits an int64

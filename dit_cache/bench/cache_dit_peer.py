@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from .peers import BenchSetup, Candidate
+from .candidates import BenchSetup, Candidate
 
 CACHE_DIT_MISSING = 'the cache-dit peers need the cache-dit package: pip install "dit-cache[bench]"'
 
