@@ -132,9 +132,8 @@ class CacheHandle:
         self.min_history = history
         self.plan = as_plan(plan)
         self.compiled = PreparedPlan(self.plan, history)
-        self.time_rises = _time_rises(transformer)
-        self.state = CacheState(self.compiled, computed_half=self.conditional_half, detect_new_generation=True,
-                                time_rises=self.time_rises)  # engine-level default
+        self.state = CacheState(self.compiled, computed_half=self.conditional_half,
+                                detect_new_generation=True)  # engine-level default
         self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
@@ -144,7 +143,7 @@ class CacheHandle:
 
     def _engine_state(self) -> CacheState:
         state = CacheState(self.compiled, mode=self.state.mode, computed_half=self.conditional_half,
-                           detect_new_generation=True, time_rises=self.time_rises)
+                           detect_new_generation=True)
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
@@ -274,14 +273,6 @@ class CacheHandle:
 
     def __repr__(self) -> str:
         return f"CacheHandle({type(self.transformer).__name__}, {self.plan})"
-
-
-def _time_rises(transformer) -> bool:
-    """Whether the transformer's timestep goes up over a generation: its family maps the scheduler's falling
-    timesteps (1000 -> 0) onto rising ones (Lumina2)."""
-    family = family_of(transformer)
-    start, end = family.timestep(torch.tensor([1000.0, 0.0]), _unwrap(transformer).config).tolist()
-    return end > start
 
 
 def _invalidate_hook_lookup(transformer) -> None:

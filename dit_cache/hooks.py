@@ -74,11 +74,10 @@ class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
     def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
-                 detect_new_generation: bool = False, time_rises: bool = False):
+                 detect_new_generation: bool = False):
         self.mode = mode
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
         self.detect_new_generation = detect_new_generation
-        self.time_rises = time_rises  # the model's timestep goes up over a generation (Lumina2: 0 is noise)
         self.gate_scores: torch.Tensor | None = None
         self.gate_writes: list[bool] = []
         self.runners = {code: getattr(self, name) for code, name in _RUNNERS.items()}  # bound once, for the hooks
@@ -133,8 +132,8 @@ class CacheState:
         if self.step >= self.compiled.num_steps:
             self.reset()
         elif (self.detect_new_generation and self.step > 0 and time is not None and self.last_time is not None
-              and (time <= self.last_time if self.time_rises else time >= self.last_time)):
-            self.reset()  # a generation's timesteps move one way (down, but Lumina2's up): a step back starts anew
+              and time >= self.last_time):
+            self.reset()  # a generation's timesteps fall (the step hook negates rising ones): a larger one starts anew
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
         if self.step == 0:
@@ -239,9 +238,21 @@ def _detached(output):
 
 
 def _take(value, keep: slice, batch: int):
-    if isinstance(value, (tuple, list)):  # e.g. LTX-Video's per-sample rotary (cos, sin), each [B, T, D]
-        return type(value)(_take(v, keep, batch) for v in value)
+    if isinstance(value, (tuple, list)):
+        # Per-sample tuples (LTX-Video's rotary (cos, sin), each [B, T, D]) are halved; a tuple holding anything
+        # else (Allegro's rotary frequencies and position grids, which may have as many rows as the batch) is not.
+        leaves = _tensor_leaves(value)
+        per_sample = leaves and all(t.ndim > 0 and t.shape[0] == batch for t in leaves)
+        return type(value)(_take(v, keep, batch) for v in value) if per_sample else value
     return value[keep] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
+
+
+def _tensor_leaves(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _tensor_leaves(item)]
+    return []
 
 
 def _rebuild(computed, newest, computed_half: int, half: int):
