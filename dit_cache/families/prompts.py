@@ -125,13 +125,15 @@ def qwen_image_guide(conditional, unconditional, scale):
     return combined * (torch.norm(conditional, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
 
-def wan_encode(pipe, prompts, max_sequence_length):
+def empty_negative_encode(pipe, prompts, max_sequence_length):
+    """Pipelines whose encode_prompt returns (prompt embeds, negative embeds) (Wan, CogView4)."""
     embeds, negative = pipe.encode_prompt(prompts, negative_prompt="", do_classifier_free_guidance=True,
                                           max_sequence_length=max_sequence_length, device="cpu")
     return {"prompt_embeds": embeds, "negative_embeds": negative[:1]}
 
 
-def wan_conditioning(rows, transformer) -> dict:
+def two_call_conditioning(rows, transformer) -> dict:
+    """Two calls per step: the prompts ("cond") and the empty negative prompt ("uncond")."""
     return {"cond": {"encoder_hidden_states": rows["prompt_embeds"]},
             "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds")}}
 
@@ -182,18 +184,6 @@ def packed_image_ids(transformer, latents, guidance_scale) -> dict:
 
 
 # --- families-f2 ---
-def cogview4_encode(pipe, prompts, max_sequence_length):
-    embeds, negative = pipe.encode_prompt(prompts, negative_prompt="", do_classifier_free_guidance=True,
-                                          max_sequence_length=max_sequence_length, device="cpu")
-    return {"prompt_embeds": embeds, "negative_embeds": negative[:1]}
-
-
-def cogview4_conditioning(rows, transformer) -> dict:
-    """Two calls per step: the prompts ("cond") and the empty negative prompt ("uncond")."""
-    return {"cond": {"encoder_hidden_states": rows["prompt_embeds"]},
-            "uncond": {"encoder_hidden_states": _negative_rows(rows, "negative_embeds")}}
-
-
 def cogview4_extra_inputs(transformer, latents, guidance_scale) -> dict:
     """The SDXL-style size conditioning CogView4Pipeline passes by default: the image size, no crop."""
     pixels = torch.tensor([[latents.shape[-2] * 8.0, latents.shape[-1] * 8.0]] * latents.shape[0],

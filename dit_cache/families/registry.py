@@ -142,7 +142,7 @@ FAMILIES = FamilyRegistry([
         {"WanTransformerBlock": (A("attn1"), A("attn2"), A("ffn"))},
         inputs.wan, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=512,
         sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
-        encode=prompts.wan_encode, conditioning=prompts.wan_conditioning,
+        encode=prompts.empty_negative_encode, conditioning=prompts.two_call_conditioning,
         concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),
     # --- families helper f1 ---
     ModelFamily(
@@ -260,8 +260,8 @@ FAMILIES = FamilyRegistry([
         # not a unit (an adapter splitting the two calls would be needed).
         {"CogView4TransformerBlock": (A("attn1", 2),)},
         inputs.cogview4, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=128,
-        pipelines=("CogView4Pipeline",), concepts_refusal=_JOINT_ATTENTION, encode=prompts.cogview4_encode,
-        conditioning=prompts.cogview4_conditioning, extra_inputs=prompts.cogview4_extra_inputs,
+        pipelines=("CogView4Pipeline",), concepts_refusal=_JOINT_ATTENTION, encode=prompts.empty_negative_encode,
+        conditioning=prompts.two_call_conditioning, extra_inputs=prompts.cogview4_extra_inputs,
         notes=("Units are the joint attentions only (the shared ff runs twice per block). Router training samples "
                "with FLUX's static shift for the resolution; CogView4Pipeline shifts its sigmas linearly with its "
                "own mu, so trained trajectories are close to, not exactly, the pipeline's."),
