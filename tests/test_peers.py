@@ -96,10 +96,10 @@ def test_taylorseer_hooks_every_branch_with_factors_in_the_model_dtype():
         setup.meter.remove()
 
 
-def test_the_state_of_one_call_does_not_leak_into_the_next():
-    pipe = tiny_pixart_pipeline()
+def assert_no_state_leak(pipe, family):
+    """Two calls of ``pipe`` under the first candidate of ``family(setup)`` give the same images."""
     setup = _setup(pipe)
-    candidate = peers.first_block_cache_family(setup, thresholds=(1e6,))[0]
+    candidate = family(setup)[0]
     candidate.apply(pipe)
     try:
         outputs = []
@@ -110,6 +110,10 @@ def test_the_state_of_one_call_does_not_leak_into_the_next():
         candidate.remove(pipe)
         setup.meter.remove()
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_the_state_of_one_call_does_not_leak_into_the_next():
+    assert_no_state_leak(tiny_pixart_pipeline(), lambda setup: peers.first_block_cache_family(setup, thresholds=(1e6,)))
 
 
 @pytest.mark.parametrize("family", ["uniform", "router"])

@@ -7,7 +7,7 @@ import torch
 from dit_cache.bench import peers
 from dit_cache.testing import tiny_dit_pipeline, tiny_pixart_pipeline
 
-from test_peers import STEPS, _call, _latents, _setup, _stock_everywhere
+from test_peers import _latents, _setup, _stock_everywhere, assert_no_state_leak
 
 pytest.importorskip("cache_dit")
 
@@ -49,19 +49,7 @@ def test_each_new_peer_changes_the_output_and_its_removal_leaves_the_model_bitwi
 
 @pytest.mark.parametrize("family", [_cache_dit, _sea_cache], ids=["cache-dit", "seacache"])
 def test_the_new_peers_state_does_not_leak_from_one_call_into_the_next(family):
-    pipe = tiny_pixart_pipeline(num_layers=3)
-    setup = _setup(pipe)
-    candidate = family(setup)[0]
-    candidate.apply(pipe)
-    try:
-        outputs = []
-        for _ in range(2):
-            with candidate.call_context(pipe):
-                outputs.append(torch.as_tensor(pipe(**_call(pipe)).images))
-    finally:
-        candidate.remove(pipe)
-        setup.meter.remove()
-    assert torch.equal(outputs[0], outputs[1])
+    assert_no_state_leak(tiny_pixart_pipeline(num_layers=3), family)
 
 
 def test_seacache_sees_a_noise_level_that_falls_from_one_to_zero():
