@@ -68,7 +68,9 @@ class ContextStates:
             self._calls += 1
 
     def current(self) -> CacheState:
-        name = _CALL_CONTEXT.get()
+        return self.of_context(_CALL_CONTEXT.get())
+
+    def of_context(self, name: str | None) -> CacheState:
         state = self.by_context.get(name)
         if state is None:
             state = self.by_context[name] = self._make_state()
@@ -148,9 +150,10 @@ class CacheHandle:
         return state
 
     def set_plan(self, plan) -> None:
-        """Swap the engine-level plan (a ``CachePlan`` or ``CacheSchedule``, same unit count); starts a new
-        generation."""
-        prepared = self.prepare(plan)
+        """Swap the engine-level plan (a ``CachePlan``, ``CacheSchedule`` or ``PreparedPlan``, same unit count) in
+        every cache context's state; starts a new generation."""
+        prepared = plan if isinstance(plan, PreparedPlan) else self.prepare(plan)
+        prepared.plan.check_compatible(num_units=len(self.units))
         self.plan, self.compiled = prepared.plan, prepared
         for state in self._engine_states:
             state.set_plan(prepared)
@@ -211,6 +214,15 @@ class CacheHandle:
     def reset(self) -> None:
         """Start a new engine-level generation at the next forward call and free the cached tensors."""
         self._engine_states.reset()
+
+    def snapshot(self) -> dict:
+        """The engine-level generation so far, one ``CacheSnapshot`` per cache context, for :meth:`restore`."""
+        return {name: state.snapshot() for name, state in self._engine_states.by_context.items()}
+
+    def restore(self, snapshots: dict) -> None:
+        """Go on from :meth:`snapshot`'s result under the current plan (every context it names)."""
+        for name, snapshot in snapshots.items():
+            self._engine_states.of_context(name).restore(snapshot)
 
     @property
     def stats(self) -> CacheStats:

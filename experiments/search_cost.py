@@ -48,16 +48,18 @@ def cpu_time() -> float:
 
 # ---- the cost model ----------------------------------------------------------------------------------------------
 def predicted_steps(steps: int, moves: int, lazy: float = 3.0, spacing: int = 1, computed_only: bool = True) -> float:
-    """Uncached-step equivalents a whole-step greedy search computes (docs/router.md): the reference run, one
-    recording per move (plan m computes N - m steps), the first round's N - 1 candidates plus ``lazy`` more per
-    move (lazy greedy re-measures a few), each running from its step (on average half the steps, plus half the
-    snapshot spacing recomputed) at the plan's computed share. ``computed_only=False``: denoiser calls instead
-    (a cached step still runs the embeddings, the final layer and the scheduler)."""
-    total = steps + sum(steps - m if computed_only else steps for m in range(moves))
+    """Uncached-step equivalents a whole-step greedy search computes (docs/router.md): the reference run, the
+    uncached plan's recording, then one recording per move from the move's step (plan m computes N - m steps; the
+    old plan's snapshots before that step are kept, so on average half the steps, plus half the snapshot spacing),
+    the first round's N - 1 candidates plus ``lazy`` more per move (lazy greedy re-measures a few), each running
+    from its step (the same half) at the plan's computed share. ``computed_only=False``: denoiser calls instead (a
+    cached step still runs the embeddings, the final layer and the scheduler)."""
+    restart = steps / 2 + (spacing - 1) / 2  # steps a run from a candidate's or a move's step computes, on average
+    total = 2 * steps + sum(restart * ((steps - m) / steps if computed_only else 1.0) for m in range(1, moves))
     for m in range(moves):
         candidates = (steps - 1 + lazy) if m == 0 else lazy
         share = (steps - m - 1) / steps if computed_only else 1.0
-        total += candidates * (steps / 2 + (spacing - 1) / 2) * share
+        total += candidates * restart * share
     return total
 
 
@@ -161,7 +163,7 @@ def shape(shape: str = "pixart_alpha_256", layers: int = 4, steps: int = 4, prom
     start = cpu_time()
     _, one = runner.recorded(full, TrajectorySnapshots([1]))
     step_seconds = (cpu_time() - start) / steps
-    step_bytes = one.latest(1).cache.nbytes
+    step_bytes = one.latest(1).nbytes
     one.close()
     cached = full.actions.clone()
     cached[1:] = int(Action.REUSE)

@@ -154,3 +154,22 @@ def test_per_block_figures_time_and_count_the_blocks_only():
     by_model = compare_schedules(transformer, uniform, inputs, rounds=1, warmup=0)
     # the same schedule saves a larger share of the blocks' work than of the whole forward's
     assert by_block[1].theoretical_speedup > by_model[1].theoretical_speedup
+
+
+def test_a_video_pipeline_is_benchmarked_on_its_frames(tmp_path):
+    from dit_cache.bench.rounds import first_sample
+    from dit_cache.testing import TINY_FAMILIES
+
+    tiny = TINY_FAMILIES["wan"]
+    pipe = tiny.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    config = BenchConfig(count=2, steps=3, settings_per_family=1, quality=False, resamples=100,
+                         families=("uniform", "taylor"), guidance_scale=tiny.cfg_call.get("guidance_scale", 2.0),
+                         pipeline_kwargs={k: v for k, v in {**tiny.call, **tiny.cfg_call}.items() if k != "guidance_scale"})
+    run_benchmark(pipe, config, tmp_path)
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [row["family"] for row in rows] == ["uncached", "uniform", "taylor"]
+    assert all(row["speedup"] > 0 for row in rows) and rows[1]["cache_ratio"] > 0
+    assert rows[1]["cache_ratio"] == pytest.approx(rows[1]["engine_cache_ratio"])
+    with pytest.raises(TypeError, match="neither images nor frames"):
+        first_sample(object())

@@ -44,7 +44,7 @@ def test_a_restored_cache_state_goes_on_to_the_same_bits():
     plan = _forecasting_plan(units)
     state = runner.handle.state
     final, snapshots = runner.recorded(plan)
-    cache = snapshots.latest(3).cache
+    cache = snapshots.latest(3).cache[None]
     assert cache.step == 3 and len(cache.times) == 3 and cache.nbytes > 0
     assert [step for step, _ in cache.outputs[0]] == [0, 1]  # history 2: steps 0 and 1 computed, 2 forecast
     for start in range(1, STEPS):
@@ -59,7 +59,7 @@ def test_a_restored_cache_state_goes_on_to_the_same_bits():
 def test_restore_refuses_a_snapshot_of_another_model_or_plan():
     runner, units = _runner()
     _, snapshots = runner.recorded(CachePlan.full(STEPS, units))
-    cache = snapshots.latest(STEPS - 1).cache
+    cache = snapshots.latest(STEPS - 1).cache[None]
     state = runner.handle.state
     wrong_units = cache.with_outputs(cache.outputs[:-1])
     with pytest.raises(ValueError, match="restore it on the model it was taken from"):
@@ -91,7 +91,7 @@ def test_bounded_snapshots_hold_at_most_the_bound_and_give_the_same_finals(limit
                               snapshot_dir=str(tmp_path) if location == "disk" else None)
     with settings.snapshots(STEPS) as bounded:
         assert torch.equal(runner.recorded(plan, bounded)[0], final)
-        one_output = loose.latest(1).cache.nbytes // units  # step 1's snapshot: one output per unit
+        one_output = loose.latest(1).nbytes // units  # step 1's snapshot: one output per unit
         kept = len(bounded)
         assert kept == (STEPS - 1 if limit is None else limit)
         if location == "disk":
@@ -107,6 +107,57 @@ def test_bounded_snapshots_hold_at_most_the_bound_and_give_the_same_finals(limit
                                runner.final_latents(changed, start, loose))
     assert bounded.held_bytes == 0 and len(bounded) == 0
     assert not any(tmp_path.iterdir())  # closing deletes the files
+
+
+@pytest.mark.parametrize("limit,location", [(None, "memory"), (2, "cpu"), (None, "disk"), (2, "disk")])
+def test_recording_from_the_shared_prefix_gives_the_trajectory_recorded_from_the_noise(limit, location, tmp_path):
+    runner, units = _runner()
+    old = _forecasting_plan(units)
+    settings = SearchSettings(snapshot_limit=limit, snapshot_location=location,
+                              snapshot_dir=str(tmp_path) if location == "disk" else None)
+    for start in range(1, STEPS):
+        new = old.actions.clone()
+        new[start:] = 2  # REUSE from the move's step on; the rows before it are the old plan's
+        new = CachePlan(new)
+        with settings.snapshots(STEPS) as scratch, settings.snapshots(STEPS) as reused:
+            expected, _ = runner.recorded(new, scratch)
+            runner.recorded(old, reused)
+            final, _ = runner.recorded(new, reused, start=start)
+            assert torch.equal(final, expected)
+            assert sorted(s for s in scratch._snapshots) == sorted(s for s in reused._snapshots)
+            for step in scratch._snapshots:  # later candidates restart from these: the same bits
+                a, b = scratch.latest(step), reused.latest(step)
+                assert torch.equal(a.latents, b.latents) and a.cache.keys() == b.cache.keys() == {None}
+                assert a.cache[None].times == b.cache[None].times
+                for ha, hb in zip(a.cache[None].outputs, b.cache[None].outputs):
+                    assert [c for c, _ in ha] == [c for c, _ in hb]
+                    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ha, hb))
+            assert reused.held_bytes == scratch.held_bytes and reused.disk_bytes <= scratch.disk_bytes + 1024
+            if location == "disk":  # the old plan's files after the move's step went, the new plan's replaced them
+                assert sorted(p.name for p in reused._folder.iterdir()) == sorted(p.name for p in scratch._folder.iterdir())
+
+
+def test_the_search_records_each_move_from_its_step_with_the_same_result(pixart_folder, tmp_path, monkeypatch):
+    from dit_cache.training import plan_search
+
+    train_cli(_search_args(pixart_folder, tmp_path / "shared", 40))
+    shared = CacheRouter.load(tmp_path / "shared" / "router.safetensors")
+    starts = []
+    recorded = plan_search.TrajectoryRunner.recorded
+
+    def from_the_noise(self, plan, snapshots=None, start=0):
+        starts.append(start)
+        if snapshots is not None:
+            snapshots.truncate(0)
+        return recorded(self, plan, snapshots)
+
+    monkeypatch.setattr(plan_search.TrajectoryRunner, "recorded", from_the_noise)
+    train_cli(_search_args(pixart_folder, tmp_path / "scratch", 40))
+    scratch = CacheRouter.load(tmp_path / "scratch" / "router.safetensors")
+    assert any(s > 0 for s in starts)  # the search did ask for recordings from a move's step
+    assert torch.equal(shared.logits, scratch.logits) and torch.equal(shared.refined_plans, scratch.refined_plans)
+    for key in ("search_trace", "refined_errors", "search_evaluations"):
+        assert json.dumps(shared.metadata[key]) == json.dumps(scratch.metadata[key])
 
 
 def test_the_search_gives_the_same_router_whatever_the_memory_bound(pixart_folder, tmp_path):
@@ -132,3 +183,59 @@ def test_the_search_gives_the_same_router_whatever_the_memory_bound(pixart_folde
 def test_bad_snapshot_settings_are_refused_naming_the_fix(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchSettings(**settings)
+
+
+@pytest.mark.parametrize("name", ["wan", "qwen-image"])  # two-call CFG: a cache state per call's context
+def test_the_search_on_a_two_call_family_caches_both_calls_and_restarts_them_exactly(name, tmp_path, monkeypatch):
+    import lightning as L
+
+    from dit_cache.testing import TINY_FAMILIES
+    from dit_cache.training.data import RouterDataModule
+    from dit_cache.training.router_module import RouterModule
+
+    model = tmp_path / "model"
+    TINY_FAMILIES[name].pipeline().save_pretrained(model)
+    contexts = set()
+    add = TrajectorySnapshots.add
+    monkeypatch.setattr(TrajectorySnapshots, "add", lambda self, step, latents, scheduler, cache: (
+        contexts.update(name for name, snapshot in cache.items() if snapshot.nbytes),
+        add(self, step, latents, scheduler, cache))[1])
+
+    def search(**snapshots):
+        settings = SearchSettings(groups="step", whole_steps=False, calibration_prompts=2, max_flops=0.5,
+                                  default_flops=0.3, **snapshots)
+        module = RouterModule(str(model), num_steps=4, objective="search", guidance_scale=3.0, search=settings)
+        data = RouterDataModule(str(model), prompts=["a red circle", "a blue square and a cat"], batch_size=1,
+                                num_trajectories=10, max_sequence_length=8)
+        L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module, data)
+        return module.search.trace.clone()
+
+    trace = search(snapshot_location="memory")
+    assert contexts == {"cond", "uncond"}  # both calls' states are snapshotted (and nothing outside them ran)
+    moves = trace[1:][~torch.isnan(trace[1:, 0])]
+    assert len(moves) >= 2 and bool((moves[:, 1] > 0).all())  # the plans reached both calls: errors grew
+    bounded = search(snapshot_location="disk", snapshot_limit=1)  # restarts recompute from one snapshot
+    assert torch.equal(torch.nan_to_num(bounded), torch.nan_to_num(trace))
+
+
+def test_video_latents_take_the_frames_and_shape_asked_for_and_bad_values_are_refused():
+    from dit_cache.testing import TINY_FAMILIES, tiny_pixart
+    from dit_cache.training.denoising import latent_noise
+    from dit_cache.training.router_module import _check_settings
+
+    wan = TINY_FAMILIES["wan"].model()
+    generator = torch.Generator().manual_seed(0)
+    noise = latent_noise(wan, 2, generator, latent_size=[6, 10], latent_frames=3)
+    assert noise.shape == (2, wan.config.in_channels, 3, 6, 10)
+    with pytest.raises(ValueError, match="latent_frames=3 is for video families.*leave latent_frames at 1"):
+        latent_noise(tiny_pixart(num_layers=1), 1, generator, latent_frames=3)
+    base = dict(num_steps=4, proxy_interval=1, guidance_scale=2.0, learning_rate=0.1, beta=1e-4, beta_rate=0.5,
+                threshold=0.1, cost="units", target_cache_ratio=None)
+    _check_settings(**base, latent_size=[6, 10], latent_frames=21)  # accepted
+    for bad in ([6], [6, 0], 0, [6, 10, 2], 2.5):
+        with pytest.raises(ValueError, match="latent_size must be a whole number >= 1.*or \\[height, width\\]"):
+            _check_settings(**base, latent_size=bad)
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="latent_frames must be a whole number >= 1"):
+            _check_settings(**base, latent_frames=bad)

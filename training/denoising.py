@@ -78,18 +78,31 @@ def step_conditioning(rows: dict, transformer) -> Conditioning:
     return Conditioning(denoising_family(transformer).conditioning(rows, transformer), count)
 
 
-def latent_noise(transformer, batch_size: int, generator: torch.Generator, latent_size: int | None = None):
-    """Initial noise in the transformer's input layout; ``latent_size``: the latent side (default: the config's
-    ``sample_size``; FLUX, which has none, the side of its packed token grid: 64 = 1024 px). Video families train
-    on one latent frame."""
+def latent_noise(transformer, batch_size: int, generator: torch.Generator, latent_size=None,
+                 latent_frames: int = 1):
+    """Initial noise in the transformer's input layout. ``latent_size``: the latent side, or ``[height, width]``
+    (default: the config's ``sample_size``; FLUX, which has none, the side of its packed token grid: 64 = 1024 px);
+    ``latent_frames``: the latent frames of a video family (Wan 2.1 at 81 frames: 21)."""
     config = transformer.config
     layout = denoising_family(transformer).latent_layout
+    if latent_frames != 1 and layout != "video":
+        raise ValueError(f"latent_frames={latent_frames} is for video families; "
+                         f"{type(transformer).__name__} makes images: leave latent_frames at 1.")
+    if isinstance(latent_size, (list, tuple)):
+        height, width = latent_size
+    else:
+        height = width = latent_size or (None if layout == "packed" else config.get("sample_size", None)) or 64
     if layout == "packed":
-        side = latent_size or 64
-        return torch.randn((batch_size, side * side, config.in_channels), generator=generator)
-    side = latent_size or config.get("sample_size", None) or 64
-    frames = (1,) if layout == "video" else ()
-    return torch.randn((batch_size, config.in_channels, *frames, side, side), generator=generator)
+        return torch.randn((batch_size, height * width, config.in_channels), generator=generator)
+    frames = (latent_frames,) if layout == "video" else ()
+    return torch.randn((batch_size, config.in_channels, *frames, height, width), generator=generator)
+
+
+def latent_tokens(latent_size=None) -> int:
+    """Latent positions of one frame at ``latent_size`` (a side or ``[height, width]``; None: 64 x 64)."""
+    if isinstance(latent_size, (list, tuple)):
+        return int(latent_size[0]) * int(latent_size[1])
+    return (latent_size or 64) ** 2
 
 
 def init_noise_sigma(scheduler) -> float:

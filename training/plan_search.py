@@ -292,16 +292,21 @@ class GreedyPlanSearch(torch.nn.Module):
         # among the best.)
         if self.estimate.shape[1] > len(self.groups):
             self.estimate[step, len(self.groups)] = math.nan
-        self._record(runner)
+        self._record(runner, start=step)
         share = self.skipped_share()
         self.trace[int(self.moves)] = torch.tensor([share, float(self.error)], dtype=torch.float64)
         return {"moved": True, "step": step, "move": move_index, "action": self.actions[action_index].name,
                 "share": share, "error": float(self.error), "measured": len(fresh)}
 
-    def _record(self, runner: "TrajectoryRunner") -> None:
-        """Sample the current plan, keeping its snapshots (the old ones freed first: never two sets at once)."""
-        self.release_snapshots()
-        final, self._snapshots = runner.recorded(self.plan(), self.settings.snapshots(self.num_steps))
+    def _record(self, runner: "TrajectoryRunner", start: int | None = None) -> None:
+        """Sample the current plan, keeping its snapshots. ``start``: the step of the move just made; the old
+        plan's snapshots up to it are the new plan's too and the run starts there (None: the old set is freed
+        first and the run starts from the noise; never two sets at once either way)."""
+        if start is None or self._snapshots is None:
+            self.release_snapshots()
+            final, self._snapshots = runner.recorded(self.plan(), self.settings.snapshots(self.num_steps))
+        else:
+            final, self._snapshots = runner.recorded(self.plan(), self._snapshots, start=start)
         self.error.fill_(runner.error(final, self._reference))
 
     def release_snapshots(self) -> None:
@@ -438,20 +443,20 @@ class TrajectoryRunner:
 
     @torch.no_grad()
     def _run(self, plan: CachePlan, snapshot=None, record: TrajectorySnapshots | None = None) -> torch.Tensor:
-        state = self.handle.state
-        state.set_plan(PreparedPlan(plan, self.history))
+        handle = self.handle
+        handle.set_plan(PreparedPlan(plan, self.history))  # every cache context's state (two-call CFG has two)
         if snapshot is None:
             scheduler, latents, first = copy.deepcopy(self.scheduler), self.noise * init_noise_sigma(self.scheduler), 0
         else:
-            state.restore(snapshot.cache)
+            handle.restore(snapshot.cache)
             scheduler, latents, first = snapshot.scheduler, snapshot.latents, snapshot.step
         for index in range(first, self.num_steps):
             t = scheduler.timesteps[index]
-            if record is not None and index in record.steps:
-                record.add(index, latents, scheduler, state.snapshot())
+            if record is not None and index in record.steps and not (snapshot is not None and index == first):
+                record.add(index, latents, scheduler, handle.snapshot())
             output = self.denoiser(scale_model_input(scheduler, latents, t), t, self.conditioning)
             latents = scheduler.step(output, t, latents).prev_sample
-        state.reset()
+        handle.reset()
         return latents
 
     def final_latents(self, plan: CachePlan, start: int = 0, snapshots: TrajectorySnapshots | None = None):
@@ -460,7 +465,12 @@ class TrajectoryRunner:
         snapshot = snapshots.latest(start, self.noise.device) if snapshots is not None and start > 0 else None
         return self._run(plan, snapshot)
 
-    def recorded(self, plan: CachePlan, snapshots: TrajectorySnapshots | None = None):
-        """Final latents, and ``snapshots`` (default: one before every step after the first, in memory) filled."""
+    def recorded(self, plan: CachePlan, snapshots: TrajectorySnapshots | None = None, start: int = 0):
+        """Final latents, and ``snapshots`` (default: one before every step after the first, in memory) filled.
+
+        ``start``: ``snapshots`` holds the trajectory of a plan that ``plan`` follows up to step ``start``; its
+        snapshots up to there are kept and the run starts from the latest of them (none: from the noise)."""
         snapshots = TrajectorySnapshots(range(1, self.num_steps)) if snapshots is None else snapshots
-        return self._run(plan, record=snapshots), snapshots
+        snapshots.truncate(start)
+        restart = snapshots.latest(start, self.noise.device) if start > 0 else None
+        return self._run(plan, snapshot=restart, record=snapshots), snapshots

@@ -16,8 +16,8 @@ import torch
 from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
 from dit_cache.flops import step_flops
 
-from .denoising import (Conditioning, GuidedDenoiser, latent_noise, load_denoising_components, static_shift,
-                        step_conditioning)
+from .denoising import (Conditioning, GuidedDenoiser, latent_noise, latent_tokens, load_denoising_components,
+                        static_shift, step_conditioning)
 from .objectives import objective_named
 from .plan_search import SearchSettings
 
@@ -26,9 +26,19 @@ _FROZEN_MODULES = ("transformer",)
 
 
 def _check_settings(*, num_steps, proxy_interval, guidance_scale, learning_rate, beta, beta_rate, threshold, cost,
-                    target_cache_ratio, **_other_settings) -> None:
+                    target_cache_ratio, latent_size=None, latent_frames=1, **_other_settings) -> None:
     """Refuse values that would train nothing or nonsense, naming the setting and the fix."""
     from dit_cache.router import check_threshold
+
+    pair = isinstance(latent_size, (list, tuple))
+    sides = list(latent_size) if pair else [] if latent_size is None else [latent_size]
+    if (pair and len(sides) != 2) or not all(
+            isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides):
+        raise ValueError(f"latent_size must be a whole number >= 1 (the latent side) or [height, width], "
+                         f"got {latent_size!r}.")
+    if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
+        raise ValueError(f"latent_frames must be a whole number >= 1 (a video family's latent frames), "
+                         f"got {latent_frames!r}.")
 
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be a whole number >= 2 (step 0 only fills the cache, so a router needs "
@@ -83,8 +93,9 @@ class RouterModule(L.LightningModule):
         learning_rate: AdamW learning rate of the router logits (weight decay 0).
         seed: router initialisation.
         search: settings of ``objective: search`` (:class:`~dit_cache.training.plan_search.SearchSettings`).
-        latent_size: side of the transformer's input latents (default: its config's ``sample_size``; FLUX, which has
-            none: the side of its packed token grid, 64 = 1024 px).
+        latent_size: side of the transformer's input latents, or ``[height, width]`` (default: its config's
+            ``sample_size``; FLUX, which has none: the side of its packed token grid, 64 = 1024 px).
+        latent_frames: latent frames of a video family's inputs (default 1; Wan 2.1 at 81 frames: 21).
     """
 
     def __init__(self, model: str, scheduler: str | None = None, num_steps: int = 20, guidance_scale: float = 4.5,
@@ -93,7 +104,8 @@ class RouterModule(L.LightningModule):
                  proxy_average: bool = False, beta: float = 1e-4, cost: Literal["units", "flops"] = "units",
                  target_cache_ratio: float | None = None,
                  beta_rate: float = 0.5, threshold: float = 0.1, learning_rate: float = 0.01, seed: int = 0,
-                 latent_size: int | None = None, search: SearchSettings | None = None):
+                 latent_size: int | list[int] | None = None, latent_frames: int = 1,
+                 search: SearchSettings | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -101,7 +113,7 @@ class RouterModule(L.LightningModule):
         self.objective = objective_named(objective, search)
         transformer, self.inference_scheduler = load_denoising_components(model, scheduler)
         # FLUX's scheduler shifts by resolution: fix the shift its pipeline uses at the resolution trained at.
-        self.inference_scheduler = static_shift(self.inference_scheduler, (latent_size or 64) ** 2)
+        self.inference_scheduler = static_shift(self.inference_scheduler, latent_tokens(latent_size))
         self.transformer = transformer.requires_grad_(False).eval()
         self.units = cache_units(self.transformer)
         self.router = CacheRouter(num_steps, len(self.units), threshold=threshold,
@@ -141,7 +153,8 @@ class RouterModule(L.LightningModule):
 
     def noise(self, batch_size: int, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
-        return latent_noise(self.transformer, batch_size, generator, self.hparams.latent_size).to(self.device)
+        return latent_noise(self.transformer, batch_size, generator, self.hparams.latent_size,
+                            self.hparams.latent_frames).to(self.device)
 
     def trajectory_inputs(self, batch) -> tuple[Conditioning, torch.Tensor]:
         """The forward kwargs and the initial noise of a batch ``(conditioning rows, seed)``."""

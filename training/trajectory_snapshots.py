@@ -1,7 +1,8 @@
 """Snapshots of one sampling trajectory, so the search restarts a candidate plan from where it departs.
 
 A snapshot at step ``s`` is what sampling needs to go on from there: the latents, a copy of the scheduler and the
-cache's state (``CacheState.snapshot()``: each unit's last computed outputs). The unit outputs are nearly all of its
+cache's state (``CacheHandle.snapshot()``: each unit's last computed outputs, per cache context: a pipeline that
+makes a conditional and an unconditional call has one state for each). The unit outputs are nearly all of its
 size (``units x history x batch x tokens x width``), so where they live and how many snapshots a trajectory keeps
 decide the search's memory:
 
@@ -66,7 +67,12 @@ class TrajectorySnapshot:
     step: int
     latents: torch.Tensor
     scheduler: object
-    cache: CacheSnapshot
+    cache: dict[str | None, CacheSnapshot]  # by cache context (None: the calls not in one)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the unit outputs this snapshot holds."""
+        return sum(snapshot.nbytes for snapshot in self.cache.values())
 
 
 class TrajectorySnapshots:
@@ -81,7 +87,7 @@ class TrajectorySnapshots:
         self.steps = frozenset(steps)
         self.location = location
         self._snapshots: dict[int, TrajectorySnapshot] = {}
-        self._kept: dict[tuple[int, int], object] = {}  # (unit, step computed) -> output, or its file (disk)
+        self._kept: dict[tuple, object] = {}  # (context, unit, step computed) -> output, or its file (disk)
         self._folder = Path(tempfile.mkdtemp(prefix="dit-cache-snapshots-", dir=directory)) if location == "disk" \
             else None
         self.held_bytes = self.disk_bytes = 0
@@ -95,18 +101,20 @@ class TrajectorySnapshots:
     def __len__(self) -> int:
         return len(self._snapshots)
 
-    def add(self, step: int, latents: torch.Tensor, scheduler, cache: CacheSnapshot) -> None:
-        """Keep the state at the start of ``step`` (the scheduler is copied, the rest kept as given)."""
-        fresh = {(unit, computed): output for unit, history in enumerate(cache.outputs)
-                 for computed, output in history if (unit, computed) not in self._kept}
+    def add(self, step: int, latents: torch.Tensor, scheduler, cache: dict[str | None, CacheSnapshot]) -> None:
+        """Keep the state at the start of ``step`` (the scheduler is copied, the rest kept as given); ``cache``:
+        ``CacheHandle.snapshot()``, one cache snapshot per context."""
+        fresh = {key: output for key, output in _outputs(cache) if key not in self._kept}
         if self.location == "disk":
             if fresh:
                 self._write(step, fresh)
         else:
             self._kept.update((key, self._keep(output)) for key, output in fresh.items())
-        outputs = [[(computed, self._kept[(unit, computed)]) for computed, _ in history]
-                   for unit, history in enumerate(cache.outputs)]
-        self._snapshots[step] = TrajectorySnapshot(step, latents, copy.deepcopy(scheduler), cache.with_outputs(outputs))
+        kept = {context: snapshot.with_outputs([[(computed, self._kept[(context, unit, computed)])
+                                                 for computed, _ in history]
+                                                for unit, history in enumerate(snapshot.outputs)])
+                for context, snapshot in cache.items()}
+        self._snapshots[step] = TrajectorySnapshot(step, latents, copy.deepcopy(scheduler), kept)
 
     def latest(self, step: int, device=None) -> TrajectorySnapshot | None:
         """The snapshot at the latest step at or before ``step`` (None: none; restart from the noise), its unit
@@ -117,9 +125,26 @@ class TrajectorySnapshots:
         snapshot = self._snapshots[max(found)]
         cache = snapshot.cache
         if self.location != "memory":
-            cache = cache.with_outputs([[(computed, self._load(kept, device)) for computed, kept in history]
-                                        for history in cache.outputs])
+            cache = {context: kept.with_outputs([[(computed, self._load(output, device)) for computed, output in history]
+                                                 for history in kept.outputs])
+                     for context, kept in cache.items()}
         return TrajectorySnapshot(snapshot.step, snapshot.latents, copy.deepcopy(snapshot.scheduler), cache)
+
+    def truncate(self, last: int) -> None:
+        """Keep only the snapshots at steps up to ``last`` (and the outputs they hold): what a plan that departs
+        from this trajectory at step ``last`` shares with it, so recording that plan can start there."""
+        self._snapshots = {step: kept for step, kept in self._snapshots.items() if step <= last}
+        referenced = {key for kept in self._snapshots.values() for key, _ in _outputs(kept.cache)}
+        dropped = [key for key in self._kept if key not in referenced]
+        if self._folder is not None:
+            # An output is written with the first snapshot that holds it, so the kept ones are in kept files.
+            for path in {self._kept[key].path for key in dropped}:
+                self.disk_bytes -= path.stat().st_size
+                path.unlink()
+        else:
+            self.held_bytes -= sum(_nbytes(self._kept[key]) for key in dropped)
+        for key in dropped:
+            del self._kept[key]
 
     def close(self) -> None:
         self._snapshots.clear()
@@ -139,10 +164,11 @@ class TrajectorySnapshots:
     def _write(self, step: int, fresh: dict) -> None:
         path = self._folder / f"step_{step:04d}.safetensors"
         tensors = {}
-        for (unit, computed), output in fresh.items():
+        for (context, unit, computed), output in fresh.items():
+            name = f"{'' if context is None else context}/{unit}.{computed}"
             for index, tensor in enumerate(_leaves(output)):
-                tensors[f"{unit}.{computed}.{index}"] = tensor.detach().contiguous()
-            self._kept[(unit, computed)] = _OnDisk(path, f"{unit}.{computed}", _structure(output))
+                tensors[f"{name}.{index}"] = tensor.detach().contiguous()
+            self._kept[(context, unit, computed)] = _OnDisk(path, name, _structure(output))
         save_file(tensors, str(path))
         self.disk_bytes += path.stat().st_size
 
@@ -177,6 +203,14 @@ class _OnDisk:
     path: Path
     name: str
     structure: _Structure
+
+
+def _outputs(cache: dict[str | None, CacheSnapshot]):
+    """``((context, unit, step computed), output)`` of every output the cache snapshots hold."""
+    for context, snapshot in cache.items():
+        for unit, history in enumerate(snapshot.outputs):
+            for computed, output in history:
+                yield (context, unit, computed), output
 
 
 def _structure(output) -> _Structure:

@@ -30,6 +30,17 @@ class WorkerFailure(RuntimeError):
     """The traceback of an error raised in a benchmark worker process (the ``__cause__`` of the re-raised one)."""
 
 
+def first_sample(output):
+    """The first image of an image pipeline's output, or the first video (its frames) of a video pipeline's."""
+    samples = getattr(output, "images", None)
+    if samples is None:
+        samples = getattr(output, "frames", None)
+    if samples is None:
+        raise TypeError(f"{type(output).__name__} has neither images nor frames: the bench scores image and video "
+                        f"pipelines' outputs.")
+    return samples[0]
+
+
 def check_restored(pipe, signature, label: str) -> None:
     from .peers import module_signature
 
@@ -96,7 +107,7 @@ def _measure_share(rounds: Rounds, indices: list[int], tick: Callable[[], None])
         try:
             with candidate.call_context(pipe):
                 start = time.perf_counter()
-                image = pipe(**rounds.call(index)).images[0]
+                image = first_sample(pipe(**rounds.call(index)))
                 seconds = time.perf_counter() - start
             stats = getattr(pipe, "cache_stats", None)
             counts = {"cache_ratio": meter.cache_ratio(),
