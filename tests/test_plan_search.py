@@ -48,7 +48,7 @@ class SyntheticRunner:
             return torch.zeros(1)
         return self._final(plan)
 
-    def recorded(self, plan, snapshots=None):
+    def recorded(self, plan, snapshots=None, start=0):
         return self.final_latents(plan), snapshots or TrajectorySnapshots([])
 
 
