@@ -157,7 +157,7 @@ class _AdaptiveSwitch:
     """The torch forward hook: after step 0 of each generation, reads the signal and switches the plan."""
 
     def __init__(self, handle, rule: AdaptiveRule, plans: list[CachePlan], cfg_batch: bool):
-        from .hooks import PreparedPlan
+        from .state import PreparedPlan
 
         self.handle, self.rule, self.cfg_batch = handle, rule, cfg_batch
         depth = max(max(p.history_depth) for p in plans)

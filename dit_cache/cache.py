@@ -23,9 +23,10 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 
 from .deprecation import warn_renamed
-from .hooks import BYPASSED, GATED, UNIT_HOOK, CacheState, DenoisingStepHook, PreparedPlan, UnitCacheHook
+from .hooks import UNIT_HOOK, DenoisingStepHook, UnitCacheHook
+from .state import CacheState, PreparedPlan
 from .plan import as_plan
-from .actions import ACTIONS, Action
+from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
 from .units import CacheUnit, _unwrap, cache_units

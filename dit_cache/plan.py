@@ -1,8 +1,8 @@
 """``CachePlan``: what each unit does at each denoising step.
 
 A plan is an integer tensor ``[num_steps, num_units]`` of :class:`Action` codes. ``CacheSchedule`` (a boolean
-mask) is the two-action case: True is COMPUTE, False is REUSE. Each action is one branch in the unit hook
-(``dit_cache.hooks``) and one row of :data:`dit_cache.actions.ACTIONS`; the history each unit must keep follows
+mask) is the two-action case: True is COMPUTE, False is REUSE. Each action is one method of ``CacheState``
+(``dit_cache.state``) and one row of :data:`dit_cache.actions.ACTIONS`; the history each unit must keep follows
 from the plan.
 """
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dit_cache.cache import CacheHandle
-from dit_cache.hooks import PreparedPlan
+from dit_cache.state import PreparedPlan
 from dit_cache.plan import ACTION_COST, Action, CachePlan
 from dit_cache.router import LOGIT_LIMIT, CacheRouter, plan_with_fallbacks
 

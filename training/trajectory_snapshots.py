@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dit_cache.hooks import CacheSnapshot
+from dit_cache.state import CacheSnapshot
 
 LOCATIONS = ("memory", "cpu", "disk")
 
