@@ -69,7 +69,9 @@ class ContextStates:
             self._calls += 1
 
     def current(self) -> CacheState:
-        return self.of_context(_CALL_CONTEXT.get())
+        name = _CALL_CONTEXT.get()
+        state = self.by_context.get(name)  # the per-unit hot path: a dict lookup, a call only for a new context
+        return state if state is not None else self.of_context(name)
 
     def of_context(self, name: str | None) -> CacheState:
         state = self.by_context.get(name)
@@ -153,8 +155,7 @@ class CacheHandle:
     def set_plan(self, plan) -> None:
         """Swap the engine-level plan (a ``CachePlan``, ``CacheSchedule`` or ``PreparedPlan``, same unit count) in
         every cache context's state; starts a new generation."""
-        prepared = plan if isinstance(plan, PreparedPlan) else self.prepare(plan)
-        prepared.plan.check_compatible(num_units=len(self.units))
+        prepared = self.prepare(plan)
         self.plan, self.compiled = prepared.plan, prepared
         for state in self._engine_states:
             state.set_plan(prepared)
@@ -164,7 +165,11 @@ class CacheHandle:
         self.set_plan(plan)
 
     def prepare(self, plan) -> PreparedPlan:
-        """``plan`` checked against this transformer and prepared for the hooks (reused across calls)."""
+        """``plan`` checked against this transformer and prepared for the hooks (reused across calls); a
+        ``PreparedPlan`` (e.g. with a deeper history, as the router search keeps) is only checked."""
+        if isinstance(plan, PreparedPlan):
+            plan.plan.check_compatible(num_units=len(self.units))
+            return plan
         plan = as_plan(plan)
         plan.check_compatible(num_units=len(self.units))
         return self.compiled if plan is self.plan else PreparedPlan(plan, self.min_history)
@@ -185,7 +190,7 @@ class CacheHandle:
         ``call_names``: the contexts the pipeline's unnamed calls of one step take in turn (``("cond", "uncond")``
         for Chroma's CFG); empty: the pipeline names its calls itself, or makes one.
         """
-        compiled = plan if isinstance(plan, PreparedPlan) else self.prepare(self.plan if plan is None else plan)
+        compiled = self.prepare(self.plan if plan is None else plan)
         half = self.conditional_half if computed_half is None else computed_half
         states = ContextStates(lambda: CacheState(compiled, computed_half=half), call_names=call_names)
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))

@@ -27,8 +27,6 @@ _EAGER = torch.compiler.disable(reason=(
     "fullgraph=True: drop it, or compile the units themselves with dit_cache.accelerate(pipe, ..., compile=True)"))
 
 
-
-
 class UnitCacheHook(ModelHook):
     """Wraps one branch (attn1 / attn2 / ff / ...): computes it, or produces its pre-gate output from the cache."""
 

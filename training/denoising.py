@@ -91,7 +91,8 @@ def latent_noise(transformer, batch_size: int, generator: torch.Generator, laten
     if isinstance(latent_size, (list, tuple)):
         height, width = latent_size
     else:
-        height = width = latent_size or (None if layout == "packed" else config.get("sample_size", None)) or 64
+        configured = None if layout == "packed" else config.get("sample_size", None)
+        height = width = latent_size or configured or 64
     if layout == "packed":
         return torch.randn((batch_size, height * width, config.in_channels), generator=generator)
     frames = (latent_frames,) if layout == "video" else ()

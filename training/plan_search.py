@@ -450,9 +450,10 @@ class TrajectoryRunner:
         else:
             handle.restore(snapshot.cache)
             scheduler, latents, first = snapshot.scheduler, snapshot.latents, snapshot.step
+        recorded_from = first if snapshot is None else first + 1  # a restart's own snapshot is recorded already
         for index in range(first, self.num_steps):
             t = scheduler.timesteps[index]
-            if record is not None and index in record.steps and not (snapshot is not None and index == first):
+            if record is not None and index >= recorded_from and index in record.steps:
                 record.add(index, latents, scheduler, handle.snapshot())
             output = self.denoiser(scale_model_input(scheduler, latents, t), t, self.conditioning)
             latents = scheduler.step(output, t, latents).prev_sample

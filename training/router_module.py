@@ -30,10 +30,11 @@ def _check_settings(*, num_steps, proxy_interval, guidance_scale, learning_rate,
     """Refuse values that would train nothing or nonsense, naming the setting and the fix."""
     from dit_cache.router import check_threshold
 
-    pair = isinstance(latent_size, (list, tuple))
-    sides = list(latent_size) if pair else [] if latent_size is None else [latent_size]
-    if (pair and len(sides) != 2) or not all(
-            isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides):
+    if isinstance(latent_size, (list, tuple)):
+        sides = list(latent_size) if len(latent_size) == 2 else [None]
+    else:
+        sides = [] if latent_size is None else [latent_size]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides):
         raise ValueError(f"latent_size must be a whole number >= 1 (the latent side) or [height, width], "
                          f"got {latent_size!r}.")
     if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
