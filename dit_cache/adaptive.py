@@ -183,11 +183,7 @@ class _AdaptiveSwitch:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         index = self.rule.pick(float(step_signal(hidden_states, sample, self.cfg_batch)))  # the one host sync
-        compiled = self.compiled[index]
-        for unit, history in enumerate(state.outputs):
-            if history.maxlen != compiled.history[unit]:
-                state.outputs[unit] = type(history)(history, maxlen=compiled.history[unit])
-        state.compiled = compiled
+        state.switch_plan(self.compiled[index])
         self.picks.append(index)
         return None
 

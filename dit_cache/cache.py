@@ -23,13 +23,13 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 
 from .deprecation import warn_renamed
-from .hooks import UNIT_HOOK, DenoisingStepHook, UnitCacheHook
+from .hooks import BLOCK_HOOK, UNIT_HOOK, BlockReplayHook, DenoisingStepHook, UnitCacheHook
 from .state import CacheState, PreparedPlan
 from .plan import as_plan
 from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
-from .units import CacheUnit, _unwrap, cache_units
+from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
@@ -137,8 +137,10 @@ class CacheHandle:
         self.min_history = history
         self.plan = as_plan(plan)
         self.compiled = PreparedPlan(self.plan, history)
-        self.state = CacheState(self.compiled, computed_half=self.conditional_half,
-                                detect_new_generation=True)  # engine-level default
+        # (block path, its units, its replay) of every block the family can replay (dit_cache.families.replays)
+        self.replayable = replayable_blocks(transformer, units)
+        self.replay_blocks = tuple(block_units for _, block_units, _ in self.replayable)
+        self.state = self._new_state(self.compiled, detect_new_generation=True)  # engine-level default
         self._engine_states = ContextStates(self._engine_state, self.state)
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
@@ -146,9 +148,12 @@ class CacheHandle:
         self._step_hooks: list = []
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
+    def _new_state(self, compiled: PreparedPlan, computed_half: int | None = None, **options) -> CacheState:
+        half = self.conditional_half if computed_half is None else computed_half
+        return CacheState(compiled, computed_half=half, replay_blocks=self.replay_blocks, **options)
+
     def _engine_state(self) -> CacheState:
-        state = CacheState(self.compiled, mode=self.state.mode, computed_half=self.conditional_half,
-                           detect_new_generation=True)
+        state = self._new_state(self.compiled, mode=self.state.mode, detect_new_generation=True)
         state.gate_scores, state.gate_writes = self.state.gate_scores, self.state.gate_writes
         return state
 
@@ -191,8 +196,7 @@ class CacheHandle:
         for Chroma's CFG); empty: the pipeline names its calls itself, or makes one.
         """
         compiled = self.prepare(self.plan if plan is None else plan)
-        half = self.conditional_half if computed_half is None else computed_half
-        states = ContextStates(lambda: CacheState(compiled, computed_half=half), call_names=call_names)
+        states = ContextStates(lambda: self._new_state(compiled, computed_half), call_names=call_names)
         token = _ACTIVE_GENERATIONS.set(_ACTIVE_GENERATIONS.get() + ((self, states),))
         outer_context = _CALL_CONTEXT.get()
         try:
@@ -334,6 +338,8 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             if unit.index == 0:  # one listener is enough: it sets a context variable
                 hook._is_stateful, hook.call_context = True, _CallContextListener()
             handle._register(root.get_submodule(unit.path), hook, UNIT_HOOK)
+        for index, (path, block_units, replay) in enumerate(handle.replayable):
+            handle._register(root.get_submodule(path), BlockReplayHook(handle, index, block_units, replay), BLOCK_HOOK)
         handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         _invalidate_hook_lookup(transformer)
         if options is not None:

@@ -18,6 +18,7 @@ from .state import CacheSnapshot, CacheState, CompiledPlan, PreparedPlan  # noqa
 
 
 UNIT_HOOK = "dit_cache.unit"
+BLOCK_HOOK = "dit_cache.block"
 
 # An outer torch.compile (of the transformer or its blocks) must not trace the cache decisions: it would guard on
 # them and recompile at every plan change. It breaks its graph at the hooks instead, whichever order it came in;
@@ -57,6 +58,33 @@ class UnitCacheHook(ModelHook):
         elif action == GATE:
             output = state.gate(unit, output)
         return output
+
+
+class BlockReplayHook(ModelHook):
+    """Wraps one block whose family has a replay: on a step where none of its units runs, the block's output
+    comes from its input and its units' cached or forecast outputs alone (:mod:`dit_cache.families.replays`);
+    on every other step the block runs its forward, its units hooked."""
+
+    def __init__(self, handle, block: int, units: tuple[int, ...], replay):
+        super().__init__()
+        self.handle = handle
+        self.block = block  # this block's index among the replayable ones (a CacheState.replays position)
+        self.units = units
+        self.replay = replay
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    @_EAGER
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.handle.active_state()
+        if state is not None and state.replays[self.block]:
+            actions, runners = state.actions, state.runners
+            outputs = [runners[actions[unit]](unit, None, (), {}) for unit in self.units]
+            output = self.replay(module, outputs, args, kwargs)
+            if output is not NotImplemented:
+                return output
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class DenoisingStepHook:

@@ -21,6 +21,8 @@ COMPUTE = Action.COMPUTE
 FORECASTS = (Action.FORECAST1, Action.FORECAST2)
 # action code -> the CacheState method producing a skipped unit's output (the table's ``runs``)
 _RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
+# Actions that produce a unit's output without running it: a block whose units all take one can be replayed.
+_WITHOUT_FORWARD = frozenset(int(action) for action, facts in ACTIONS.items() if facts.runs and facts.cost == 0)
 
 
 class PreparedPlan:
@@ -34,6 +36,16 @@ class PreparedPlan:
         self.history = [max(depth, min_history) for depth in plan.history_depth]
         self.linear = None if plan.linear_weights is None else plan.linear_weights.tolist()
         self.needs_time = plan.uses(*FORECASTS)
+        self._replay_rows: dict[tuple, list[tuple[bool, ...]]] = {}
+
+    def replay_rows(self, blocks: tuple[tuple[int, ...], ...]) -> list[tuple[bool, ...]]:
+        """Per step, per block of ``blocks`` (each the units of one replayable block): whether none of its units
+        runs its forward, so the block can be replayed (:mod:`dit_cache.families.replays`)."""
+        rows = self._replay_rows.get(blocks)
+        if rows is None:
+            rows = self._replay_rows[blocks] = [
+                tuple(all(row[unit] in _WITHOUT_FORWARD for unit in units) for units in blocks) for row in self.rows]
+        return rows
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,9 @@ class CacheState:
     """One generation: step counter, timesteps seen, each unit's last computed outputs, the current action row."""
 
     def __init__(self, compiled: PreparedPlan, mode: str = SCHEDULE, computed_half: int = 1,
-                 detect_new_generation: bool = False):
+                 detect_new_generation: bool = False, replay_blocks: tuple[tuple[int, ...], ...] = ()):
         self.mode = mode
+        self.replay_blocks = replay_blocks  # the units of each block the engine can replay, by block hook
         self.computed_half = computed_half  # CFG_SHARE runs this half of the batch (1: PixArt's conditional half)
         self.detect_new_generation = detect_new_generation
         self.gate_scores: torch.Tensor | None = None
@@ -76,8 +89,19 @@ class CacheState:
         self._compute_row = (COMPUTE,) * num_units
         self._bypass_row = (BYPASS,) * num_units
         self._gate_row = (GATE,) * num_units
+        self._no_replays = (False,) * len(self.replay_blocks)
+        self._replay_rows = compiled.replay_rows(self.replay_blocks)
         self.outputs = [deque(maxlen=depth) for depth in compiled.history]
         self.reset()
+
+    def switch_plan(self, compiled: PreparedPlan) -> None:
+        """Follow ``compiled`` from the next step on, in this generation: its history so far is kept (each unit's
+        to the new plan's depth)."""
+        for unit, history in enumerate(self.outputs):
+            if history.maxlen != compiled.history[unit]:
+                self.outputs[unit] = deque(history, maxlen=compiled.history[unit])
+        self.compiled = compiled
+        self._replay_rows = compiled.replay_rows(self.replay_blocks)
 
     def reset(self) -> None:
         self.step = 0
@@ -86,6 +110,7 @@ class CacheState:
         # (step, the steps its history was computed at) -> Lagrange weights, shared by the units alike there
         self._forecast_weights: dict[tuple, list[float]] = {}
         self.actions = self._compute_row
+        self.replays = self._no_replays
         for history in self.outputs:
             history.clear()
 
@@ -110,7 +135,7 @@ class CacheState:
 
     def begin_step(self, timestep) -> None:
         if self.mode == BYPASSED:
-            self.actions = self._bypass_row
+            self.actions, self.replays = self._bypass_row, self._no_replays
             return
         time = None
         if timestep is not None and (self.compiled.needs_time or self.detect_new_generation):
@@ -123,11 +148,11 @@ class CacheState:
         self.last_time = time
         self.times.append(float(self.step) if time is None else time)
         if self.step == 0:
-            self.actions = self._compute_row
+            self.actions, self.replays = self._compute_row, self._no_replays
         elif self.mode == SCHEDULE:
-            self.actions = self.compiled.rows[self.step]
+            self.actions, self.replays = self.compiled.rows[self.step], self._replay_rows[self.step]
         else:
-            self.actions = self._gate_row
+            self.actions, self.replays = self._gate_row, self._no_replays
 
     def end_step(self) -> None:
         if self.mode != BYPASSED:

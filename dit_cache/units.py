@@ -63,6 +63,24 @@ def cache_units(transformer: torch.nn.Module) -> list[CacheUnit]:
     return units
 
 
+def replayable_blocks(transformer: torch.nn.Module, units: list[CacheUnit]) -> list[tuple[str, tuple[int, ...], object]]:
+    """``(path, its units, its replay)`` of every block of ``transformer`` whose family record has a replay for it
+    (:mod:`dit_cache.families.replays`) and that has units."""
+    family = family_of(transformer)
+    by_block: dict[int, list[int]] = {}
+    for unit in units:
+        by_block.setdefault(unit.block, []).append(unit.index)
+    blocks = []
+    number = 0
+    for attribute, block_list in _block_lists(transformer):
+        for local_index, block in enumerate(block_list):
+            replay = family.replay_of(block)
+            if replay is not None and number in by_block:
+                blocks.append((f"{attribute}.{local_index}", tuple(by_block[number]), replay))
+            number += 1
+    return blocks
+
+
 def unit_layout(transformer: torch.nn.Module) -> str:
     """A compact signature of the unit layout, stored with routers to catch a mismatched model.
 

@@ -81,6 +81,9 @@ class ModelFamily:
     ``unnamed_cfg_calls(argument)``: for a pipeline that runs CFG as two transformer calls per step without naming
     them in ``cache_context`` (Chroma), whether a call does, from its arguments (``argument(name)`` -> the value
     given or the default); the cache then names the calls itself, "cond" then "uncond", as the pipeline orders them.
+    ``replays`` maps a block class name to its replay (:mod:`dit_cache.families.replays`): the block's output from
+    its input and its units' outputs, taken on steps where none of its units computes; a block without one runs
+    its forward then (its norms and modulation included), which is exact too, only slower.
     """
 
     name: str
@@ -108,11 +111,18 @@ class ModelFamily:
     timestep_argument: str = "timestep"
     unnamed_cfg_calls: Callable | None = None
     aliases: tuple[str, ...] = field(default=())  # model names users know it by (README's table)
+    replays: Mapping[str, Callable] = field(default_factory=dict)
 
     def branches_of(self, block: torch.nn.Module) -> tuple[Branch, ...] | None:
         for cls in type(block).__mro__:
             if cls.__name__ in self.branches:
                 return self.branches[cls.__name__]
+        return None
+
+    def replay_of(self, block: torch.nn.Module) -> Callable | None:
+        for cls in type(block).__mro__:
+            if cls.__name__ in self.replays:
+                return self.replays[cls.__name__]
         return None
 
     def timesteps(self, t: float, batch: int, config) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import inputs, prompts
+from . import inputs, prompts, replays
 from .record import Branch, CFGLayout, FamilyRegistry, ModelFamily, SecondCall
 
 A, B, C = Branch, CFGLayout, SecondCall  # short names keep each record to a few readable lines
@@ -90,6 +90,7 @@ FAMILIES = FamilyRegistry([
         {"BasicTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.dit, B.CONDITIONAL_FIRST,  # DiTPipeline batches [labels, null labels]
         pipelines=("DiTPipeline",), conditioning=prompts.class_conditioning, bench_inputs="class_labels",
+        replays={"BasicTransformerBlock": replays.basic_transformer_block},
         concepts_refusal="DiT is class-conditional: there are no prompt tokens.", aliases=("DiT",)),
     ModelFamily(
         "pixart", "PixArtTransformer2DModel", ("transformer_blocks",),
@@ -97,6 +98,7 @@ FAMILIES = FamilyRegistry([
         inputs.pixart, B.UNCONDITIONAL_FIRST,
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode=prompts.pixart_encode,
         conditioning=prompts.masked_text_conditioning, bench_inputs="captions", concept_scored=True,
+        replays={"BasicTransformerBlock": replays.basic_transformer_block},
         aliases=("PixArt-α", "PixArt-Σ")),
     ModelFamily(
         "sd3", "SD3Transformer2DModel", ("transformer_blocks",),

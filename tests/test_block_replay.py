@@ -1,0 +1,133 @@
+"""Block replays (dit_cache/families/replays.py): on a step where none of a block's units runs, the block's output
+comes from its input and its units' outputs alone. It must be bitwise the block run with every unit hooked, skip
+the block's own work (its norms), and step aside for a call it cannot reproduce."""
+
+import numpy as np
+import pytest
+import torch
+
+import dit_cache
+from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
+from dit_cache.families import FAMILIES
+from dit_cache.families.record import ModelFamily
+from dit_cache.plan import Action
+from dit_cache.testing import TINY_FAMILIES, run_steps
+from dit_cache.units import replayable_blocks, transformer_blocks
+
+STEPS = 6
+WITH_REPLAYS = [family.name for family in FAMILIES if family.replays]
+
+
+def _plans(num_units: int) -> dict[str, CachePlan]:
+    mixed = CachePlan.uniform(STEPS, num_units, 2).actions.clone()
+    mixed[3, : num_units // 2] = Action.COMPUTE  # a step where only some blocks can be replayed
+    return {"reuse": CachePlan.uniform(STEPS, num_units, 3),
+            "forecast": CachePlan.taylor(STEPS, num_units, interval=2),
+            "partly computed": CachePlan(mixed)}
+
+
+def _without_replays(monkeypatch):
+    monkeypatch.setattr(ModelFamily, "replay_of", lambda self, block: None)
+
+
+def _norm_calls(transformer) -> list[int]:
+    """Counts the calls of every block's first norm: a replayed block makes none."""
+    calls = [0]
+    for block in transformer_blocks(transformer):
+        block.norm1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_every_record_replays_only_blocks_it_caches():
+    assert WITH_REPLAYS, "no family has a block replay"
+    for family in FAMILIES:
+        assert set(family.replays) <= set(family.branches), family.name
+
+
+@pytest.mark.parametrize("name", WITH_REPLAYS)
+@pytest.mark.parametrize("kind", ["reuse", "forecast", "partly computed"])
+def test_replayed_blocks_are_bitwise_the_hooked_blocks_and_skip_their_norms(name, kind, monkeypatch):
+    transformer = TINY_FAMILIES[name].model()
+    units = cache_units(transformer)
+    plan = _plans(len(units))[kind]
+    assert len(replayable_blocks(transformer, units)) == len(transformer_blocks(transformer))
+    calls = _norm_calls(transformer)
+
+    apply_cache(transformer, plan)
+    replayed = run_steps(transformer, STEPS)
+    remove_cache(transformer)
+    replayed_norms = calls[0]
+
+    calls[0] = 0
+    with monkeypatch.context() as patch:
+        _without_replays(patch)
+        apply_cache(transformer, plan)
+        hooked = run_steps(transformer, STEPS)
+        remove_cache(transformer)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, hooked))
+    # Each block runs its first norm once per step unless it was replayed: a block is replayed where none of
+    # its units computes.
+    blocks = {}
+    for unit in units:
+        blocks.setdefault(unit.block, []).append(unit.index)
+    computed_blocks = sum(any(int(plan.actions[step, u]) == Action.COMPUTE for u in members) or step == 0
+                          for step in range(STEPS) for members in blocks.values())
+    assert calls[0] == STEPS * len(blocks) and replayed_norms == computed_blocks < calls[0]
+
+
+@pytest.mark.parametrize("name", WITH_REPLAYS)
+def test_a_call_the_replay_cannot_reproduce_runs_the_block(name, monkeypatch):
+    transformer = TINY_FAMILIES[name].model()
+    plan = CachePlan.uniform(STEPS, len(cache_units(transformer)), 2)
+    apply_cache(transformer, plan)
+    expected = run_steps(transformer, STEPS)
+    remove_cache(transformer)
+
+    declined = []
+
+    def decline(self, block):
+        return lambda *args: declined.append(type(block).__name__) or NotImplemented
+
+    monkeypatch.setattr(ModelFamily, "replay_of", decline)
+    apply_cache(transformer, plan)
+    assert all(torch.equal(a, b) for a, b in zip(expected, run_steps(transformer, STEPS)))
+    remove_cache(transformer)
+    assert declined  # the replays were asked, and their refusal fell back to the hooked block
+
+
+def test_gligen_calls_are_not_replayed():
+    from dit_cache.families.replays import basic_transformer_block
+
+    block = TINY_FAMILIES["pixart"].model().transformer_blocks[0]
+    gligen = dict(cross_attention_kwargs={"gligen": {"objs": None}})
+    assert basic_transformer_block(block, [], (torch.zeros(1, 4, 16),), gligen) is NotImplemented
+
+
+def test_a_block_with_a_norm_type_it_does_not_know_is_not_replayed():
+    from dit_cache.families.replays import basic_transformer_block
+
+    block = TINY_FAMILIES["pixart"].model().transformer_blocks[0]
+    block.norm_type = "some_future_norm"
+    assert basic_transformer_block(block, [], (torch.zeros(1, 4, 16),), {}) is NotImplemented
+
+
+def test_embedded_pipeline_images_are_bitwise_with_and_without_replays(monkeypatch):
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle and a blue square", num_inference_steps=20, guidance_scale=2.0,
+                output_type="np")
+
+    def images():
+        cached = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), skip_flops=0.7)
+        result = cached(generator=torch.Generator().manual_seed(0), **call).images
+        dit_cache.decelerate(cached)
+        return result
+
+    replayed = images()
+    with monkeypatch.context() as patch:
+        _without_replays(patch)
+        hooked = images()
+    assert np.array_equal(replayed, hooked)
+    assert not np.array_equal(replayed, pipe(generator=torch.Generator().manual_seed(0), **call).images)
