@@ -8,7 +8,9 @@ import torch
 
 import dit_cache
 from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
-from dit_cache.families import FAMILIES
+from diffusers.models.normalization import RMSNorm
+
+from dit_cache.families import FAMILIES, family_of
 from dit_cache.families.record import ModelFamily
 from dit_cache.plan import Action
 from dit_cache.testing import TINY_FAMILIES, run_steps
@@ -30,11 +32,22 @@ def _without_replays(monkeypatch):
     monkeypatch.setattr(ModelFamily, "replay_of", lambda self, block: None)
 
 
-def _norm_calls(transformer) -> list[int]:
-    """Counts the calls of every block's first norm: a replayed block makes none."""
-    calls = [0]
-    for block in transformer_blocks(transformer):
-        block.norm1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+_NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, RMSNorm)
+
+
+def _norm_calls(transformer, units) -> dict[int, int]:
+    """Counts, per block, the calls of its norms outside its units: a replayed block makes none."""
+    calls: dict[int, int] = {}
+    unit_paths = [unit.path for unit in units]
+    by_path = {f"{a}.{i}": n for n, (a, i) in enumerate(
+        (attribute, index) for attribute in family_of(transformer).block_lists
+        for index in range(len(getattr(transformer, attribute))))}
+    for block_path, number in by_path.items():
+        for name, module in transformer.get_submodule(block_path).named_modules():
+            path = f"{block_path}.{name}"
+            if isinstance(module, _NORMS) and not any(path.startswith(u + ".") or path == u for u in unit_paths):
+                calls.setdefault(number, 0)
+                module.register_forward_hook(lambda *_, n=number: calls.__setitem__(n, calls[n] + 1))
     return calls
 
 
@@ -51,28 +64,30 @@ def test_replayed_blocks_are_bitwise_the_hooked_blocks_and_skip_their_norms(name
     units = cache_units(transformer)
     plan = _plans(len(units))[kind]
     assert len(replayable_blocks(transformer, units)) == len(transformer_blocks(transformer))
-    calls = _norm_calls(transformer)
+    calls = _norm_calls(transformer, units)
+    assert calls, "no norm to count"
 
     apply_cache(transformer, plan)
     replayed = run_steps(transformer, STEPS)
     remove_cache(transformer)
-    replayed_norms = calls[0]
+    replayed_norms = dict(calls)
 
-    calls[0] = 0
+    calls.update(dict.fromkeys(calls, 0))
     with monkeypatch.context() as patch:
         _without_replays(patch)
         apply_cache(transformer, plan)
         hooked = run_steps(transformer, STEPS)
         remove_cache(transformer)
     assert all(torch.equal(a, b) for a, b in zip(replayed, hooked))
-    # Each block runs its first norm once per step unless it was replayed: a block is replayed where none of
-    # its units computes.
-    blocks = {}
+    # A block runs its norms on every step it is not replayed, and it is replayed where none of its units computes.
+    members: dict[int, list[int]] = {}
     for unit in units:
-        blocks.setdefault(unit.block, []).append(unit.index)
-    computed_blocks = sum(any(int(plan.actions[step, u]) == Action.COMPUTE for u in members) or step == 0
-                          for step in range(STEPS) for members in blocks.values())
-    assert calls[0] == STEPS * len(blocks) and replayed_norms == computed_blocks < calls[0]
+        members.setdefault(unit.block, []).append(unit.index)
+    for block, count in calls.items():
+        computed_steps = sum(step == 0 or any(int(plan.actions[step, u]) == Action.COMPUTE for u in members[block])
+                             for step in range(STEPS))
+        assert count % STEPS == 0 and replayed_norms[block] == count // STEPS * computed_steps, block
+    assert sum(replayed_norms.values()) < sum(calls.values())
 
 
 @pytest.mark.parametrize("name", WITH_REPLAYS)
@@ -131,3 +146,24 @@ def test_embedded_pipeline_images_are_bitwise_with_and_without_replays(monkeypat
         hooked = images()
     assert np.array_equal(replayed, hooked)
     assert not np.array_equal(replayed, pipe(generator=torch.Generator().manual_seed(0), **call).images)
+
+
+def test_wan_replay_with_a_per_token_timestep_embedding_is_the_block():
+    """Wan 2.2 TI2V-5B hands its blocks a per-token embedding [batch, tokens, 6, dim]: the replay of a block is
+    the block run with its units returning the same outputs."""
+    from dit_cache.families.replays import wan_block
+
+    transformer = TINY_FAMILIES["wan"].model()
+    block = transformer.blocks[0]
+    seen = {}
+    block.register_forward_pre_hook(lambda module, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                    with_kwargs=True)
+    run_steps(transformer, 1)
+    hidden_states, encoder_hidden_states, temb, rotary = seen["args"]
+    temb = temb[:, None].expand(-1, hidden_states.shape[1], -1, -1) * torch.rand(1, hidden_states.shape[1], 1, 1)
+    outputs = [torch.randn_like(hidden_states) for _ in range(3)]
+    for unit, output in zip((block.attn1, block.attn2, block.ffn), outputs):
+        unit.forward = lambda *args, output=output, **kwargs: output
+    args = (hidden_states, encoder_hidden_states, temb, rotary)
+    with torch.no_grad():
+        assert torch.equal(wan_block(block, outputs, args, {}), block(*args))

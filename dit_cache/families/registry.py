@@ -105,6 +105,7 @@ FAMILIES = FamilyRegistry([
         # SD3.5-medium blocks outside dual_attention_layers have no attn2; the last block no ff_context.
         {"JointTransformerBlock": (A("attn", 2), A("attn2"), A("ff"), A("ff_context"))},
         inputs.sd3, B.UNCONDITIONAL_FIRST, timestep=_float, timestep_dtype=torch.float32,
+        replays={"JointTransformerBlock": replays.joint_transformer_block},
         text_tokens=333,  # 77 CLIP + 256 T5
         pipelines=("StableDiffusion3Pipeline",), encode=prompts.sd3_encode, conditioning=prompts.sd3_conditioning,
         second_calls=(C("skip_guidance_layers", lambda kwargs: bool(kwargs.get("skip_guidance_layers")),
@@ -119,6 +120,7 @@ FAMILIES = FamilyRegistry([
         # Guidance-distilled: the scale is an input; true CFG (true_cfg_scale > 1 with a negative prompt) is a
         # second call in cache_context("uncond"), which the cache follows as the same step.
         inputs.flux, B.NONE, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
+        replays={"FluxTransformerBlock": replays.flux_block, "FluxSingleTransformerBlock": replays.flux_single_block},
         pipelines=("FluxPipeline",), encode=prompts.flux_encode, conditioning=prompts.flux_conditioning,
         extra_inputs=prompts.flux_extra_inputs, concepts_refusal=_JOINT_ATTENTION,
         aliases=("FLUX.1-dev", "FLUX.1-schnell")),
@@ -126,6 +128,7 @@ FAMILIES = FamilyRegistry([
         "sana", "SanaTransformer2DModel", ("transformer_blocks",),
         {"SanaTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.sana, B.UNCONDITIONAL_FIRST,  # SanaPipeline batches [negative, prompt]
+        replays={"SanaTransformerBlock": replays.sana_block},
         timestep=_sana_timestep, timestep_dtype=torch.float32, text_tokens=300,
         pipelines=("SanaPipeline",), encode=prompts.pixart_encode, conditioning=prompts.sana_conditioning,
         concepts_refusal=("Sana prepends a complex human instruction to every prompt and keeps only the last "
@@ -135,6 +138,7 @@ FAMILIES = FamilyRegistry([
         "qwen-image", "QwenImageTransformer2DModel", ("transformer_blocks",),
         {"QwenImageTransformerBlock": (A("attn", 2), A("img_mlp"), A("txt_mlp"))},
         inputs.qwen_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
+        replays={"QwenImageTransformerBlock": replays.qwen_image_block},
         latent_layout="packed", pipelines=("QwenImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
         encode=prompts.qwen_image_encode, conditioning=prompts.qwen_image_conditioning,
         extra_inputs=prompts.qwen_image_extra_inputs, guide=prompts.qwen_image_guide,
@@ -143,6 +147,7 @@ FAMILIES = FamilyRegistry([
         "wan", "WanTransformer3DModel", ("blocks",),
         {"WanTransformerBlock": (A("attn1"), A("attn2"), A("ffn"))},
         inputs.wan, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=512,
+        replays={"WanTransformerBlock": replays.wan_block},
         sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
         encode=prompts.empty_negative_encode, conditioning=prompts.two_call_conditioning,
         concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),

@@ -13,6 +13,8 @@ it cannot reproduce (the hook then runs the block's forward, its units hooked as
 
 from __future__ import annotations
 
+import torch
+
 
 def _argument(args, kwargs, name: str, position: int):
     if name in kwargs:
@@ -24,6 +26,25 @@ def _squeezed(hidden_states):
     return hidden_states.squeeze(1) if hidden_states.ndim == 4 else hidden_states
 
 
+def _table_gates(block, timestep, batch: int):
+    """The attention and MLP gates of a PixArt-style block (its learned table plus the shared timestep
+    embedding), as the block computes them."""
+    modulation = (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+    return modulation[2], modulation[5]
+
+
+def _zero_modulation(norm, emb, chunks: int, **embedding_inputs):
+    """The modulation chunks of an ``AdaLayerNormZero``-style norm (``linear(silu(emb))``), without normalising
+    the hidden states; ``embedding_inputs`` feed the norm's own embedding where it has one (DiT)."""
+    if getattr(norm, "emb", None) is not None:
+        emb = norm.emb(**embedding_inputs)
+    return norm.linear(norm.silu(emb)).chunk(chunks, dim=1)
+
+
+def _clipped(hidden_states):
+    return hidden_states.clip(-65504, 65504) if hidden_states.dtype == torch.float16 else hidden_states
+
+
 def basic_transformer_block(block, outputs, args, kwargs):
     """diffusers' ``BasicTransformerBlock`` (PixArt: ``ada_norm_single``; DiT: ``ada_norm_zero``): the residual
     path of its forward, after the branch calls."""
@@ -33,13 +54,11 @@ def basic_transformer_block(block, outputs, args, kwargs):
     hidden_states = _argument(args, kwargs, "hidden_states", 0)
     timestep = _argument(args, kwargs, "timestep", 4)
     if block.norm_type == "ada_norm_single":
-        _, _, gate_msa, _, _, gate_mlp = (
-            block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
+        gate_msa, gate_mlp = _table_gates(block, timestep, hidden_states.shape[0])
     elif block.norm_type == "ada_norm_zero":
-        norm = block.norm1  # AdaLayerNormZero: only its modulation, not the norm of the hidden states
-        embedding = norm.emb(timestep, _argument(args, kwargs, "class_labels", 6), hidden_dtype=hidden_states.dtype)
-        _, _, gate_msa, _, _, gate_mlp = norm.linear(norm.silu(embedding)).chunk(6, dim=1)
-        gate_msa, gate_mlp = gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
+        modulation = _zero_modulation(block.norm1, None, 6, timestep=timestep, hidden_dtype=hidden_states.dtype,
+                                      class_labels=_argument(args, kwargs, "class_labels", 6))
+        gate_msa, gate_mlp = modulation[2].unsqueeze(1), modulation[5].unsqueeze(1)
     elif block.norm_type in ("ada_norm", "layer_norm", "layer_norm_i2vgen", "ada_norm_continuous"):
         gate_msa = gate_mlp = None  # their branches are added ungated
     else:
@@ -55,3 +74,107 @@ def basic_transformer_block(block, outputs, args, kwargs):
     if gate_mlp is not None:
         feed_forward = gate_mlp * feed_forward
     return _squeezed(feed_forward + hidden_states)
+
+
+def sana_block(block, outputs, args, kwargs):
+    """diffusers' ``SanaTransformerBlock``: its feed-forward works on the latent grid, so its output is flattened
+    back to tokens here, as the block does."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    gate_msa, gate_mlp = _table_gates(block, _argument(args, kwargs, "timestep", 4), hidden_states.shape[0])
+    outputs = iter(outputs)
+    hidden_states = hidden_states + gate_msa * next(outputs)
+    if block.attn2 is not None:
+        hidden_states = next(outputs) + hidden_states
+    feed_forward = next(outputs).flatten(2, 3).permute(0, 2, 1)
+    return hidden_states + gate_mlp * feed_forward
+
+
+def joint_transformer_block(block, outputs, args, kwargs):
+    """diffusers' ``JointTransformerBlock`` (SD3, SD3.5: dual attention, a context-pre-only last block)."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    temb = _argument(args, kwargs, "temb", 2)
+    modulation = _zero_modulation(block.norm1, temb, 9 if block.use_dual_attention else 6)
+    outputs = iter(outputs)
+    attention, context_attention = next(outputs)
+    hidden_states = hidden_states + modulation[2].unsqueeze(1) * attention
+    if block.use_dual_attention:
+        hidden_states = hidden_states + modulation[8].unsqueeze(1) * next(outputs)
+    hidden_states = hidden_states + modulation[5].unsqueeze(1) * next(outputs)
+    if block.context_pre_only:
+        return None, hidden_states
+    context = _zero_modulation(block.norm1_context, temb, 6)
+    encoder_hidden_states = encoder_hidden_states + context[2].unsqueeze(1) * context_attention
+    encoder_hidden_states = encoder_hidden_states + context[5].unsqueeze(1) * next(outputs)
+    return encoder_hidden_states, hidden_states
+
+
+def flux_block(block, outputs, args, kwargs):
+    """diffusers' ``FluxTransformerBlock`` (the double-stream blocks; IP-Adapter's third attention output too)."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    temb = _argument(args, kwargs, "temb", 2)
+    modulation = _zero_modulation(block.norm1, temb, 6)
+    context = _zero_modulation(block.norm1_context, temb, 6)
+    attention, feed_forward, context_feed_forward = outputs
+    hidden_states = hidden_states + modulation[2].unsqueeze(1) * attention[0]
+    hidden_states = hidden_states + modulation[5].unsqueeze(1) * feed_forward
+    if len(attention) == 3:
+        hidden_states = hidden_states + attention[2]
+    encoder_hidden_states = encoder_hidden_states + context[2].unsqueeze(1) * attention[1]
+    encoder_hidden_states = encoder_hidden_states + context[5].unsqueeze(1) * context_feed_forward
+    return _clipped(encoder_hidden_states), _clipped(hidden_states)
+
+
+def flux_single_block(block, outputs, args, kwargs):
+    """diffusers' ``FluxSingleTransformerBlock``: its output projection runs on the branches' concatenation, so a
+    replay saves only the norm and modulation of its input."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
+    mlp, attention = outputs
+    hidden_states = torch.cat([attention, block.act_mlp(mlp)], dim=2)
+    hidden_states = _clipped(residual + gate.unsqueeze(1) * block.proj_out(hidden_states))
+    return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def wan_block(block, outputs, args, kwargs):
+    """diffusers' ``WanTransformerBlock`` (Wan 2.1 / 2.2; a per-token timestep embedding for the TI2V-5B): its
+    gated adds run in float32, as the block runs them."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    temb = _argument(args, kwargs, "temb", 2)
+    if temb.ndim == 4:  # [batch, tokens, 6, dim]
+        modulation = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        gate_msa, c_gate_msa = modulation[2].squeeze(2), modulation[5].squeeze(2)
+    else:
+        modulation = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        gate_msa, c_gate_msa = modulation[2], modulation[5]
+    attention, cross_attention, feed_forward = outputs
+    hidden_states = (hidden_states.float() + attention * gate_msa).type_as(hidden_states)
+    hidden_states = hidden_states + cross_attention
+    return (hidden_states.float() + feed_forward.float() * c_gate_msa).type_as(hidden_states)
+
+
+def qwen_image_block(block, outputs, args, kwargs):
+    """diffusers' ``QwenImageTransformerBlock`` (not with a ``modulate_index``, Qwen-Image-Edit's per-token
+    choice of modulation)."""
+    if _argument(args, kwargs, "modulate_index", 6) is not None:
+        return NotImplemented
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    temb = _argument(args, kwargs, "temb", 3)
+    image_attention, image_mlp = block.img_mod(temb).chunk(2, dim=-1)
+    text_attention, text_mlp = block.txt_mod(temb.chunk(2, dim=0)[0] if block.zero_cond_t else temb).chunk(2, dim=-1)
+    (attention, text_attention_output), mlp, text_mlp_output = outputs
+    hidden_states = hidden_states + _third(image_attention) * attention
+    encoder_hidden_states = encoder_hidden_states + _third(text_attention) * text_attention_output
+    hidden_states = hidden_states + _third(image_mlp) * mlp
+    encoder_hidden_states = encoder_hidden_states + _third(text_mlp) * text_mlp_output
+    return _clipped(encoder_hidden_states), _clipped(hidden_states)
+
+
+def _third(modulation):
+    """The gate of a Qwen-Image (shift, scale, gate) modulation, over the tokens."""
+    return modulation.chunk(3, dim=-1)[2].unsqueeze(1)
