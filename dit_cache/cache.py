@@ -29,7 +29,9 @@ from .plan import as_plan
 from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
-from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
+from .parallel import parallel_config
+from .units import CacheUnit, _unwrap, cache_units, replayable_blocks, transformer_blocks
+from .fold import StepFold
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
@@ -145,6 +147,7 @@ class CacheHandle:
         self.engine_level = True  # False once a pipeline owns the handle: outside its calls the model is stock
         self.pipelines = weakref.WeakSet()  # accelerated pipelines using this handle
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []
+        self._block_registries: list = []  # the hook registries of the replayable blocks
         self._step_hooks: list = []
         self.compile_options: dict | None = None  # torch.compile options of the units (dit_cache.compile_units)
 
@@ -221,6 +224,15 @@ class CacheHandle:
                 return states.current()
         return self._engine_states.current() if self.engine_level else None
 
+    def blocks_replayable(self) -> bool:
+        """Whether replayed blocks (and folds) see what their units saw: not where something else hooks a block
+        (diffusers' context parallelism splits and gathers the sequence at block inputs and outputs, where a
+        replay would add a whole sequence to a shard), nor under parallelism at all."""
+        if not self._block_registries:
+            return False
+        return parallel_config(self.transformer) is None and all(
+            len(registry.hooks) == 1 for registry in self._block_registries)
+
     def reset(self) -> None:
         """Start a new engine-level generation at the next forward call and free the cached tensors."""
         self._engine_states.reset()
@@ -291,6 +303,7 @@ class CacheHandle:
                 if getattr(instance_forward, "__func__", None) is type(module).forward:
                     del module.forward
         self._hooked.clear()
+        self._block_registries.clear()
         _invalidate_hook_lookup(self.transformer)
 
     def __repr__(self) -> str:
@@ -338,8 +351,11 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             if unit.index == 0:  # one listener is enough: it sets a context variable
                 hook._is_stateful, hook.call_context = True, _CallContextListener()
             handle._register(root.get_submodule(unit.path), hook, UNIT_HOOK)
+        fold = step_fold(transformer, handle.replayable, len(units))
         for index, (path, block_units, replay) in enumerate(handle.replayable):
-            handle._register(root.get_submodule(path), BlockReplayHook(handle, index, block_units, replay), BLOCK_HOOK)
+            hook = BlockReplayHook(handle, index, block_units, replay, fold)
+            handle._register(root.get_submodule(path), hook, BLOCK_HOOK)
+            handle._block_registries.append(root.get_submodule(path)._diffusers_hook)
         handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         _invalidate_hook_lookup(transformer)
         if options is not None:
@@ -349,6 +365,18 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
         raise
     setattr(transformer, _HANDLE_ATTRIBUTE, handle)
     return handle
+
+
+def step_fold(transformer: torch.nn.Module, replayable, num_units: int) -> StepFold | None:
+    """The transformer's step fold (dit_cache.fold), where its family has one, every block can be replayed and
+    they hold every unit."""
+    family_fold = family_of(transformer).fold
+    root = _unwrap(transformer)
+    blocks = [root.get_submodule(path) for path, _, _ in replayable]
+    if (family_fold is None or len(blocks) != len(transformer_blocks(transformer))
+            or sum(len(units) for _, units, _ in replayable) != num_units or not family_fold.applies(blocks)):
+        return None
+    return StepFold(family_fold, blocks, tuple(units for _, units, _ in replayable))
 
 
 def remove_cache(transformer: torch.nn.Module) -> bool:

@@ -63,14 +63,16 @@ class UnitCacheHook(ModelHook):
 class BlockReplayHook(ModelHook):
     """Wraps one block whose family has a replay: on a step where none of its units runs, the block's output
     comes from its input and its units' cached or forecast outputs alone (:mod:`dit_cache.families.replays`);
-    on every other step the block runs its forward, its units hooked."""
+    on every other step the block runs its forward, its units hooked. With a step fold (:mod:`dit_cache.fold`),
+    a step every unit skips alike is the first block's fold of the whole stack, the others passing it on."""
 
-    def __init__(self, handle, block: int, units: tuple[int, ...], replay):
+    def __init__(self, handle, block: int, units: tuple[int, ...], replay, fold=None):
         super().__init__()
         self.handle = handle
         self.block = block  # this block's index among the replayable ones (a CacheState.replays position)
         self.units = units
         self.replay = replay
+        self.fold = fold  # the transformer's StepFold, or None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
@@ -79,6 +81,15 @@ class BlockReplayHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.handle.active_state()
         if state is not None and state.replays[self.block]:
+            if self.fold is not None and state.fold_order is not None:
+                if self.block > 0:
+                    if state.folded:
+                        return self.fold.passthrough(args, kwargs)
+                else:
+                    output = self.fold.output(state, args, kwargs)
+                    state.folded = output is not NotImplemented
+                    if state.folded:
+                        return output
             actions, runners = state.actions, state.runners
             outputs = [runners[actions[unit]](unit, None, (), {}) for unit in self.units]
             output = self.replay(module, outputs, args, kwargs)
@@ -133,6 +144,8 @@ class DenoisingStepHook:
         if state is not None:
             state.begin_step(self._timestep(args, kwargs))
             check_step(module, self.handle, state)  # under context parallelism: the ranks agree, or an error
+            if not self.handle.blocks_replayable():
+                state.run_every_block()
 
     @_EAGER
     def _end(self, module, args, output):

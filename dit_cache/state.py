@@ -23,6 +23,9 @@ FORECASTS = (Action.FORECAST1, Action.FORECAST2)
 _RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
 # Actions that produce a unit's output without running it: a block whose units all take one can be replayed.
 _WITHOUT_FORWARD = frozenset(int(action) for action, facts in ACTIONS.items() if facts.runs and facts.cost == 0)
+# Actions whose output is a weighted sum of the unit's stored outputs, with weights every unit shares at a step
+# (given the same computed steps): a step where every unit takes the same one can be folded (dit_cache.fold).
+_SHARED_WEIGHTS = {int(Action.REUSE): 0, int(Action.FORECAST1): 1, int(Action.FORECAST2): 2}  # -> forecast order
 
 
 class PreparedPlan:
@@ -37,6 +40,7 @@ class PreparedPlan:
         self.linear = None if plan.linear_weights is None else plan.linear_weights.tolist()
         self.needs_time = plan.uses(*FORECASTS)
         self._replay_rows: dict[tuple, list[tuple[bool, ...]]] = {}
+        self._fold_rows: list[int | None] | None = None
 
     def replay_rows(self, blocks: tuple[tuple[int, ...], ...]) -> list[tuple[bool, ...]]:
         """Per step, per block of ``blocks`` (each the units of one replayable block): whether none of its units
@@ -46,6 +50,18 @@ class PreparedPlan:
             rows = self._replay_rows[blocks] = [
                 tuple(all(row[unit] in _WITHOUT_FORWARD for unit in units) for units in blocks) for row in self.rows]
         return rows
+
+    def fold_rows(self) -> list[int | None]:
+        """Per step: the forecast order (0: REUSE) every unit takes there, where all take the same shared-weight
+        action and have computed at the same steps so far, so the step can be folded into one pass; else None."""
+        if self._fold_rows is None:
+            rows, computed = [], [frozenset()] * self.num_units
+            for step, row in enumerate(self.rows):
+                order = _SHARED_WEIGHTS.get(row[0]) if step > 0 and len(set(row)) == 1 else None
+                rows.append(order if len(set(computed)) == 1 else None)
+                computed = [steps | {step} if code == COMPUTE else steps for steps, code in zip(computed, row)]
+            self._fold_rows = rows
+        return self._fold_rows
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class CacheState:
         self._gate_row = (GATE,) * num_units
         self._no_replays = (False,) * len(self.replay_blocks)
         self._replay_rows = compiled.replay_rows(self.replay_blocks)
+        self._fold_orders = compiled.fold_rows()
         self.outputs = [deque(maxlen=depth) for depth in compiled.history]
         self.reset()
 
@@ -102,6 +119,7 @@ class CacheState:
                 self.outputs[unit] = deque(history, maxlen=compiled.history[unit])
         self.compiled = compiled
         self._replay_rows = compiled.replay_rows(self.replay_blocks)
+        self._fold_orders = compiled.fold_rows()
 
     def reset(self) -> None:
         self.step = 0
@@ -111,6 +129,9 @@ class CacheState:
         self._forecast_weights: dict[tuple, list[float]] = {}
         self.actions = self._compute_row
         self.replays = self._no_replays
+        self.fold_order: int | None = None  # this step can fold (dit_cache.fold), forecasting to this order
+        self.folded = False  # the first block folded this step: the others pass its output on
+        self.fold_sums: dict[int, object] = {}  # a computed step -> its outputs' sums, as a StepFold forms them
         for history in self.outputs:
             history.clear()
 
@@ -134,6 +155,7 @@ class CacheState:
             history.extend(saved)
 
     def begin_step(self, timestep) -> None:
+        self.fold_order, self.folded = None, False
         if self.mode == BYPASSED:
             self.actions, self.replays = self._bypass_row, self._no_replays
             return
@@ -151,8 +173,13 @@ class CacheState:
             self.actions, self.replays = self._compute_row, self._no_replays
         elif self.mode == SCHEDULE:
             self.actions, self.replays = self.compiled.rows[self.step], self._replay_rows[self.step]
+            self.fold_order = self._fold_orders[self.step]
         else:
             self.actions, self.replays = self._gate_row, self._no_replays
+
+    def run_every_block(self) -> None:
+        """This step, every block runs its forward (no replay, no fold)."""
+        self.replays, self.fold_order = self._no_replays, None
 
     def end_step(self) -> None:
         if self.mode != BYPASSED:
@@ -177,12 +204,17 @@ class CacheState:
     def forecast(self, unit: int, order: int):
         """Polynomial extrapolation in the timestep through the last ``order + 1`` computed outputs."""
         history = list(self.outputs[unit])[-(order + 1):]
+        return extrapolate(self.forecast_weights(history), [output for _, output in history])
+
+    def forecast_weights(self, history) -> list[float]:
+        """The Lagrange weights of this step's forecast from ``history``'s ``(step, output)`` pairs, oldest first
+        (shared by every unit computed at the same steps)."""
         sources = tuple(step for step, _ in history)
         weights = self._forecast_weights.get((self.step, sources))
         if weights is None:
             weights = lagrange_weights([self.times[step] for step in sources], self.times[self.step])
             self._forecast_weights[(self.step, sources)] = weights
-        return extrapolate(weights, [output for _, output in history])
+        return weights
 
     def linear(self, unit: int, forward=None, args=(), kwargs=None):
         """The plan's learned weights over the last K computed outputs, the newest first."""

@@ -32,6 +32,12 @@ def _without_replays(monkeypatch):
     monkeypatch.setattr(ModelFamily, "replay_of", lambda self, block: None)
 
 
+@pytest.fixture(autouse=True)
+def _without_step_folds(monkeypatch):
+    """Block by block: a step fold (tests/test_step_fold.py) is exact only to float rounding."""
+    monkeypatch.setattr(dit_cache.cache, "step_fold", lambda *args: None)
+
+
 _NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, RMSNorm)
 
 
@@ -167,3 +173,22 @@ def test_wan_replay_with_a_per_token_timestep_embedding_is_the_block():
     args = (hidden_states, encoder_hidden_states, temb, rotary)
     with torch.no_grad():
         assert torch.equal(wan_block(block, outputs, args, {}), block(*args))
+
+
+def test_a_block_someone_else_hooks_runs_its_forward():
+    """diffusers' context parallelism splits and gathers the sequence with hooks on blocks: a replay would skip
+    them, so a step where any block carries another hook runs every block's forward."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    transformer = TINY_FAMILIES["pixart"].model()
+    units = cache_units(transformer)
+    calls = _norm_calls(transformer, units)
+    apply_cache(transformer, CachePlan.uniform(STEPS, len(units), 2))
+    HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[-1]).register_hook(ModelHook(), "other")
+    run_steps(transformer, STEPS)
+    every_step = dict(calls)  # every block ran its norms on every step
+    transformer.transformer_blocks[-1]._diffusers_hook.remove_hook("other", recurse=False)
+    calls.update(dict.fromkeys(calls, 0))
+    run_steps(transformer, STEPS)
+    assert all(count > 0 and 2 * calls[block] == count for block, count in every_step.items())  # replayed half
+    remove_cache(transformer)

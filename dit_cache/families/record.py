@@ -112,6 +112,7 @@ class ModelFamily:
     unnamed_cfg_calls: Callable | None = None
     aliases: tuple[str, ...] = field(default=())  # model names users know it by (README's table)
     replays: Mapping[str, Callable] = field(default_factory=dict)
+    fold: object | None = None  # the step fold of its blocks (dit_cache.fold), where their gates allow one
 
     def branches_of(self, block: torch.nn.Module) -> tuple[Branch, ...] | None:
         for cls in type(block).__mro__:

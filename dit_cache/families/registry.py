@@ -98,7 +98,7 @@ FAMILIES = FamilyRegistry([
         inputs.pixart, B.UNCONDITIONAL_FIRST,
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode=prompts.pixart_encode,
         conditioning=prompts.masked_text_conditioning, bench_inputs="captions", concept_scored=True,
-        replays={"BasicTransformerBlock": replays.basic_transformer_block},
+        replays={"BasicTransformerBlock": replays.basic_transformer_block}, fold=replays.TableGatedFold(),
         aliases=("PixArt-α", "PixArt-Σ")),
     ModelFamily(
         "sd3", "SD3Transformer2DModel", ("transformer_blocks",),

@@ -178,3 +178,44 @@ def qwen_image_block(block, outputs, args, kwargs):
 def _third(modulation):
     """The gate of a Qwen-Image (shift, scale, gate) modulation, over the tokens."""
     return modulation.chunk(3, dim=-1)[2].unsqueeze(1)
+
+
+class TableGatedFold:
+    """The step fold (:mod:`dit_cache.fold`) of PixArt's blocks (``ada_norm_single``): a block's gates are its
+    table plus the timestep embedding every block is handed, so the stack adds ``sum_b (T_b,attn * a_b + c_b +
+    T_b,mlp * f_b) + e_attn * sum_b a_b + e_mlp * sum_b f_b``."""
+
+    @staticmethod
+    def applies(blocks) -> bool:
+        return all(getattr(block, "norm_type", None) == "ada_norm_single" for block in blocks)
+
+    @staticmethod
+    def sums(blocks, outputs):
+        constant = attention = feed_forward = None
+        for block, block_outputs in zip(blocks, outputs):
+            table = block.scale_shift_table
+            units = iter(block_outputs)
+            self_attention = next(units)
+            term = table[2] * self_attention
+            if block.attn2 is not None:
+                term = term + next(units)
+            mlp = next(units)
+            term = term + table[5] * mlp
+            constant = term if constant is None else constant + term
+            attention = self_attention if attention is None else attention + self_attention
+            feed_forward = mlp if feed_forward is None else feed_forward + mlp
+        return constant, attention, feed_forward
+
+    @staticmethod
+    def output(block, sums, args, kwargs):
+        cross_attention_kwargs = _argument(args, kwargs, "cross_attention_kwargs", 5)
+        if cross_attention_kwargs and "gligen" in cross_attention_kwargs:
+            return NotImplemented
+        hidden_states = _argument(args, kwargs, "hidden_states", 0)
+        embedding = _argument(args, kwargs, "timestep", 4).reshape(hidden_states.shape[0], 6, -1)
+        constant, attention, feed_forward = sums
+        return hidden_states + constant + embedding[:, 2:3] * attention + embedding[:, 5:6] * feed_forward
+
+    @staticmethod
+    def passthrough(args, kwargs):
+        return _argument(args, kwargs, "hidden_states", 0)

@@ -1,0 +1,116 @@
+"""Step folds (dit_cache/fold.py): a step where every unit reuses or forecasts alike is one pass over the block
+stack. Equal to the block-by-block replay to float rounding, on the steps it may take and no others."""
+
+import numpy as np
+import pytest
+import torch
+
+import dit_cache
+from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
+from dit_cache.families.replays import TableGatedFold
+from dit_cache.plan import Action
+from dit_cache.state import PreparedPlan
+from dit_cache.testing import TINY_FAMILIES, run_steps
+
+STEPS = 8
+
+
+def _block_by_block(monkeypatch):
+    monkeypatch.setattr(dit_cache.cache, "step_fold", lambda *args: None)
+
+
+def _counted_folds(monkeypatch) -> list[int]:
+    calls = [0]
+    output = TableGatedFold.output
+
+    def counting(block, sums, args, kwargs):
+        calls[0] += 1
+        return output(block, sums, args, kwargs)
+
+    monkeypatch.setattr(TableGatedFold, "output", staticmethod(counting))
+    return calls
+
+
+def _run(transformer, plan):
+    apply_cache(transformer, plan)
+    try:
+        return run_steps(transformer, STEPS)
+    finally:
+        remove_cache(transformer)
+
+
+def test_fold_rows_take_only_steps_every_unit_skips_alike_after_the_same_computed_steps():
+    actions = CachePlan.taylor(STEPS, 6, interval=3).actions.clone()  # computes 0, 1, 4, 7; forecasts the others
+    actions[3, 0] = Action.REUSE  # step 3: two actions
+    actions[4, 5] = Action.REUSE  # from step 4 on, unit 5 has computed at other steps than the rest
+    rows = PreparedPlan(CachePlan(actions)).fold_rows()
+    assert rows[:4] == [None, None, 1, None]  # FORECAST1 at step 2
+    assert rows[4:] == [None] * 4
+    assert PreparedPlan(CachePlan.uniform(STEPS, 6, 2)).fold_rows()[1::2] == [0] * (STEPS // 2)  # REUSE
+
+
+@pytest.mark.parametrize("plan_of", [lambda n: CachePlan.uniform(STEPS, n, 3),
+                                     lambda n: CachePlan.taylor(STEPS, n, interval=3),
+                                     lambda n: CachePlan.taylor(STEPS, n, interval=4, order=2)],
+                         ids=["reuse", "forecast1", "forecast2"])
+def test_a_folded_run_is_the_block_by_block_run_to_rounding(plan_of, monkeypatch):
+    transformer = TINY_FAMILIES["pixart"].model()
+    plan = plan_of(len(cache_units(transformer)))
+    folds = _counted_folds(monkeypatch)
+    folded = _run(transformer, plan)
+    expected_folds = sum(order is not None for order in PreparedPlan(plan).fold_rows())
+    assert folds[0] == expected_folds > 0
+    with monkeypatch.context() as patch:
+        _block_by_block(patch)
+        replayed = _run(transformer, plan)
+    assert folds[0] == expected_folds  # block by block: no fold
+    for a, b in zip(folded, replayed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(folded, replayed))  # the fold did the adding itself
+
+
+def test_a_fold_that_declines_leaves_the_blocks_to_their_replays(monkeypatch):
+    transformer = TINY_FAMILIES["pixart"].model()
+    plan = CachePlan.uniform(STEPS, len(cache_units(transformer)), 2)
+    with monkeypatch.context() as patch:
+        _block_by_block(patch)
+        replayed = _run(transformer, plan)
+    monkeypatch.setattr(TableGatedFold, "output", staticmethod(lambda *args: NotImplemented))
+    assert all(torch.equal(a, b) for a, b in zip(replayed, _run(transformer, plan)))
+
+
+def test_gligen_calls_are_not_folded():
+    block = TINY_FAMILIES["pixart"].model().transformer_blocks[0]
+    gligen = dict(cross_attention_kwargs={"gligen": {"objs": None}})
+    assert TableGatedFold.output(block, (None, None, None), (torch.zeros(1, 4, 16),), gligen) is NotImplemented
+
+
+def test_only_pixart_style_stacks_fold():
+    pixart, dit = TINY_FAMILIES["pixart"].model(), TINY_FAMILIES["dit"].model()
+    assert TableGatedFold.applies(pixart.transformer_blocks)
+    assert not TableGatedFold.applies(dit.transformer_blocks)  # ada_norm_zero: a gate per block
+    handle = apply_cache(dit, CachePlan.uniform(STEPS, len(cache_units(dit)), 2))
+    hooks = [block._diffusers_hook.get_hook("dit_cache.block") for block in dit.transformer_blocks]
+    assert all(hook.fold is None for hook in hooks) and handle.replay_blocks
+    remove_cache(dit)
+
+
+def test_embedded_images_with_folds_match_block_by_block(monkeypatch):
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle and a blue square", num_inference_steps=20, guidance_scale=2.0,
+                output_type="np")
+
+    def images():
+        cached = dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), skip_flops=0.75)
+        result = cached(generator=torch.Generator().manual_seed(0), **call).images
+        dit_cache.decelerate(cached)
+        return result
+
+    folded = images()
+    with monkeypatch.context() as patch:
+        _block_by_block(patch)
+        replayed = images()
+    assert np.abs(folded - replayed).max() < 1e-3
