@@ -23,11 +23,11 @@ def _counted_folds(monkeypatch) -> list[int]:
     calls = [0]
     output = TableGatedFold.output
 
-    def counting(block, sums, args, kwargs):
+    def counting(self, block, sums, args, kwargs):
         calls[0] += 1
-        return output(block, sums, args, kwargs)
+        return output(self, block, sums, args, kwargs)
 
-    monkeypatch.setattr(TableGatedFold, "output", staticmethod(counting))
+    monkeypatch.setattr(TableGatedFold, "output", counting)
     return calls
 
 
@@ -49,12 +49,13 @@ def test_fold_rows_take_only_steps_every_unit_skips_alike_after_the_same_compute
     assert PreparedPlan(CachePlan.uniform(STEPS, 6, 2)).fold_rows()[1::2] == [0] * (STEPS // 2)  # REUSE
 
 
+@pytest.mark.parametrize("name", ["pixart", "sana"])
 @pytest.mark.parametrize("plan_of", [lambda n: CachePlan.uniform(STEPS, n, 3),
                                      lambda n: CachePlan.taylor(STEPS, n, interval=3),
                                      lambda n: CachePlan.taylor(STEPS, n, interval=4, order=2)],
                          ids=["reuse", "forecast1", "forecast2"])
-def test_a_folded_run_is_the_block_by_block_run_to_rounding(plan_of, monkeypatch):
-    transformer = TINY_FAMILIES["pixart"].model()
+def test_a_folded_run_is_the_block_by_block_run_to_rounding(name, plan_of, monkeypatch):
+    transformer = TINY_FAMILIES[name].model()
     plan = plan_of(len(cache_units(transformer)))
     folds = _counted_folds(monkeypatch)
     folded = _run(transformer, plan)
@@ -75,20 +76,23 @@ def test_a_fold_that_declines_leaves_the_blocks_to_their_replays(monkeypatch):
     with monkeypatch.context() as patch:
         _block_by_block(patch)
         replayed = _run(transformer, plan)
-    monkeypatch.setattr(TableGatedFold, "output", staticmethod(lambda *args: NotImplemented))
+    monkeypatch.setattr(TableGatedFold, "output", lambda *args: NotImplemented)
     assert all(torch.equal(a, b) for a, b in zip(replayed, _run(transformer, plan)))
 
 
 def test_gligen_calls_are_not_folded():
     block = TINY_FAMILIES["pixart"].model().transformer_blocks[0]
     gligen = dict(cross_attention_kwargs={"gligen": {"objs": None}})
-    assert TableGatedFold.output(block, (None, None, None), (torch.zeros(1, 4, 16),), gligen) is NotImplemented
+    assert TableGatedFold().output(block, (None, None, None), (torch.zeros(1, 4, 16),), gligen) is NotImplemented
 
 
-def test_only_pixart_style_stacks_fold():
-    pixart, dit = TINY_FAMILIES["pixart"].model(), TINY_FAMILIES["dit"].model()
-    assert TableGatedFold.applies(pixart.transformer_blocks)
+def test_only_stacks_gated_by_a_table_and_a_shared_embedding_fold():
+    from dit_cache.families.replays import SanaFold
+
+    pixart, dit, sana = (TINY_FAMILIES[name].model() for name in ("pixart", "dit", "sana"))
+    assert TableGatedFold.applies(pixart.transformer_blocks) and SanaFold.applies(sana.transformer_blocks)
     assert not TableGatedFold.applies(dit.transformer_blocks)  # ada_norm_zero: a gate per block
+    assert not SanaFold.applies(pixart.transformer_blocks)
     handle = apply_cache(dit, CachePlan.uniform(STEPS, len(cache_units(dit)), 2))
     hooks = [block._diffusers_hook.get_hook("dit_cache.block") for block in dit.transformer_blocks]
     assert all(hook.fold is None for hook in hooks) and handle.replay_blocks

@@ -128,7 +128,7 @@ FAMILIES = FamilyRegistry([
         "sana", "SanaTransformer2DModel", ("transformer_blocks",),
         {"SanaTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.sana, B.UNCONDITIONAL_FIRST,  # SanaPipeline batches [negative, prompt]
-        replays={"SanaTransformerBlock": replays.sana_block},
+        replays={"SanaTransformerBlock": replays.sana_block}, fold=replays.SanaFold(),
         timestep=_sana_timestep, timestep_dtype=torch.float32, text_tokens=300,
         pipelines=("SanaPipeline",), encode=prompts.pixart_encode, conditioning=prompts.sana_conditioning,
         concepts_refusal=("Sana prepends a complex human instruction to every prompt and keeps only the last "

@@ -190,7 +190,10 @@ class TableGatedFold:
         return all(getattr(block, "norm_type", None) == "ada_norm_single" for block in blocks)
 
     @staticmethod
-    def sums(blocks, outputs):
+    def feed_forward_tokens(output):
+        return output
+
+    def sums(self, blocks, outputs):
         constant = attention = feed_forward = None
         for block, block_outputs in zip(blocks, outputs):
             table = block.scale_shift_table
@@ -199,17 +202,15 @@ class TableGatedFold:
             term = table[2] * self_attention
             if block.attn2 is not None:
                 term = term + next(units)
-            mlp = next(units)
+            mlp = self.feed_forward_tokens(next(units))
             term = term + table[5] * mlp
             constant = term if constant is None else constant + term
             attention = self_attention if attention is None else attention + self_attention
             feed_forward = mlp if feed_forward is None else feed_forward + mlp
         return constant, attention, feed_forward
 
-    @staticmethod
-    def output(block, sums, args, kwargs):
-        cross_attention_kwargs = _argument(args, kwargs, "cross_attention_kwargs", 5)
-        if cross_attention_kwargs and "gligen" in cross_attention_kwargs:
+    def output(self, block, sums, args, kwargs):
+        if self.declines(args, kwargs):
             return NotImplemented
         hidden_states = _argument(args, kwargs, "hidden_states", 0)
         embedding = _argument(args, kwargs, "timestep", 4).reshape(hidden_states.shape[0], 6, -1)
@@ -217,5 +218,26 @@ class TableGatedFold:
         return hidden_states + constant + embedding[:, 2:3] * attention + embedding[:, 5:6] * feed_forward
 
     @staticmethod
+    def declines(args, kwargs) -> bool:
+        cross_attention_kwargs = _argument(args, kwargs, "cross_attention_kwargs", 5)
+        return bool(cross_attention_kwargs) and "gligen" in cross_attention_kwargs
+
+    @staticmethod
     def passthrough(args, kwargs):
         return _argument(args, kwargs, "hidden_states", 0)
+
+
+class SanaFold(TableGatedFold):
+    """Sana's blocks gate as PixArt's do; their feed-forward works on the latent grid (flattened back here)."""
+
+    @staticmethod
+    def applies(blocks) -> bool:
+        return all(type(block).__name__ == "SanaTransformerBlock" for block in blocks)
+
+    @staticmethod
+    def feed_forward_tokens(output):
+        return output.flatten(2, 3).permute(0, 2, 1)
+
+    @staticmethod
+    def declines(args, kwargs) -> bool:
+        return False
