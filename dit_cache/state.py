@@ -251,7 +251,8 @@ class CacheState:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(_nbytes(output) for history in self.outputs for _, output in history)
+        stored = sum(_nbytes(output) for history in self.outputs for _, output in history)
+        return stored + sum(_nbytes(sums) for sums in self.fold_sums.values())
 
 
 def _first_tensor(output) -> torch.Tensor:

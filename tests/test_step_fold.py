@@ -126,3 +126,17 @@ def test_embedded_images_are_bitwise_replayed_and_folded_to_rounding(monkeypatch
     assert np.array_equal(replayed, hooked)
     assert np.abs(folded - hooked).max() < 1e-3
     assert not np.array_equal(hooked, images(cached=False))
+
+
+def test_fold_sums_are_kept_only_for_the_steps_the_units_still_hold_and_counted_in_cache_bytes():
+    transformer = TINY_FAMILIES["pixart"].model()
+    units = len(cache_units(transformer))
+    handle = apply_cache(transformer, CachePlan.taylor(STEPS, units, interval=2))  # forecasts from the last two
+    run_steps(transformer, STEPS - 1)
+    state = handle.state
+    held = {step for step, _ in state.outputs[0]}
+    assert state.fold_sums and set(state.fold_sums) <= held and len(held) == 2
+    outputs_only = sum(t.numel() * t.element_size() for history in state.outputs for _, t in history)
+    sums = sum(t.numel() * t.element_size() for triple in state.fold_sums.values() for t in triple)
+    assert handle.cache_bytes == outputs_only + sums
+    remove_cache(transformer)
