@@ -30,8 +30,8 @@ from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
 from .parallel import parallel_config
-from .units import CacheUnit, _unwrap, cache_units, replayable_blocks, transformer_blocks
-from .fold import StepFold
+from .fold import step_fold
+from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
 
@@ -365,18 +365,6 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
         raise
     setattr(transformer, _HANDLE_ATTRIBUTE, handle)
     return handle
-
-
-def step_fold(transformer: torch.nn.Module, replayable, num_units: int) -> StepFold | None:
-    """The transformer's step fold (dit_cache.fold), where its family has one, every block can be replayed and
-    they hold every unit."""
-    family_fold = family_of(transformer).fold
-    root = _unwrap(transformer)
-    blocks = [root.get_submodule(path) for path, _, _ in replayable]
-    if (family_fold is None or len(blocks) != len(transformer_blocks(transformer))
-            or sum(len(units) for _, units, _ in replayable) != num_units or not family_fold.applies(blocks)):
-        return None
-    return StepFold(family_fold, blocks, tuple(units for _, units, _ in replayable))
 
 
 def remove_cache(transformer: torch.nn.Module) -> bool:

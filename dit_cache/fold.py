@@ -10,7 +10,11 @@ blocks do, so a folded step equals the replayed blocks to float rounding, not bi
 
 from __future__ import annotations
 
+import torch
+
+from .families import family_of
 from .forecast import extrapolate
+from .units import _unwrap, transformer_blocks
 
 
 class StepFold:
@@ -43,6 +47,18 @@ class StepFold:
             outputs = [[_stored_at(state, unit, step) for unit in units] for units in self.block_units]
             sums = state.fold_sums[step] = self.family_fold.sums(self.blocks, outputs)
         return sums
+
+
+def step_fold(transformer: torch.nn.Module, replayable, num_units: int) -> StepFold | None:
+    """The transformer's step fold, where its family has one, every block can be replayed (``replayable``:
+    ``(path, units, replay)`` per block, :func:`dit_cache.units.replayable_blocks`) and the blocks hold every unit."""
+    family_fold = family_of(transformer).fold
+    root = _unwrap(transformer)
+    blocks = [root.get_submodule(path) for path, _, _ in replayable]
+    if (family_fold is None or len(blocks) != len(transformer_blocks(transformer))
+            or sum(len(units) for _, units, _ in replayable) != num_units or not family_fold.applies(blocks)):
+        return None
+    return StepFold(family_fold, blocks, tuple(units for _, units, _ in replayable))
 
 
 def _stored_at(state, unit: int, step: int):
