@@ -32,7 +32,7 @@ class StepFold:
         history = list(state.outputs[self.block_units[0][0]])[-(state.fold_order + 1):]
         sums = [self._sums(state, step) for step, _ in history]
         for step in set(state.fold_sums) - {step for step, _ in state.outputs[self.block_units[0][0]]}:
-            del state.fold_sums[step]  # the units no longer hold that step's outputs: neither do its sums
+            del state.fold_sums[step]  # the units no longer hold that step's outputs: its sums go at this fold
         # REUSE (and a forecast with one computed output) takes the newest sums as they are, as a unit reuses.
         combined = sums[0] if len(sums) == 1 else extrapolate(state.forecast_weights(history), sums)
         return self.family_fold.output(self.blocks[0], combined, args, kwargs)

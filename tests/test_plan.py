@@ -256,7 +256,10 @@ def test_stats_count_each_action_and_cache_bytes_include_the_history():
     assert stats.computed == counts["COMPUTE"] and stats.forecast == counts["FORECAST2"] > 0
     assert stats.cache_ratio == pytest.approx(plan.cache_ratio)
     one_output = 2 * (transformer.config.sample_size // 2) ** 2 * 16 * 4
-    assert plan.history_depth == [3] * num_units and handle.cache_bytes == 3 * num_units * one_output
+    # The history (3 outputs per unit), and the step fold's three sums for each of the 3 steps its FORECAST2 step
+    # read (PixArt folds that step: dit_cache/fold.py; the sums go with the next fold or generation).
+    assert plan.history_depth == [3] * num_units and sorted(handle.state.fold_sums) == [0, 1, 2]
+    assert handle.cache_bytes == (3 * num_units + 3 * 3) * one_output
 
 
 def test_a_schedule_is_a_plan_with_compute_and_reuse_only(tmp_path):
