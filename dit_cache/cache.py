@@ -29,7 +29,6 @@ from .plan import as_plan
 from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
-from .parallel import parallel_config
 from .fold import step_fold
 from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
 
@@ -225,13 +224,11 @@ class CacheHandle:
         return self._engine_states.current() if self.engine_level else None
 
     def blocks_replayable(self) -> bool:
-        """Whether replayed blocks (and folds) see what their units saw: not where something else hooks a block
-        (diffusers' context parallelism splits and gathers the sequence at block inputs and outputs, where a
-        replay would add a whole sequence to a shard), nor under parallelism at all."""
-        if not self._block_registries:
-            return False
-        return parallel_config(self.transformer) is None and all(
-            len(registry.hooks) == 1 for registry in self._block_registries)
+        """Whether replayed blocks (and folds) see what their units saw: not where something else hooks a block.
+        Context parallelism that splits the sequence at the transformer's input hands every block and unit the
+        rank's shard, and a replay is element-wise along the sequence; one that splits or gathers at a block
+        (Qwen-Image's first block) leaves its hook there, where a replay would add a whole sequence to a shard."""
+        return bool(self._block_registries) and all(len(registry.hooks) == 1 for registry in self._block_registries)
 
     def reset(self) -> None:
         """Start a new engine-level generation at the next forward call and free the cached tensors."""
