@@ -164,6 +164,7 @@ FAMILIES = FamilyRegistry([
         pipelines=("Flux2Pipeline", "Flux2KleinPipeline"), encode=prompts.flux2_encode,
         conditioning=prompts.flux2_conditioning, extra_inputs=prompts.flux2_extra_inputs,
         concepts_refusal=_JOINT_ATTENTION, aliases=("FLUX.2-dev", "FLUX.2-klein"),
+        replays={"Flux2TransformerBlock": replays.flux2_block, "Flux2SingleTransformerBlock": replays.flux2_single_block},
         notes=("Router training reproduces the one guidance-distilled call of FLUX.2-dev (Klein base's CFG is not "
                "trained), and samples with FLUX.1's resolution shift, not Flux2Pipeline's empirical mu.")),
     ModelFamily(
@@ -221,7 +222,7 @@ FAMILIES = FamilyRegistry([
         # transformer reads packed tokens [B, F*H*W, C] with the grid size as inputs.
         inputs.ltx_video, B.UNCONDITIONAL_FIRST, timestep=_float, timestep_dtype=torch.float32, text_tokens=128,
         sample_size=4, latent_layout="packed", pipelines=("LTXPipeline",),
-        concepts_refusal=_no_concepts("LTXPipeline"),
+        concepts_refusal=_no_concepts("LTXPipeline"), replays={"LTXVideoTransformerBlock": replays.ltx_video_block},
         notes="Router training: no video latents in training/denoising.py yet.", aliases=("LTX-Video",)),
     ModelFamily(
         "cogvideox", "CogVideoXTransformer3DModel", ("transformer_blocks",),
@@ -230,6 +231,7 @@ FAMILIES = FamilyRegistry([
         # CogVideoXPipeline batches [negative, prompt] in one call, with the scheduler's integer t.
         inputs.cogvideox, B.UNCONDITIONAL_FIRST, text_tokens=226, sample_size=4, latent_layout="video",
         pipelines=("CogVideoXPipeline",), concepts_refusal=_JOINT_ATTENTION,
+        replays={"CogVideoXBlock": replays.cogvideox_block},
         notes="Latents are frame-major [B, F, C, H, W]. Router training: no video latents in "
               "training/denoising.py yet.", aliases=("CogVideoX-2b", "CogVideoX-5b", "CogVideoX 1.5")),
     ModelFamily(

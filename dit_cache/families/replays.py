@@ -180,6 +180,68 @@ def _third(modulation):
     return modulation.chunk(3, dim=-1)[2].unsqueeze(1)
 
 
+def ltx_video_block(block, outputs, args, kwargs):
+    """diffusers' ``LTXVideoTransformerBlock``: per-token gates from its table and the timestep embedding."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    temb = _argument(args, kwargs, "temb", 2)
+    table = block.scale_shift_table
+    modulation = (table[None, None].to(temb.device) + temb.reshape(hidden_states.size(0), temb.size(1),
+                                                                   table.shape[0], -1)).unbind(dim=2)
+    attention, cross_attention, feed_forward = outputs
+    hidden_states = hidden_states + attention * modulation[2]
+    hidden_states = hidden_states + cross_attention
+    return hidden_states + feed_forward * modulation[5]
+
+
+def cogvideox_block(block, outputs, args, kwargs):
+    """diffusers' ``CogVideoXBlock``: one feed-forward over the text and video tokens together, split back."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    temb = _argument(args, kwargs, "temb", 2)
+    text_tokens = encoder_hidden_states.size(1)
+    (attention, text_attention), feed_forward = outputs
+    first = _zero_modulation(block.norm1, temb, 6)
+    hidden_states = hidden_states + first[2][:, None, :] * attention
+    encoder_hidden_states = encoder_hidden_states + first[5][:, None, :] * text_attention
+    second = _zero_modulation(block.norm2, temb, 6)
+    hidden_states = hidden_states + second[2][:, None, :] * feed_forward[:, text_tokens:]
+    encoder_hidden_states = encoder_hidden_states + second[5][:, None, :] * feed_forward[:, :text_tokens]
+    return hidden_states, encoder_hidden_states
+
+
+def flux2_block(block, outputs, args, kwargs):
+    """diffusers' ``Flux2TransformerBlock``: its modulation comes precomputed, one per stream."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    (_, _, gate_msa), (_, _, gate_mlp) = Flux2Modulation.split(_argument(args, kwargs, "temb_mod_img", 2), 2)
+    (_, _, c_gate_msa), (_, _, c_gate_mlp) = Flux2Modulation.split(_argument(args, kwargs, "temb_mod_txt", 3), 2)
+    (attention, text_attention), feed_forward, text_feed_forward = outputs
+    hidden_states = hidden_states + gate_msa * attention
+    hidden_states = hidden_states + gate_mlp * feed_forward
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa * text_attention
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp * text_feed_forward
+    return _clipped(encoder_hidden_states), hidden_states
+
+
+def flux2_single_block(block, outputs, args, kwargs):
+    """diffusers' ``Flux2SingleTransformerBlock``: one fused attention-and-MLP unit over text and image tokens."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = _argument(args, kwargs, "text_seq_len", 6)
+    if encoder_hidden_states is not None:
+        text_tokens = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    _, _, gate = Flux2Modulation.split(_argument(args, kwargs, "temb_mod", 2), 1)[0]
+    hidden_states = _clipped(hidden_states + gate * outputs[0])
+    if _argument(args, kwargs, "split_hidden_states", 5):
+        return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+    return hidden_states
+
+
 class TableGatedFold:
     """The step fold (:mod:`dit_cache.fold`) of PixArt's blocks (``ada_norm_single``): a block's gates are its
     table plus the timestep embedding every block is handed, so the stack adds ``sum_b (T_b,attn * a_b + c_b +
