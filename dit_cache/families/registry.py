@@ -176,6 +176,8 @@ FAMILIES = FamilyRegistry([
         inputs.chroma, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=512, sample_size=8, latent_layout="packed",
         pipelines=("ChromaPipeline",), unnamed_cfg_calls=lambda argument: (argument("guidance_scale") or 0) > 1,
         concepts_refusal=_JOINT_ATTENTION, aliases=("Chroma1-HD", "Chroma1-Base"),
+        replays={"ChromaTransformerBlock": replays.chroma_block,
+                 "ChromaSingleTransformerBlock": replays.chroma_single_block},
         notes=("Router training does not reproduce its CFG calls yet: the pipeline's attention mask spans the "
                "image tokens too, which the conditioning does not know.")),
     ModelFamily(
@@ -294,6 +296,7 @@ FAMILIES = FamilyRegistry([
         inputs.allegro, B.UNCONDITIONAL_FIRST,  # AllegroPipeline batches [negative, prompt]
         text_tokens=512, sample_size=8, latent_layout="video", pipelines=("AllegroPipeline",),
         bench_inputs="captions",  # its encode_prompt cleans captions like PixArt's
+        replays={"AllegroTransformerBlock": replays.allegro_block},
         concepts_refusal=("multi-concept is wired for the PixArt pipelines only; AllegroPipeline's video call is "
                           "not. Correct the prompt embeddings yourself (dit_cache.concepts.correct_by_similarities) "
                           "and pass prompt_embeds=."),

@@ -63,6 +63,12 @@ def basic_transformer_block(block, outputs, args, kwargs):
         gate_msa = gate_mlp = None  # their branches are added ungated
     else:
         return NotImplemented
+    return _gated_residual(block, outputs, hidden_states, gate_msa, gate_mlp)
+
+
+def _gated_residual(block, outputs, hidden_states, gate_msa, gate_mlp):
+    """The residual path of a self-attention / optional cross-attention / MLP block in diffusers' PixArt order
+    (``gate * output + hidden_states``, squeezing a 4-D result as the blocks do)."""
     outputs = iter(outputs)
     attention = next(outputs)
     if gate_msa is not None:
@@ -74,6 +80,13 @@ def basic_transformer_block(block, outputs, args, kwargs):
     if gate_mlp is not None:
         feed_forward = gate_mlp * feed_forward
     return _squeezed(feed_forward + hidden_states)
+
+
+def allegro_block(block, outputs, args, kwargs):
+    """diffusers' ``AllegroTransformerBlock``: PixArt's gating and residual order."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    gate_msa, gate_mlp = _table_gates(block, _argument(args, kwargs, "temb", 2), hidden_states.shape[0])
+    return _gated_residual(block, outputs, hidden_states, gate_msa, gate_mlp)
 
 
 def sana_block(block, outputs, args, kwargs):
@@ -111,11 +124,24 @@ def joint_transformer_block(block, outputs, args, kwargs):
 
 def flux_block(block, outputs, args, kwargs):
     """diffusers' ``FluxTransformerBlock`` (the double-stream blocks; IP-Adapter's third attention output too)."""
+    temb = _argument(args, kwargs, "temb", 2)
+    return _dual_stream(outputs, args, kwargs, _zero_modulation(block.norm1, temb, 6),
+                        _zero_modulation(block.norm1_context, temb, 6))
+
+
+def chroma_block(block, outputs, args, kwargs):
+    """diffusers' ``ChromaTransformerBlock``: FLUX.1's block with its modulation precomputed outside it."""
+    if block.norm1.emb is not None or block.norm1_context.emb is not None:
+        return NotImplemented
+    temb = _argument(args, kwargs, "temb", 2)
+    return _dual_stream(outputs, args, kwargs, temb[:, :6].flatten(1, 2).chunk(6, dim=1),
+                        temb[:, 6:].flatten(1, 2).chunk(6, dim=1))
+
+
+def _dual_stream(outputs, args, kwargs, modulation, context):
+    """The residual path of FLUX.1-style double-stream blocks, from their (shift, scale, gate) x 2 modulations."""
     hidden_states = _argument(args, kwargs, "hidden_states", 0)
     encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
-    temb = _argument(args, kwargs, "temb", 2)
-    modulation = _zero_modulation(block.norm1, temb, 6)
-    context = _zero_modulation(block.norm1_context, temb, 6)
     attention, feed_forward, context_feed_forward = outputs
     hidden_states = hidden_states + modulation[2].unsqueeze(1) * attention[0]
     hidden_states = hidden_states + modulation[5].unsqueeze(1) * feed_forward
@@ -138,6 +164,16 @@ def flux_single_block(block, outputs, args, kwargs):
     hidden_states = torch.cat([attention, block.act_mlp(mlp)], dim=2)
     hidden_states = _clipped(residual + gate.unsqueeze(1) * block.proj_out(hidden_states))
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def chroma_single_block(block, outputs, args, kwargs):
+    """diffusers' ``ChromaSingleTransformerBlock``: FLUX.1's single block on the joined tokens, modulation
+    precomputed."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    gate = _argument(args, kwargs, "temb", 1).flatten(1, 2).chunk(3, dim=1)[2]
+    mlp, attention = outputs
+    projected = block.proj_out(torch.cat([attention, block.act_mlp(mlp)], dim=2))
+    return _clipped(hidden_states + gate.unsqueeze(1) * projected)
 
 
 def wan_block(block, outputs, args, kwargs):
