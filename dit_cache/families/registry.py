@@ -204,7 +204,9 @@ FAMILIES = FamilyRegistry([
         inputs.ovis_image, B.SEPARATE_CALLS, timestep=_per_mille, text_tokens=256, sample_size=8,
         latent_layout="packed", pipelines=("OvisImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
         encode=prompts.ovis_image_encode, conditioning=prompts.ovis_image_conditioning,
-        extra_inputs=prompts.packed_image_ids, aliases=("Ovis-Image",)),
+        extra_inputs=prompts.packed_image_ids, aliases=("Ovis-Image",),
+        replays={"OvisImageTransformerBlock": replays.flux_block,  # the same forward as FLUX.1's block
+                 "OvisImageSingleTransformerBlock": replays.ovis_image_single_block}),
     # --- f3 families (video) ---
     ModelFamily(
         "hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel", ("transformer_blocks",),

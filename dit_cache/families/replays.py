@@ -166,6 +166,21 @@ def flux_single_block(block, outputs, args, kwargs):
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
 
 
+def ovis_image_single_block(block, outputs, args, kwargs):
+    """diffusers' ``OvisImageSingleTransformerBlock``: FLUX.1's single block with a SwiGLU MLP (its ``proj_mlp``
+    output is split into the value and the gate)."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
+    mlp, attention = outputs
+    value, mlp_gate = torch.split(mlp, [block.mlp_hidden_dim, block.mlp_hidden_dim], dim=-1)
+    projected = block.proj_out(torch.cat([attention, block.act_mlp(mlp_gate) * value], dim=2))
+    hidden_states = _clipped(residual + gate.unsqueeze(1) * projected)
+    return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
 def chroma_single_block(block, outputs, args, kwargs):
     """diffusers' ``ChromaSingleTransformerBlock``: FLUX.1's single block on the joined tokens, modulation
     precomputed."""
