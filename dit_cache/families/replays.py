@@ -90,16 +90,17 @@ def allegro_block(block, outputs, args, kwargs):
 
 
 def sana_block(block, outputs, args, kwargs):
-    """diffusers' ``SanaTransformerBlock``: its feed-forward works on the latent grid, so its output is flattened
-    back to tokens here, as the block does."""
+    """diffusers' ``SanaTransformerBlock``: PixArt's gating; its feed-forward works on the latent grid, so its
+    output is flattened back to tokens, as the block does (``h + g * a`` there is bitwise ``g * a + h``)."""
     hidden_states = _argument(args, kwargs, "hidden_states", 0)
     gate_msa, gate_mlp = _table_gates(block, _argument(args, kwargs, "timestep", 4), hidden_states.shape[0])
-    outputs = iter(outputs)
-    hidden_states = hidden_states + gate_msa * next(outputs)
-    if block.attn2 is not None:
-        hidden_states = next(outputs) + hidden_states
-    feed_forward = next(outputs).flatten(2, 3).permute(0, 2, 1)
-    return hidden_states + gate_mlp * feed_forward
+    *branches, feed_forward = outputs
+    return _gated_residual(block, [*branches, grid_to_tokens(feed_forward)], hidden_states, gate_msa, gate_mlp)
+
+
+def grid_to_tokens(output):
+    """A Sana feed-forward output ``[B, C, H, W]`` as the block adds it: tokens ``[B, H*W, C]``."""
+    return output.flatten(2, 3).permute(0, 2, 1)
 
 
 def joint_transformer_block(block, outputs, args, kwargs):
@@ -155,40 +156,40 @@ def _dual_stream(outputs, args, kwargs, modulation, context):
 def flux_single_block(block, outputs, args, kwargs):
     """diffusers' ``FluxSingleTransformerBlock``: its output projection runs on the branches' concatenation, so a
     replay saves only the norm and modulation of its input."""
-    hidden_states = _argument(args, kwargs, "hidden_states", 0)
-    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
-    text_tokens = encoder_hidden_states.shape[1]
-    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
     mlp, attention = outputs
-    hidden_states = torch.cat([attention, block.act_mlp(mlp)], dim=2)
-    hidden_states = _clipped(residual + gate.unsqueeze(1) * block.proj_out(hidden_states))
-    return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+    return _joined_single_stream(block, args, kwargs, attention, block.act_mlp(mlp))
 
 
 def ovis_image_single_block(block, outputs, args, kwargs):
     """diffusers' ``OvisImageSingleTransformerBlock``: FLUX.1's single block with a SwiGLU MLP (its ``proj_mlp``
     output is split into the value and the gate)."""
-    hidden_states = _argument(args, kwargs, "hidden_states", 0)
-    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
-    text_tokens = encoder_hidden_states.shape[1]
-    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
     mlp, attention = outputs
     value, mlp_gate = torch.split(mlp, [block.mlp_hidden_dim, block.mlp_hidden_dim], dim=-1)
-    projected = block.proj_out(torch.cat([attention, block.act_mlp(mlp_gate) * value], dim=2))
-    hidden_states = _clipped(residual + gate.unsqueeze(1) * projected)
+    return _joined_single_stream(block, args, kwargs, attention, block.act_mlp(mlp_gate) * value)
+
+
+def _joined_single_stream(block, args, kwargs, attention, mlp_hidden_states):
+    """FLUX.1-style single blocks called with both streams: join them, add the gated projection, split again."""
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, _argument(args, kwargs, "hidden_states", 0)], dim=1)
+    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
+    hidden_states = _projected_residual(block, residual, gate, attention, mlp_hidden_states)
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
 
 
 def chroma_single_block(block, outputs, args, kwargs):
     """diffusers' ``ChromaSingleTransformerBlock``: FLUX.1's single block on the joined tokens, modulation
     precomputed."""
-    hidden_states = _argument(args, kwargs, "hidden_states", 0)
     gate = _argument(args, kwargs, "temb", 1).flatten(1, 2).chunk(3, dim=1)[2]
     mlp, attention = outputs
-    projected = block.proj_out(torch.cat([attention, block.act_mlp(mlp)], dim=2))
-    return _clipped(hidden_states + gate.unsqueeze(1) * projected)
+    return _projected_residual(block, _argument(args, kwargs, "hidden_states", 0), gate, attention,
+                               block.act_mlp(mlp))
+
+
+def _projected_residual(block, residual, gate, attention, mlp_hidden_states):
+    projected = block.proj_out(torch.cat([attention, mlp_hidden_states], dim=2))
+    return _clipped(residual + gate.unsqueeze(1) * projected)
 
 
 def wan_block(block, outputs, args, kwargs):
@@ -347,9 +348,7 @@ class SanaFold(TableGatedFold):
     def applies(blocks) -> bool:
         return all(type(block).__name__ == "SanaTransformerBlock" for block in blocks)
 
-    @staticmethod
-    def feed_forward_tokens(output):
-        return output.flatten(2, 3).permute(0, 2, 1)
+    feed_forward_tokens = staticmethod(grid_to_tokens)
 
     @staticmethod
     def declines(args, kwargs) -> bool:
