@@ -1,8 +1,8 @@
 """Block replays: a block's output from its input and its branches' outputs, when none of its branches runs.
 
 On a step where every unit of a block reuses or forecasts its cached output, whatever feeds the units (the norms,
-the adaLN modulation of their inputs) is dead work, yet the block's forward still does it: about 9 ms of a 10 ms
-skipped step on the embedded model. A replay runs only the block's residual path (the gates and the adds), with
+the adaLN modulation of their inputs) is dead work, yet the block's forward still does it: about half of a skipped
+step on the embedded model (11-13 ms with the forward, 6-9 ms replayed; experiments/block_replay_speed.py). A replay runs only the block's residual path (the gates and the adds), with
 the block's own operations in the block's own order, so a replayed block is bitwise the block run with every unit
 hooked (``tests/test_block_replay.py`` checks each family that has one).
 
