@@ -190,10 +190,25 @@ def test_search_state_round_trips_through_a_state_dict():
 
 @pytest.mark.parametrize("settings, message", [({"groups": "block"}, "groups"), ({"actions": ["LINEAR"]}, "actions"),
                                                ({"max_flops": 1.0}, "max_flops"),
-                                               ({"lazy_candidates": 0}, "lazy_candidates")])
+                                               ({"lazy_candidates": 0}, "lazy_candidates"),
+                                               ({"error": "psnr"}, "search.error must be one of mse, log_mse"),
+                                               ({"error": "log_mse", "error_floor": 0.0}, "error_floor")])
 def test_bad_search_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchSettings(**settings)
+
+
+def test_log_mse_scores_each_image_alike_where_the_batch_mse_follows_the_worst_one():
+    reference = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+    one_image_ruined = reference + torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1, 1)  # per-image MSE 1, 0, 0
+    all_images_worse = reference + torch.full((3, 1, 1, 1), 0.2 ** 0.5)  # 0.2 each
+    mse, log_mse = SearchSettings(error="mse"), SearchSettings(error="log_mse", error_floor=1e-6)
+    assert mse.final_error(all_images_worse, reference) < mse.final_error(one_image_ruined, reference)
+    assert log_mse.final_error(one_image_ruined, reference) < log_mse.final_error(all_images_worse, reference)
+    per_image = (one_image_ruined - reference).pow(2).flatten(1).mean(1).double()
+    assert log_mse.final_error(one_image_ruined, reference) == pytest.approx(
+        float(torch.log10(per_image + 1e-6).mean()))
+    assert log_mse.final_error(reference, reference) == pytest.approx(-6.0)
 
 
 # ---- the Lightning run on a tiny model ---------------------------------------------------------------------
@@ -233,6 +248,14 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     assert json.dumps(resumed.metadata["search_trace"]) == json.dumps(straight.metadata["search_trace"])
     # the shipped config refines its coarse budgets after the order: the refined plans resume too
     assert straight.refined_plans is not None and torch.equal(resumed.refined_plans, straight.refined_plans)
+
+
+def test_the_search_scores_plans_by_mean_log_mse_when_asked(pixart_folder, tmp_path):
+    train_cli(_search_args(pixart_folder, tmp_path, 40)
+              + ["--model.search.error", "log_mse", "--model.search.error_floor", "1e-5"])
+    trace = CacheRouter.load(tmp_path / "router.safetensors").metadata["search_trace"]
+    assert trace[0][1] == pytest.approx(-5.0)  # the uncached plan: log10(0 + error_floor) on every image
+    assert all(error > -5.0 for _, error in trace[1:])  # every cached plan errs somewhere
 
 
 # ---- pipelines ---------------------------------------------------------------------------------------------------

@@ -136,9 +136,9 @@ class PlanSearch(Objective):
         module.router = search.router()
         if outcome.get("moved"):
             module.print(f"search move {int(search.moves)}: step {outcome['step']}, move {outcome['move']}, "
-                         f"{outcome['action']}: {outcome['share']:.1%} of the FLOPs skipped, final-latent MSE "
-                         f"{outcome['error']:.3g} ({outcome['measured']} plans measured)", flush=True)
-            module.log_dict({"search/skipped_share": outcome["share"], "search/final_latent_mse": outcome["error"],
+                         f"{outcome['action']}: {outcome['share']:.1%} of the FLOPs skipped, "
+                         f"{self.settings.error_label} {outcome['error']:.3g} ({outcome['measured']} plans measured)", flush=True)
+            module.log_dict({"search/skipped_share": outcome["share"], f"search/final_latent_{self.settings.error}": outcome["error"],
                              "search/measured": float(outcome["measured"])}, prog_bar=True, batch_size=1)
         if "summary" in outcome:  # what a step other than a greedy move did
             module.print(outcome["summary"], flush=True)
@@ -155,7 +155,8 @@ class PlanSearch(Objective):
         conditioning.kwargs = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
                                for key, value in conditioning.kwargs.items()}
         return TrajectoryRunner(module.denoiser, module.inference_scheduler, module.handle, noise, conditioning,
-                                module.hparams.num_steps, history=search_history(self.settings.actions))
+                                module.hparams.num_steps, history=search_history(self.settings.actions),
+                                settings=self.settings)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"harmonica": HarmoniCa, "sdt": StepwiseDenoising,

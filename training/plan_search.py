@@ -45,6 +45,18 @@ from .trajectory_snapshots import TrajectorySnapshots, check_snapshot_settings, 
 HISTORY_READ = {"FORECAST1": 2, "FORECAST2": 3, "REUSE": 1, "CFG_SHARE": 1}
 
 
+def batch_mse(final: torch.Tensor, reference: torch.Tensor, floor: float) -> float:
+    return float((final.double() - reference.double()).pow(2).mean())
+
+
+def mean_log_mse(final: torch.Tensor, reference: torch.Tensor, floor: float) -> float:
+    per_image = (final.double() - reference.double()).pow(2).flatten(1).mean(1)
+    return float((per_image + floor).log10().mean())
+
+
+FINAL_ERRORS = {"mse": batch_mse, "log_mse": mean_log_mse}
+
+
 def search_history(actions) -> int:
     return max(HISTORY_READ[name] for name in actions)
 
@@ -79,6 +91,12 @@ class SearchSettings:
         snapshot_location: where the snapshots' unit outputs live: ``memory`` (on the model's device), ``cpu``
             (copied to the CPU, for a GPU run) or ``disk`` (safetensors files in a temporary folder).
         snapshot_dir: the folder of that temporary folder (``disk`` only; default: the system's temporary folder).
+        error: what a plan's final latents are scored by against the uncached ones: ``mse``, the batch's mean
+            squared error, or ``log_mse``, the mean over images of ``log10(MSE + error_floor)``, i.e. minus their mean
+            PSNR over 10, the figure the benchmark reports. Per-image errors are heavy-tailed (a prompt whose
+            composition flips dominates the batch's MSE); the log weighs every image alike.
+        error_floor: added to each image's MSE under ``log_mse``, so the uncached plan (MSE 0) scores finitely; in
+            squared latent units.
     """
 
     groups: str = "branch"
@@ -96,6 +114,8 @@ class SearchSettings:
     snapshot_limit: int | None = None
     snapshot_location: str = "memory"
     snapshot_dir: str | None = None
+    error: str = "mse"
+    error_floor: float = 1e-6
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -114,6 +134,19 @@ class SearchSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
         check_snapshot_settings(self.snapshot_limit, self.snapshot_location, self.snapshot_dir)
+        if self.error not in FINAL_ERRORS:
+            raise ValueError(f"search.error must be one of {', '.join(FINAL_ERRORS)}; got {self.error!r}.")
+        if not self.error_floor > 0:
+            raise ValueError(f"search.error_floor must be > 0 (log10 of an exact image's MSE is -inf), "
+                             f"got {self.error_floor}.")
+
+    @property
+    def error_label(self) -> str:
+        return {"mse": "final-latent MSE", "log_mse": "mean log10 final-latent MSE"}[self.error]
+
+    def final_error(self, final: torch.Tensor, reference: torch.Tensor) -> float:
+        """The score of final latents ``final`` against the uncached ``reference`` (lower is better)."""
+        return FINAL_ERRORS[self.error](final, reference, self.error_floor)
 
     def snapshots(self, num_steps: int) -> TrajectorySnapshots:
         """An empty store for one recorded trajectory, as these settings want it."""
@@ -377,7 +410,7 @@ class GreedyPlanSearch(torch.nn.Module):
         self.refined_errors[removed] = torch.tensor([before, error], dtype=torch.float64)
         share = self.plan(group_codes=codes).cached_share(self.unit_flops)
         return {"moved": False, "refined": share, "error": error, "error_before": before, "changes": changes,
-                "summary": f"refined the {share:.1%} plan: final-latent MSE {before:.3g} -> {error:.3g} "
+                "summary": f"refined the {share:.1%} plan: {self.settings.error_label} {before:.3g} -> {error:.3g} "
                            f"({changes} changes)"}
 
     def _validation_error(self, validation: "TrajectoryRunner", codes: torch.Tensor) -> float:
@@ -430,16 +463,17 @@ class TrajectoryRunner:
     keeps at least ``history`` computed outputs (what the search's cheap actions read)."""
 
     def __init__(self, denoiser, scheduler, handle: CacheHandle, noise: torch.Tensor, conditioning,
-                 num_steps: int, history: int = 3):
+                 num_steps: int, history: int = 3, settings: SearchSettings | None = None):
         from .denoising import fresh_scheduler
 
         self.denoiser, self.handle, self.noise, self.conditioning = denoiser, handle, noise, conditioning
         self.num_steps, self.history = num_steps, history
         self.scheduler = fresh_scheduler(scheduler, num_steps, noise.device)
+        self.settings = settings or SearchSettings()
 
-    @staticmethod
-    def error(final: torch.Tensor, reference: torch.Tensor) -> float:
-        return float((final.double() - reference.double()).pow(2).mean())
+    def error(self, final: torch.Tensor, reference: torch.Tensor) -> float:
+        """The search's score of ``final`` against ``reference`` (``SearchSettings.error``)."""
+        return self.settings.final_error(final, reference)
 
     @torch.no_grad()
     def _run(self, plan: CachePlan, snapshot=None, record: TrajectorySnapshots | None = None) -> torch.Tensor:
