@@ -175,15 +175,16 @@ def compare_budgets(budgets, searched, whole_steps, presets, count, steps, guida
                                                                row["per_image_mse"])
     lines = [f"{count} held-out prompts (half one-object, half two-object), seeds {seed}-{seed + count - 1}, "
              f"{steps} DPM-Solver steps, cfg {guidance_scale}; error of the final images against the uncached ones.",
-             "", "| plan | FLOPs skipped (units) | FLOP speedup (transformer) | image MSE | PSNR (dB) | searched minus "
-             "this, per image [95% bootstrap] | images where searched is better | wall clock (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| plan | FLOPs skipped (units) | FLOP speedup (transformer) | image MSE | PSNR (dB) | mean image PSNR "
+             "(dB) | searched minus this, per image [95% bootstrap] | images where searched is better | wall clock (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in sorted(rows.items(), key=lambda item: (round(item[1]["budget"], 3), item[0])):
         difference = row.get("searched_minus_this")
         paired = " | " if difference is None else (f"{difference['mean']:+.5f} [{difference['low']:+.5f}, "
                                                     f"{difference['high']:+.5f}] | {difference['lower_share']:.0%}")
         lines.append(f"| {name} | {row['flop_share_skipped']:.1%} | {row['theoretical_speedup']:.2f}x | "
-                     f"{row['mse']:.5f} | {row['psnr']:.2f} | {paired} | {row['seconds']:.1f} |")
+                     f"{row['mse']:.5f} | {row['psnr']:.2f} | {row.get('mean_psnr', float('nan')):.2f} | {paired} | "
+                     f"{row['seconds']:.1f} |")
     lines.append(f"\nuncached: {uncached_seconds:.1f} s; peak RSS of this process "
                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     table = "\n".join(lines)

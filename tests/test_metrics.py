@@ -20,6 +20,10 @@ def test_image_error_reports_each_images_mse_and_their_mean():
     error = image_error(run, reference)
     np.testing.assert_allclose(error["per_image_mse"], offsets**2, rtol=1e-6)
     assert error["mse"] == pytest.approx(np.mean(offsets**2), rel=1e-6)
+    # each image's PSNR (an identical image counts as MAX_PSNR), then their mean: not the PSNR of the mean MSE
+    expected = np.mean([metrics.MAX_PSNR, -10 * np.log10(0.01), -10 * np.log10(0.25)])
+    assert error["mean_psnr"] == pytest.approx(expected, rel=1e-5)
+    assert error["mean_psnr"] > error["psnr"]
 
 
 def test_paired_difference_separates_a_consistent_gap_from_noise():
