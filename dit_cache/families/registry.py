@@ -189,6 +189,7 @@ FAMILIES = FamilyRegistry([
         timestep=_z_image_timestep, timestep_dtype=torch.float32, timestep_argument="t",
         text_tokens=128,  # unpadded: the prompt's own tokens with the chat template (typical prompts)
         sample_size=8, pipelines=("ZImagePipeline",), concepts_refusal=_JOINT_ATTENTION,
+        replays={"ZImageTransformerBlock": replays.z_image_block},
         second_calls=(C("cfg_truncation", lambda kwargs: isinstance(kwargs.get("cfg_truncation"), (int, float))
                         and kwargs["cfg_truncation"] < 1, "Leave cfg_truncation=1.0",
                         effect=("drop the unconditional half of its CFG batch at the late steps, which outputs "
@@ -256,7 +257,7 @@ FAMILIES = FamilyRegistry([
         # The context refiner sees the prompt only (no timestep): its outputs are the same at every step.
         {"Lumina2TransformerBlock": (A("attn"), A("feed_forward"))},
         inputs.lumina2, B.NONE, timestep=_lumina2_timestep, timestep_dtype=torch.float32, text_tokens=256,
-        pipelines=("Lumina2Pipeline",),
+        pipelines=("Lumina2Pipeline",), replays={"Lumina2TransformerBlock": replays.lumina2_block},
         # CFG is a second transformer call per step on the negative prompt, outside any cache_context.
         second_calls=(C("guidance_scale", lambda kwargs: float(kwargs.get("guidance_scale", 4.0)) > 1,
                         "Pass guidance_scale=1.0 (one call per step)"),),

@@ -192,6 +192,44 @@ def _projected_residual(block, residual, gate, attention, mlp_hidden_states):
     return _clipped(residual + gate.unsqueeze(1) * projected)
 
 
+def lumina2_block(block, outputs, args, kwargs):
+    """diffusers' ``Lumina2TransformerBlock``: its branches' outputs are normalised before the tanh-gated adds, so a
+    replay runs those two output norms and saves the input norms and modulation (the context refiner's blocks are
+    unmodulated)."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    attention, feed_forward = outputs
+    if not block.modulation:
+        return _post_normed_residual(block.norm2, block.ffn_norm2, hidden_states, attention, feed_forward)
+    _, gate_msa, _, gate_mlp = _zero_modulation(block.norm1, _argument(args, kwargs, "temb", 3), 4)
+    return _post_normed_residual(block.norm2, block.ffn_norm2, hidden_states, attention, feed_forward,
+                                 gate_msa.unsqueeze(1).tanh(), gate_mlp.unsqueeze(1).tanh())
+
+
+def z_image_block(block, outputs, args, kwargs):
+    """diffusers' ``ZImageTransformerBlock``: Lumina2's residual path, its modulation from ``adaLN_modulation``
+    (the context refiner's blocks are unmodulated). The per-token modulation of a ``noise_mask`` call is not
+    replayed."""
+    hidden_states = _argument(args, kwargs, "x", 0)
+    attention, feed_forward = outputs
+    if not block.modulation:
+        return _post_normed_residual(block.attention_norm2, block.ffn_norm2, hidden_states, attention, feed_forward)
+    if _argument(args, kwargs, "noise_mask", 4) is not None:
+        return NotImplemented
+    modulation = block.adaLN_modulation(_argument(args, kwargs, "adaln_input", 3))
+    _, gate_msa, _, gate_mlp = modulation.unsqueeze(1).chunk(4, dim=2)
+    return _post_normed_residual(block.attention_norm2, block.ffn_norm2, hidden_states, attention, feed_forward,
+                                 gate_msa.tanh(), gate_mlp.tanh())
+
+
+def _post_normed_residual(attention_norm, feed_forward_norm, hidden_states, attention, feed_forward,
+                          gate_msa=None, gate_mlp=None):
+    """``x + gate * norm(output)`` for the attention, then the feed-forward (ungated without gates)."""
+    attention, feed_forward = attention_norm(attention), feed_forward_norm(feed_forward)
+    if gate_msa is not None:
+        attention, feed_forward = gate_msa * attention, gate_mlp * feed_forward
+    return hidden_states + attention + feed_forward
+
+
 def wan_block(block, outputs, args, kwargs):
     """diffusers' ``WanTransformerBlock`` (Wan 2.1 / 2.2; a per-token timestep embedding for the TI2V-5B): its
     gated adds run in float32, as the block runs them."""
