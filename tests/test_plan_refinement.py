@@ -148,3 +148,33 @@ def test_a_validation_batch_stops_changes_it_does_not_confirm():
     outcome = refused.move(runner, ShiftAverse(torch.ones(10, 3), start))
     assert outcome["changes"] == 0 and outcome["error"] == outcome["error_before"]
     assert torch.equal(refused.refined[8], refused.group_codes(removed=8))
+
+
+def test_a_search_adopting_a_routers_order_only_refines_the_budgets_it_left_unrefined():
+    coarse, _, _ = _searched(refine_from=0.8)  # the order, and its 80% plan refined
+    earlier = coarse.router()
+    search = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.6,
+                     refine_radius=2)
+    search.adopt(earlier)
+    assert torch.equal(search.rank, coarse.rank) and torch.equal(search.action, coarse.action)
+    assert search.ordered and not search.done
+    runner = GapRunner(torch.ones(10, 3))
+    outcomes = []
+    while not search.done:
+        outcomes.append(search.move(runner))
+    assert [round(o["refined"], 6) for o in outcomes] == [0.7, 0.6]  # 80% came refined with the order
+    router = search.router()
+    assert torch.equal(router.logits, earlier.logits) and torch.equal(router.cheap_actions, earlier.cheap_actions)
+    assert router.plan(flops=0.8) == earlier.plan(flops=0.8)
+    assert router.plan(flops=0.7) != earlier.plan(flops=0.7)
+    assert _error(runner, router.plan(flops=0.7)) < _error(runner, earlier.plan(flops=0.7))
+
+
+def test_adopting_a_router_of_another_model_is_refused():
+    earlier, _, _ = _searched(refine_from=0.8)
+    search = _search(torch.ones(12, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.6)
+    before = search.state_dict()
+    with pytest.raises(ValueError, match="searched router of this model: 10 steps"):
+        search.adopt(earlier.router())
+    assert all(torch.equal(before[key], value, ) if not value.is_floating_point() else
+               torch.equal(before[key].nan_to_num(), value.nan_to_num()) for key, value in search.state_dict().items())

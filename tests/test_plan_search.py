@@ -250,6 +250,19 @@ def test_the_search_run_exports_a_router_and_resumes(pixart_folder, tmp_path):
     assert straight.refined_plans is not None and torch.equal(resumed.refined_plans, straight.refined_plans)
 
 
+def test_a_search_run_can_refine_an_earlier_routers_order(pixart_folder, tmp_path):
+    train_cli(_search_args(pixart_folder, tmp_path / "first", 40))  # refines its 60% plan (5 steps: 20% each)
+    first = CacheRouter.load(tmp_path / "first" / "router.safetensors")
+    train_cli(_search_args(pixart_folder, tmp_path / "second", 40)
+              + ["--model.search.order_from", str(tmp_path / "first" / "router.safetensors"),
+                 "--model.search.refine_from", "0.3"])
+    second = CacheRouter.load(tmp_path / "second" / "router.safetensors")
+    assert torch.equal(second.logits, first.logits) and torch.equal(second.cheap_actions, first.cheap_actions)
+    assert second.metadata["search"]["order_from"].endswith("router.safetensors")
+    assert len(second.refined_shares) > len(first.refined_shares)  # the 40% plan refined on top
+    assert torch.equal(second.refined_plans[-len(first.refined_shares):], first.refined_plans)
+
+
 def test_the_search_scores_plans_by_mean_log_mse_when_asked(pixart_folder, tmp_path):
     train_cli(_search_args(pixart_folder, tmp_path, 40)
               + ["--model.search.error", "log_mse", "--model.search.error_floor", "1e-5"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dit_cache import CacheSchedule
+from dit_cache import CacheRouter, CacheSchedule
 from dit_cache.flops import step_flops
 
 from .denoising import fresh_scheduler, init_noise_sigma, sample_latents, scale_model_input
@@ -122,6 +122,8 @@ class PlanSearch(Objective):
     def attach(self, module) -> None:
         flops, _ = step_flops(module.transformer)
         module.search = GreedyPlanSearch(self.settings, module.units, flops, module.hparams.num_steps)
+        if self.settings.order_from is not None:
+            module.search.adopt(CacheRouter.load(self.settings.order_from))
 
     def training_step(self, module, batch, batch_index: int) -> None:
         search = module.search

@@ -97,6 +97,9 @@ class SearchSettings:
             composition flips dominates the batch's MSE); the log weighs every image alike.
         error_floor: added to each image's MSE under ``log_mse``, so the uncached plan (MSE 0) scores finitely; in
             squared latent units.
+        order_from: a router file of an earlier search of this model (the same steps, units and groups): its move
+            order, cheap actions and refined plans are taken as they are, and only the budgets from
+            ``refine_from`` up that it did not refine are refined (e.g. under another ``error``, on more prompts).
     """
 
     groups: str = "branch"
@@ -116,6 +119,7 @@ class SearchSettings:
     snapshot_dir: str | None = None
     error: str = "mse"
     error_floor: float = 1e-6
+    order_from: str | None = None
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -197,6 +201,40 @@ class GreedyPlanSearch(torch.nn.Module):
         self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = self._validation_reference = None
+
+    def adopt(self, router: CacheRouter) -> None:
+        """Take ``router``'s move order, cheap actions and refined plans (a router this search's settings would
+        have exported for the same model), so that only refinement is left to do."""
+        if (router.num_steps, router.num_units) != (self.num_steps, self.num_units) or router.cheap_actions is None:
+            raise ValueError(f"search.order_from must be a searched router of this model: {router.num_steps} steps x "
+                             f"{router.num_units} units (with cheap actions), got {self.num_steps} x {self.num_units}.")
+        first = [units[0] for units in self.groups]
+        for units in self.groups:
+            if not (torch.equal(router.logits[:, units], router.logits[:, units[:1]].expand(-1, len(units)))
+                    and torch.equal(router.cheap_actions[:, units], router.cheap_actions[:, units[:1]].expand(-1, len(units)))):
+                raise ValueError(f"search.order_from: the router's units differ within a group of search.groups="
+                                 f"{self.settings.groups!r}; search with the groups it was searched with.")
+        logits = router.logits.detach()[:, first].double()
+        removed = logits < LOGIT_LIMIT
+        order = sorted(((float(logits[s, g]), s, g) for s, g in removed.nonzero().tolist()))
+        rank = torch.full_like(self.rank, -1)
+        for position, (_, step, group) in enumerate(order):
+            rank[step, group] = position
+        self.rank.copy_(rank)
+        self.action.copy_(torch.where(removed, router.cheap_actions[:, first], torch.zeros_like(self.action)))
+        self.moves.fill_(len(order))
+        trace = router.metadata.get("search_trace") or []
+        for index, (share, error) in enumerate(trace[: self.trace.shape[0]]):
+            self.trace[index] = torch.tensor([share, error], dtype=torch.float64)
+        for codes in [] if router.refined_plans is None else router.refined_plans:
+            share = CachePlan(codes).cached_share(self.unit_flops)
+            level = next((r for r in range(1, len(order) + 1) if abs(self.plan(
+                group_codes=self.group_codes(removed=r)).cached_share(self.unit_flops) - share) < 1e-9), None)
+            if level is not None:
+                self.refined[level] = codes[:, first]
+                errors = [e for e in router.metadata.get("refined_errors", []) if abs(e[0] - share) < 1e-6]
+                if errors:
+                    self.refined_errors[level] = torch.tensor(errors[0][1:], dtype=torch.float64)
 
     def _apply(self, fn, recurse=True):
         """Buffers follow the module's device, never its dtype: under ``trainer.precision: bf16-true`` the scores,
