@@ -217,6 +217,7 @@ FAMILIES = FamilyRegistry([
         # ("pred_uncond"); it passes the scheduler's t as a float. Context: 1000 + 256 + 729 tokens (inputs.py).
         inputs.hunyuan_video15, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=1985,
         sample_size=4, latent_layout="video", pipelines=("HunyuanVideo15Pipeline",),
+        replays={"HunyuanVideo15TransformerBlock": replays.hunyuan_block},
         check_pipeline=_plain_two_call_guider, concepts_refusal=_JOINT_ATTENTION,
         notes="Router training: no video latents or two-call CFG in training/denoising.py yet.",
         aliases=("HunyuanVideo 1.5",)),
@@ -249,6 +250,8 @@ FAMILIES = FamilyRegistry([
         # second call in cache_context("uncond"), as FLUX's. t passes as a float.
         inputs.hunyuan_video, B.NONE, timestep=_float, timestep_dtype=torch.float32, text_tokens=256,
         sample_size=4, latent_layout="video", pipelines=("HunyuanVideoPipeline",),
+        replays={"HunyuanVideoTransformerBlock": replays.hunyuan_block,
+                 "HunyuanVideoSingleTransformerBlock": replays.hunyuan_single_block},
         concepts_refusal=_JOINT_ATTENTION,
         notes="Router training: no video latents in training/denoising.py yet.", aliases=("HunyuanVideo",)),
     # --- families-f2 families ---
@@ -289,6 +292,8 @@ FAMILIES = FamilyRegistry([
         # The pipeline's guider runs each condition in cache_context("pred_cond") / ("pred_uncond").
         inputs.hunyuan_image, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=1000,
         sample_size=8, pipelines=("HunyuanImagePipeline",), check_pipeline=_hunyuan_image_guider,
+        replays={"HunyuanImageTransformerBlock": replays.hunyuan_block,
+                 "HunyuanImageSingleTransformerBlock": replays.hunyuan_single_block},
         concepts_refusal=_JOINT_ATTENTION,
         notes=("No router training: its guider is adaptive projected guidance with a momentum buffer, not the "
                "plain CFG rule router training applies."),

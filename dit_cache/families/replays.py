@@ -230,6 +230,35 @@ def _post_normed_residual(attention_norm, feed_forward_norm, hidden_states, atte
     return hidden_states + attention + feed_forward
 
 
+def hunyuan_block(block, outputs, args, kwargs):
+    """The double-stream blocks of diffusers' HunyuanVideo, HunyuanVideo 1.5 and HunyuanImage 2.1 (one forward):
+    FLUX.1's residual path with the streams returned (image, text) and no float16 clipping."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    temb = _argument(args, kwargs, "temb", 2)
+    modulation, context = _zero_modulation(block.norm1, temb, 6), _zero_modulation(block.norm1_context, temb, 6)
+    (attention, context_attention), feed_forward, context_feed_forward = outputs
+    hidden_states = hidden_states + attention * modulation[2].unsqueeze(1)
+    encoder_hidden_states = encoder_hidden_states + context_attention * context[2].unsqueeze(1)
+    hidden_states = hidden_states + modulation[5].unsqueeze(1) * feed_forward
+    encoder_hidden_states = encoder_hidden_states + context[5].unsqueeze(1) * context_feed_forward
+    return hidden_states, encoder_hidden_states
+
+
+def hunyuan_single_block(block, outputs, args, kwargs):
+    """The single-stream blocks of HunyuanVideo and HunyuanImage 2.1: the tokens joined (image, text), their
+    output projection on the branches' concatenation, so a replay saves the norm and modulation of the input."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
+    encoder_hidden_states = _argument(args, kwargs, "encoder_hidden_states", 1)
+    text_tokens = encoder_hidden_states.shape[1]
+    residual = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    gate = _zero_modulation(block.norm, _argument(args, kwargs, "temb", 2), 3)[2]
+    mlp, (attention, context_attention) = outputs
+    joined = torch.cat([torch.cat([attention, context_attention], dim=1), block.act_mlp(mlp)], dim=2)
+    hidden_states = gate.unsqueeze(1) * block.proj_out(joined) + residual
+    return hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
+
+
 def wan_block(block, outputs, args, kwargs):
     """diffusers' ``WanTransformerBlock`` (Wan 2.1 / 2.2; a per-token timestep embedding for the TI2V-5B): its
     gated adds run in float32, as the block runs them."""
