@@ -375,8 +375,8 @@ class TableGatedFold:
         return output
 
     def sums(self, blocks, outputs):
-        # Accumulated in place into fresh tensors (never into a stored output): a third of the passes and none of
-        # the allocations of out-of-place sums, which on a small model is most of a folded step's extra cost.
+        # In place, into fresh tensors (never into a stored output): five passes per block instead of seven, and no
+        # allocation per block, on the first folded step after every computed one.
         constant = attention = feed_forward = None
         for block, block_outputs in zip(blocks, outputs):
             table = block.scale_shift_table
