@@ -293,6 +293,53 @@ class CacheRouter(torch.nn.Module):
             self.metadata["refined_shares"] = replaced
             self.refined_plans = self._checked_refined_plans(torch.stack(kept))
 
+    def with_refined_plans(self, source: "CacheRouter", shares) -> "CacheRouter":
+        """A copy whose plans at the FLOP shares ``shares`` are ``source``'s refined plans there, replacing this
+        router's plan at each (refined or nested); the other budgets keep this router's plans.
+
+        ``source`` must share this router's order (logits, fixed rows, cheap actions, unit FLOPs), as a search
+        with ``search.order_from`` of this router exports it, so that each budget is one level of both. E.g. keep
+        only the budgets another refinement improved on held-out seeds::
+
+            merged = shipped.with_refined_plans(CacheRouter.load("runs/.../router.safetensors"), [0.65, 0.7])
+        """
+        same = (self.num_steps, self.num_units) == (source.num_steps, source.num_units) and all(
+            mine is not None and theirs is not None and torch.equal(mine.cpu(), theirs.cpu())
+            for mine, theirs in ((self.logits.detach(), source.logits.detach()), (self.fixed_rows, source.fixed_rows),
+                                 (self.cheap_actions, source.cheap_actions), (self.unit_flops, source.unit_flops)))
+        if not same:
+            raise ValueError("with_refined_plans needs a source router with this router's order (logits, fixed rows, "
+                             "cheap actions and unit FLOPs equal): one searched with search.order_from set to "
+                             "this router's file.")
+        offered = [] if source.refined_plans is None else list(zip(source.refined_shares, source.refined_plans))
+        taken = []
+        for share in shares:
+            match = [(s, codes) for s, codes in offered if abs(s - float(share)) < 1e-6]
+            if not match:
+                raise ValueError(f"The source router has no refined plan at {share} of the FLOPs skipped; it has "
+                                 f"them at {[round(s, 6) for s, _ in offered]}.")
+            taken.append(match[0])
+        kept = [] if self.refined_plans is None else [(s, codes) for s, codes in zip(self.refined_shares,
+                                                                                       self.refined_plans)
+                                                       if all(abs(s - t) >= 1e-6 for t, _ in taken)]
+        plans = sorted(kept + taken, key=lambda entry: entry[0])
+        metadata = copy.deepcopy(self.metadata)
+        metadata["refined_shares"] = [float(s) for s, _ in plans]
+        errors = {round(e[0], 6): e for e in metadata.get("refined_errors", [])}
+        for share, _ in taken:
+            errors.pop(round(share, 6), None)
+            errors.update({round(e[0], 6): e for e in source.metadata.get("refined_errors", [])
+                           if abs(e[0] - share) < 1e-6})
+        metadata["refined_errors"] = [errors[key] for key in sorted(errors)]
+        metadata.setdefault("refined_plans_from", []).append(
+            {"shares": [round(float(s), 6) for s, _ in taken], "search": source.metadata.get("search")})
+        merged = CacheRouter(self.num_steps, self.num_units, threshold=self.threshold, fixed_rows=self.fixed_rows.cpu(),
+                             metadata=metadata, cheap_actions=self.cheap_actions, unit_flops=self.unit_flops,
+                             refined_plans=torch.stack([codes for _, codes in plans]))
+        with torch.no_grad():
+            merged.logits.copy_(self.logits.detach().cpu())
+        return merged
+
     def save(self, path: str | Path, **metadata) -> None:
         """Save logits and fixed rows as safetensors; metadata values are stored as JSON."""
         if "format" in metadata:

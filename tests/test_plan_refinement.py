@@ -1,5 +1,6 @@
 """Refinement of the searched plans at single budgets (``search.refine_from``) and the router's refined plans."""
 
+import copy
 import math
 
 import pytest
@@ -168,6 +169,69 @@ def test_a_search_adopting_a_routers_order_only_refines_the_budgets_it_left_unre
     assert router.plan(flops=0.8) == earlier.plan(flops=0.8)
     assert router.plan(flops=0.7) != earlier.plan(flops=0.7)
     assert _error(runner, router.plan(flops=0.7)) < _error(runner, earlier.plan(flops=0.7))
+
+
+def test_refine_adopted_refines_the_adopted_plans_again_from_where_they_ended():
+    coarse, runner, _ = _searched(refine_from=0.8, refine_moves=1, steps=16)  # one change: improvable still
+    earlier = coarse.router()
+    search = _search(torch.ones(16, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.8,
+                     refine_radius=2, order_from="earlier.safetensors", refine_adopted=True)
+    search.adopt(earlier)
+    assert not search.done  # the adopted 80% plan is to refine again
+    outcome = search.move(runner)
+    share = outcome["refined"]
+    assert share >= 0.8 and search.done
+    adopted = earlier.plan(skip_flops=share)
+    assert outcome["error_before"] == pytest.approx(_error(runner, adopted))  # it started from the adopted plan,
+    nested = copy.deepcopy(earlier)
+    nested.refined_plans = None
+    assert outcome["error_before"] < _error(runner, nested.plan(skip_flops=share))
+    assert outcome["error"] < outcome["error_before"]  # not from the nested one, and went on improving it
+    assert _error(runner, search.router().plan(skip_flops=share)) == pytest.approx(outcome["error"])
+
+
+def test_refine_adopted_needs_order_from_and_refine_from():
+    with pytest.raises(ValueError, match="refine_adopted"):
+        SearchSettings(refine_adopted=True, refine_from=0.6)
+    with pytest.raises(ValueError, match="refine_adopted"):
+        SearchSettings(refine_adopted=True, order_from="router.safetensors")
+
+
+def _base_and_refined_again():
+    """A router refined at 80%, and a search of its order that refined 70% and 60% too."""
+    coarse, runner, _ = _searched(refine_from=0.8)
+    base = coarse.router()
+    search = _search(torch.ones(10, 3), groups="step", max_flops=0.8, actions=["REUSE"], refine_from=0.6,
+                     refine_radius=2)
+    search.adopt(base)
+    while not search.done:
+        search.move(runner)
+    return base, search.router(), runner
+
+
+def test_with_refined_plans_takes_the_named_budgets_and_keeps_the_rest(tmp_path):
+    base, source, runner = _base_and_refined_again()
+    merged = base.with_refined_plans(source, [0.7])
+    assert merged.plan(skip_flops=0.7) == source.plan(skip_flops=0.7) != base.plan(skip_flops=0.7)
+    assert merged.plan(skip_flops=0.6) == base.plan(skip_flops=0.6) != source.plan(skip_flops=0.6)
+    assert merged.plan(skip_flops=0.8) == base.plan(skip_flops=0.8)
+    assert [e[0] for e in merged.metadata["refined_errors"]] == pytest.approx([0.7, 0.8])
+    assert merged.metadata["refined_plans_from"][0]["shares"] == [0.7]
+    merged.save(tmp_path / "merged.safetensors")
+    loaded = CacheRouter.load(tmp_path / "merged.safetensors")
+    assert all(loaded.plan(skip_flops=f) == merged.plan(skip_flops=f) for f in (0.5, 0.6, 0.7, 0.8))
+    assert base.refined_plans.shape[0] == 1  # the original is left as it was
+
+
+def test_with_refined_plans_refuses_another_order_or_a_budget_the_source_did_not_refine():
+    base, source, _ = _base_and_refined_again()
+    with pytest.raises(ValueError, match="no refined plan at 0.5 of the FLOPs skipped; it has them at"):
+        base.with_refined_plans(source, [0.5])
+    other = copy.deepcopy(source)
+    with torch.no_grad():
+        other.logits[3] = -other.logits[3]
+    with pytest.raises(ValueError, match="search.order_from"):
+        base.with_refined_plans(other, [0.7])
 
 
 def test_adopting_a_router_of_another_model_is_refused():

@@ -100,6 +100,8 @@ class SearchSettings:
         order_from: a router file of an earlier search of this model (the same steps, units and groups): its move
             order, cheap actions and refined plans are taken as they are, and only the budgets from
             ``refine_from`` up that it did not refine are refined (e.g. under another ``error``, on more prompts).
+        refine_adopted: with ``order_from``, refine its refined plans from ``refine_from`` up again, each starting
+            from where the earlier refinement ended (e.g. under another ``error``), rather than keeping them.
     """
 
     groups: str = "branch"
@@ -120,6 +122,7 @@ class SearchSettings:
     error: str = "mse"
     error_floor: float = 1e-6
     order_from: str | None = None
+    refine_adopted: bool = False
 
     def __post_init__(self):
         if self.groups not in ("branch", "step"):
@@ -143,6 +146,9 @@ class SearchSettings:
         if not self.error_floor > 0:
             raise ValueError(f"search.error_floor must be > 0 (log10 of an exact image's MSE is -inf), "
                              f"got {self.error_floor}.")
+        if self.refine_adopted and (self.order_from is None or self.refine_from is None):
+            raise ValueError("search.refine_adopted refines the refined plans of search.order_from again from "
+                             "search.refine_from up: set both, or leave refine_adopted false.")
 
     @property
     def error_label(self) -> str:
@@ -199,6 +205,8 @@ class GreedyPlanSearch(torch.nn.Module):
         entries = num_steps * len(self.groups) + 1
         self.register_buffer("refined", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
         self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
+        # refine_start[R]: where refining that plan starts (0: the nested plan); an adopted refined plan, to refine again
+        self.register_buffer("refine_start", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = self._validation_reference = None
 
@@ -230,7 +238,9 @@ class GreedyPlanSearch(torch.nn.Module):
             share = CachePlan(codes).cached_share(self.unit_flops)
             level = next((r for r in range(1, len(order) + 1) if abs(self.plan(
                 group_codes=self.group_codes(removed=r)).cached_share(self.unit_flops) - share) < 1e-9), None)
-            if level is not None:
+            if level is not None and self.settings.refine_adopted and share >= self.settings.refine_from - 1e-9:
+                self.refine_start[level] = codes[:, first]
+            elif level is not None:
                 self.refined[level] = codes[:, first]
                 errors = [e for e in router.metadata.get("refined_errors", []) if abs(e[0] - share) < 1e-6]
                 if errors:
@@ -414,7 +424,8 @@ class GreedyPlanSearch(torch.nn.Module):
         if not levels:
             return {"moved": False}
         removed = levels[0]
-        codes = self.group_codes(removed=removed)
+        codes = self.refine_start[removed].clone() if bool(self.refine_start[removed].any()) \
+            else self.group_codes(removed=removed)
         final, snapshots = runner.recorded(self.plan(group_codes=codes), self.settings.snapshots(self.num_steps))
         before = error = runner.error(final, self._reference)
         held_out = None  # the validation error of the current plan, measured once a change needs checking
