@@ -197,6 +197,36 @@ def test_refine_adopted_needs_order_from_and_refine_from():
         SearchSettings(refine_adopted=True, order_from="router.safetensors")
 
 
+def test_refine_together_moves_two_computed_steps_in_one_change():
+    """Under the gap cost, closing a gap without opening another takes two single moves; one pair move does it."""
+    errors = {}
+    for together in (1, 2):
+        _, _, outcomes = _searched(refine_moves=1, steps=14, refine_together=together)
+        errors[together] = {round(o["refined"], 3): o["error"] for o in outcomes if "refined" in o}
+    assert errors[2][0.786] < errors[1][0.786]
+    assert all(errors[2][share] <= errors[1][share] for share in errors[1])
+
+
+def test_pair_moves_keep_the_share_and_move_two_computed_entries():
+    search, _, _ = _searched(refine_from=None, refine_together=2)
+    codes = search.group_codes(removed=6)
+    share = search.plan(group_codes=codes).cached_share(search.unit_flops)
+    computed = codes[:, 0] == C
+    pairs = 0
+    for start, neighbour in search._neighbours(codes):
+        assert search.plan(group_codes=neighbour).cached_share(search.unit_flops) == pytest.approx(share)
+        moved = int((computed & (neighbour[:, 0] != C)).sum())
+        assert moved in (0, 1, 2) and int((neighbour[:, 0] == C).sum()) == int(computed.sum())
+        assert start == int((neighbour != codes).any(dim=1).nonzero().min())  # the run restarts at the first change
+        pairs += moved == 2
+    assert pairs > 0
+
+
+def test_refine_together_must_be_1_or_2():
+    with pytest.raises(ValueError, match="refine_together must be 1 or 2"):
+        SearchSettings(refine_together=3)
+
+
 def _base_and_refined_again():
     """A router refined at 80%, and a search of its order that refined 70% and 60% too."""
     coarse, runner, _ = _searched(refine_from=0.8)

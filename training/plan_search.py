@@ -27,6 +27,7 @@ trajectory keeps (a restart recomputes the steps from the latest one, the same r
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -81,6 +82,8 @@ class SearchSettings:
             (None: no refinement).
         refine_radius: how many steps a refinement may move a computed entry.
         refine_moves: improving changes per refined budget, at most.
+        refine_together: computed entries of a group one change may move at once: 1, or 2 (also every pair of
+            them, each by up to ``refine_radius`` steps: a gap a single move cannot close without opening another).
         validation_prompts: prompts after the calibration ones (noise seeds following theirs) on which every
             refinement change must lower the error too, or the refinement of that budget stops: a guard against
             fitting the calibration batch (0: no guard).
@@ -115,6 +118,7 @@ class SearchSettings:
     refine_from: float | None = None
     refine_radius: int = 1
     refine_moves: int = 3
+    refine_together: int = 1
     validation_prompts: int = 0
     snapshot_limit: int | None = None
     snapshot_location: str = "memory"
@@ -140,6 +144,9 @@ class SearchSettings:
         for name in ("calibration_prompts", "lazy_candidates", "refine_radius", "refine_moves"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.refine_together not in (1, 2):
+            raise ValueError(f"search.refine_together must be 1 or 2 (computed entries one change moves), got "
+                             f"{self.refine_together}.")
         check_snapshot_settings(self.snapshot_limit, self.snapshot_location, self.snapshot_dir)
         if self.error not in FINAL_ERRORS:
             raise ValueError(f"search.error must be one of {', '.join(FINAL_ERRORS)}; got {self.error!r}.")
@@ -398,24 +405,45 @@ class GreedyPlanSearch(torch.nn.Module):
     # ---- refinement ------------------------------------------------------------------------------------------
     def _neighbours(self, codes: torch.Tensor):
         """(start step, codes) of every change refinement tries: a computed entry moved up to ``refine_radius``
-        steps (the entry it swaps with keeps its action), or a cached entry switched to another action of the
-        same cost; both keep the skipped share."""
-        radius, compute = self.settings.refine_radius, int(Action.COMPUTE)
+        steps (the entry it swaps with keeps its action), with ``refine_together: 2`` also two computed entries of
+        a group moved at once, or a cached entry switched to another action of the same cost; all keep the
+        skipped share."""
+        compute = int(Action.COMPUTE)
         for group in range(codes.shape[1]):
+            computed = [step for step in range(1, self.num_steps) if int(codes[step, group]) == compute]
+            moves = {step: self._moves_of(codes, group, step) for step in computed}
+            for step in computed:
+                for other in moves[step]:
+                    yield min(step, other), self._swapped(codes, group, [(step, other)])
+            if self.settings.refine_together == 2:
+                for first, second in itertools.combinations(computed, 2):
+                    for one, two in itertools.product(moves[first], moves[second]):
+                        if one != two:
+                            yield min(first, second, one, two), self._swapped(codes, group, [(first, one),
+                                                                                            (second, two)])
             for step in range(1, self.num_steps):
                 code = int(codes[step, group])
                 if code == compute:
-                    for other in range(max(1, step - radius), min(self.num_steps, step + radius + 1)):
-                        if int(codes[other, group]) != compute:
-                            moved = codes.clone()
-                            moved[step, group], moved[other, group] = codes[other, group], compute
-                            yield min(step, other), moved
                     continue
                 for action in self.actions:
                     if int(action) != code and ACTION_COST[action] == ACTION_COST[Action(code)]:
                         switched = codes.clone()
                         switched[step, group] = int(action)
                         yield step, switched
+
+    def _moves_of(self, codes: torch.Tensor, group: int, step: int) -> list[int]:
+        """The cached steps within ``refine_radius`` of computed ``step`` that it may move to."""
+        radius, compute = self.settings.refine_radius, int(Action.COMPUTE)
+        return [other for other in range(max(1, step - radius), min(self.num_steps, step + radius + 1))
+                if int(codes[other, group]) != compute]
+
+    @staticmethod
+    def _swapped(codes: torch.Tensor, group: int, moves: list[tuple[int, int]]) -> torch.Tensor:
+        """``codes`` with each computed entry ``(step, to)`` moved to ``to``, whose action goes to ``step``."""
+        moved = codes.clone()
+        for step, to in moves:
+            moved[step, group], moved[to, group] = codes[to, group], int(Action.COMPUTE)
+        return moved
 
     def _refine_next(self, runner: "TrajectoryRunner", validation: "TrajectoryRunner | None" = None) -> dict:
         """Refine the coarsest budget not refined yet: best improving change, up to ``refine_moves`` times; with
