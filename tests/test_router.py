@@ -423,7 +423,7 @@ def test_resampling_the_shipped_router_keeps_its_actions_flops_range_and_refined
     assert low == 0.0 and 0.75 < high <= router.flops_range[1]
     plan = resampled.plan(flops=0.55)
     assert plan.uses(Action.FORECAST1) and abs(plan.cached_share(resampled.unit_flops) - 0.55) < 0.05
-    assert resampled.refined_plans.shape == (2, num_steps, router.num_units)
+    assert resampled.refined_plans.shape == (len(router.refined_plans), num_steps, router.num_units)
     mapped = plan_with_fallbacks(router.refined_plans[-1][rows])
     assert resampled.plan(flops=high) == mapped  # the deepest refined plan, mapped, still serves its budget
     assert resampled.metadata["num_steps"] == num_steps and resampled.metadata["resampled_from_steps"] == 20
