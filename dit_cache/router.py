@@ -319,9 +319,8 @@ class CacheRouter(torch.nn.Module):
                 raise ValueError(f"The source router has no refined plan at {share} of the FLOPs skipped; it has "
                                  f"them at {[round(s, 6) for s, _ in offered]}.")
             taken.append(match[0])
-        kept = [] if self.refined_plans is None else [(s, codes) for s, codes in zip(self.refined_shares,
-                                                                                       self.refined_plans)
-                                                       if all(abs(s - t) >= 1e-6 for t, _ in taken)]
+        own = [] if self.refined_plans is None else list(zip(self.refined_shares, self.refined_plans))
+        kept = [(s, codes) for s, codes in own if all(abs(s - t) >= 1e-6 for t, _ in taken)]
         plans = sorted(kept + taken, key=lambda entry: entry[0])
         metadata = copy.deepcopy(self.metadata)
         metadata["refined_shares"] = [float(s) for s, _ in plans]

@@ -212,8 +212,9 @@ class GreedyPlanSearch(torch.nn.Module):
         entries = num_steps * len(self.groups) + 1
         self.register_buffer("refined", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
         self.register_buffer("refined_errors", torch.full((entries, 2), math.nan, dtype=torch.float64))
-        # refine_start[R]: where refining that plan starts (0: the nested plan); an adopted refined plan, to refine again
-        self.register_buffer("refine_start", torch.zeros(entries, num_steps, len(self.groups), dtype=torch.int8))
+        # R -> the adopted refined plan that refining level R starts from (refine_adopted); not a buffer: adopt()
+        # derives it again on every attach, resumes included, and older checkpoints keep loading
+        self._refine_start: dict[int, torch.Tensor] = {}
         self._snapshots = None  # the current plan's trajectory, rebuilt after each move (and after a resume)
         self._reference = self._validation_reference = None
 
@@ -246,7 +247,7 @@ class GreedyPlanSearch(torch.nn.Module):
             level = next((r for r in range(1, len(order) + 1) if abs(self.plan(
                 group_codes=self.group_codes(removed=r)).cached_share(self.unit_flops) - share) < 1e-9), None)
             if level is not None and self.settings.refine_adopted and share >= self.settings.refine_from - 1e-9:
-                self.refine_start[level] = codes[:, first]
+                self._refine_start[level] = codes[:, first].clone()
             elif level is not None:
                 self.refined[level] = codes[:, first]
                 errors = [e for e in router.metadata.get("refined_errors", []) if abs(e[0] - share) < 1e-6]
@@ -452,7 +453,7 @@ class GreedyPlanSearch(torch.nn.Module):
         if not levels:
             return {"moved": False}
         removed = levels[0]
-        codes = self.refine_start[removed].clone() if bool(self.refine_start[removed].any()) \
+        codes = self._refine_start[removed].clone() if removed in self._refine_start \
             else self.group_codes(removed=removed)
         final, snapshots = runner.recorded(self.plan(group_codes=codes), self.settings.snapshots(self.num_steps))
         before = error = runner.error(final, self._reference)
