@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 # import package -> folder, as pyproject.toml maps them
 PACKAGES = {"dit_cache": ROOT / "dit_cache", "dit_cache.training": ROOT / "training",
-            "dit_cache.kernels": ROOT / "kernels", "dit_cache.pipelines": ROOT / "pipelines"}
+            "dit_cache.pipelines": ROOT / "pipelines"}
 
 
 def _modules() -> dict[str, Path]:

@@ -466,6 +466,19 @@ def test_a_killed_run_resumes_from_the_last_checkpoint(resumed_run):
     assert CacheRouter.load(folder / "router.safetensors").num_steps == 6
 
 
+def test_a_run_resumed_with_nothing_left_to_train_still_exports(resumed_run, pixart_folder):
+    folder = resumed_run[0]
+    exported = CacheRouter.load(folder / "router.safetensors")
+    (folder / "router.safetensors").unlink()
+    train_cli(["fit", "--model.model", pixart_folder, "--model.num_steps", "6", "--model.target_cache_ratio", "0.5",
+               "--model.beta", str(BETA), "--data.batch_size", "2", "--data.num_trajectories", "6",
+               "--data.prompts", json.dumps(PROMPTS), "--trainer.max_epochs", "1",
+               "--trainer.max_steps", str(6 * 5), "--trainer.default_root_dir", str(folder), *QUIET,
+               "--checkpoint.save_top_k", "0", "--ckpt_path", "last"])  # the checkpoint is at max_steps already
+    again = CacheRouter.load(folder / "router.safetensors")
+    assert torch.equal(again.logits, exported.logits)
+
+
 def test_a_resumed_run_trains_the_trajectories_it_had_not_seen(resumed_run):
     folder, first, checkpoint, second, final = resumed_run
     seeds = TrajectorySeeds(num_prompts=len(PROMPTS), batch_size=2, num_trajectories=6, seed=0)

@@ -15,7 +15,8 @@ from .objectives import teacher_and_student
 
 
 class ExportRouter(L.Callback):
-    """Writes ``router.safetensors`` (logits + metadata) when training ends.
+    """Writes ``router.safetensors`` (logits + metadata) when ``fit`` ends, also when it had nothing left to train
+    (resumed from a checkpoint at ``max_steps``, where Lightning skips the training loop and its ``on_train_end``).
 
     Args:
         path: output file (relative paths are relative to the working directory); ``dit-cache-train`` sets it to
@@ -28,7 +29,7 @@ class ExportRouter(L.Callback):
         self.path = path
         self.tolerance = tolerance
 
-    def on_train_end(self, trainer, module) -> None:
+    def on_fit_end(self, trainer, module) -> None:
         path = Path(self.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         router, target = module.router, module.hparams.target_cache_ratio
