@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .families import family_of
-from .forecast import extrapolate
+from .forecast import extrapolate, weighted_sum
 from .units import _unwrap, transformer_blocks
 
 
@@ -34,7 +34,13 @@ class StepFold:
         for step in set(state.fold_sums) - {step for step, _ in state.outputs[self.block_units[0][0]]}:
             del state.fold_sums[step]  # the units no longer hold that step's outputs: its sums go at this fold
         # REUSE (and a forecast with one computed output) takes the newest sums as they are, as a unit reuses.
-        combined = sums[0] if len(sums) == 1 else extrapolate(state.forecast_weights(history), sums)
+        linear = state.compiled.fold_weights(state.step)
+        if linear is not None:  # the sums are linear in the outputs: the units' shared weights combine them
+            combined = weighted_sum(linear, sums[::-1])
+        elif len(sums) == 1:
+            combined = sums[0]
+        else:
+            combined = extrapolate(state.forecast_weights(history), sums)
         return self.family_fold.output(self.blocks[0], combined, args, kwargs)
 
     def passthrough(self, args, kwargs):

@@ -18,6 +18,7 @@ from .plan import CachePlan
 BYPASS = 0  # compute, leave the cache alone (teacher passes, caching switched off for one call)
 GATE = 3  # training: blend fresh and cached outputs with the router's soft score
 COMPUTE = Action.COMPUTE
+LINEAR = int(Action.LINEAR)
 FORECASTS = (Action.FORECAST1, Action.FORECAST2)
 # action code -> the CacheState method producing a skipped unit's output (the table's ``runs``)
 _RUNNERS = {int(action): facts.runs for action, facts in ACTIONS.items() if facts.runs}
@@ -52,16 +53,28 @@ class PreparedPlan:
         return rows
 
     def fold_rows(self) -> list[int | None]:
-        """Per step: the forecast order (0: REUSE) every unit takes there, where all take the same shared-weight
-        action and have computed at the same steps so far, so the step can be folded into one pass; else None."""
+        """Per step: the forecast order (0: REUSE; K - 1 for LINEAR over K outputs) every unit takes there, where
+        all take the same shared-weight action and have computed at the same steps so far, so the step can be
+        folded into one pass; else None. A LINEAR row folds where every unit has the same weights."""
         if self._fold_rows is None:
             rows, computed = [], [frozenset()] * self.num_units
             for step, row in enumerate(self.rows):
                 order = _SHARED_WEIGHTS.get(row[0]) if step > 0 and len(set(row)) == 1 else None
+                if order is None and step > 0 and set(row) == {LINEAR} and self._shared_linear(step) is not None:
+                    order = len(self.linear[step][0]) - 1
                 rows.append(order if len(set(computed)) == 1 else None)
                 computed = [steps | {step} if code == COMPUTE else steps for steps, code in zip(computed, row)]
             self._fold_rows = rows
         return self._fold_rows
+
+    def fold_weights(self, step: int) -> list[float] | None:
+        """The LINEAR weights (newest first) a folded ``step`` combines its sums with; None: a REUSE or FORECAST
+        step, whose weights are the Lagrange ones of its computed steps' timesteps."""
+        return self._shared_linear(step) if self.rows[step][0] == LINEAR else None
+
+    def _shared_linear(self, step: int) -> list[float] | None:
+        weights = self.linear[step]
+        return weights[0] if all(w == weights[0] for w in weights) else None
 
 
 @dataclass(frozen=True)
