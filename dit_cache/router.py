@@ -43,13 +43,15 @@ class CacheRouter(torch.nn.Module):
     :class:`Action` each entry takes where it does not compute (default REUSE); ``unit_flops`` ``[num_units]``,
     what ``flops=`` budgets are counted in; metadata ``flops_range`` ``[low, high]``, the budgets it serves;
     ``refined_plans`` ``[K, num_steps, num_units]``, action codes of plans the search improved at single budgets,
-    each replacing the nested plan (the threshold's) that skips the same share.
+    each replacing the nested plan (the threshold's) that skips the same share; ``refined_weights``
+    ``[K, num_steps, num_units, W]``, the LINEAR weights of those plans (where one has LINEAR entries: forecast
+    weights learned end to end, ``training/forecast_weights.py``, merged by :meth:`with_learned_forecasts`).
     """
 
     def __init__(self, num_steps: int, num_units: int, *, threshold: float = DEFAULT_THRESHOLD,
                  fixed_rows: torch.Tensor | None = None, metadata: dict | None = None, generator=None,
                  cheap_actions: torch.Tensor | None = None, unit_flops: torch.Tensor | None = None,
-                 refined_plans: torch.Tensor | None = None):
+                 refined_plans: torch.Tensor | None = None, refined_weights: torch.Tensor | None = None):
         super().__init__()
         if num_steps < 1 or num_units < 1:
             raise ValueError(f"A router needs num_steps >= 1 and num_units >= 1, got {num_steps} and {num_units}.")
@@ -65,7 +67,7 @@ class CacheRouter(torch.nn.Module):
         # Plain attributes, not buffers: RouterModule checkpoints of routers without them keep loading.
         self.cheap_actions = _checked_actions(cheap_actions, num_steps, num_units)
         self.unit_flops = None if unit_flops is None else check_unit_weights(unit_flops, num_units)
-        self.refined_plans = self._checked_refined_plans(refined_plans)
+        self.refined_plans, self.refined_weights = self._checked_refined_plans(refined_plans, refined_weights)
         self.clamp_()
 
     @property
@@ -124,14 +126,23 @@ class CacheRouter(torch.nn.Module):
         nested = plan_with_fallbacks(torch.where(mask, int(Action.COMPUTE), self.cheap_actions))
         if self.refined_plans is not None:
             share = nested.cached_share(self.unit_flops)
-            for codes, replaces in zip(self.refined_plans, self.refined_shares):
+            for index, replaces in enumerate(self.refined_shares):
                 if abs(replaces - share) < 1e-9:
-                    return CachePlan(codes)
+                    return self.refined_plan(index)
         return nested
 
-    def _checked_refined_plans(self, plans) -> torch.Tensor | None:
+    def refined_plan(self, index: int) -> CachePlan:
+        """Refined plan ``index`` (its LINEAR weights with it, where it has them)."""
+        weights = None if self.refined_weights is None else self.refined_weights[index]
+        codes = self.refined_plans[index]
+        return CachePlan(codes, weights if bool((codes == Action.LINEAR).any()) else None)
+
+    def _checked_refined_plans(self, plans, weights=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if plans is None:
-            return None
+            if weights is not None:
+                raise ValueError("refined_weights need the refined_plans they belong to.")
+            self.refined_shares = []
+            return None, None
         plans = torch.as_tensor(plans)
         if plans.ndim != 3 or tuple(plans.shape[1:]) != (self.num_steps, self.num_units) or plans.is_floating_point():
             raise ValueError(f"refined_plans must be integer Action codes of shape (K, {self.num_steps}, "
@@ -139,9 +150,17 @@ class CacheRouter(torch.nn.Module):
         if self.unit_flops is None or self.cheap_actions is None:
             raise ValueError("refined_plans need the router's unit_flops and cheap_actions (a searched router): "
                              "they replace its nested plan at the same FLOP share.")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.ndim != 4 or tuple(weights.shape[:3]) != tuple(plans.shape):
+                raise ValueError(f"refined_weights must be LINEAR weights of shape ({len(plans)}, {self.num_steps}, "
+                                 f"{self.num_units}, W), one per refined plan; got {tuple(weights.shape)}.")
+            weights = weights.cpu().clone()
+        checked = []
         for index, codes in enumerate(plans):
-            try:
-                CachePlan(codes)  # refuses unknown codes and forecasts without the history they need
+            linear = bool((codes == Action.LINEAR).any())
+            try:  # refuses unknown codes, forecasts without the history they need, LINEAR without weights
+                checked.append(CachePlan(codes, weights[index] if linear and weights is not None else None))
             except (TypeError, ValueError) as error:
                 raise ValueError(f"refined_plans[{index}]: {error}") from None
         plans = plans.to(torch.int8).cpu().clone()
@@ -150,12 +169,12 @@ class CacheRouter(torch.nn.Module):
         # resampled one's may not, so it stores the shares (metadata 'refined_shares').
         shares = self.metadata.get("refined_shares")
         if shares is None:
-            shares = [CachePlan(codes).cached_share(self.unit_flops) for codes in plans]
+            shares = [plan.cached_share(self.unit_flops) for plan in checked]
         elif len(shares) != len(plans):
             raise ValueError(f"metadata 'refined_shares' holds {len(shares)} shares for {len(plans)} refined plans "
                              "(one each expected).")
         self.refined_shares = [float(share) for share in shares]
-        return plans
+        return plans, weights
 
     @property
     def flops_range(self) -> tuple[float, float] | None:
@@ -203,10 +222,10 @@ class CacheRouter(torch.nn.Module):
         share = torch.cat([torch.zeros(1, dtype=torch.float64), per_level.cumsum(0)])
         share = share / (self.unit_flops.sum() * self.num_steps)
         if self.refined_plans is not None:
-            for codes, replaces in zip(self.refined_plans, self.refined_shares):
+            for index, replaces in enumerate(self.refined_shares):
                 # the nested plan of a level is its cut with FORECAST fallbacks: same costs, so the same share
                 close = (share - replaces).abs() < 1e-9
-                share[close] = CachePlan(codes).cached_share(self.unit_flops)
+                share[close] = self.refined_plan(index).cached_share(self.unit_flops)
         return levels, share
 
     @torch.no_grad()
@@ -279,19 +298,21 @@ class CacheRouter(torch.nn.Module):
             cached = int((nested_shares - replaces).abs().argmin())  # the level this refined plan replaces
             below, at = _level_threshold(levels, cached - 1), _level_threshold(levels, cached)
             here, under = self.plan(at), self.plan(below)
-            if cached == 0 or torch.equal(here.actions, under.actions):  # no entry of that level is left
+            # LINEAR weights were learned for the original steps' timesteps and gaps: they do not map
+            if cached == 0 or torch.equal(here.actions, under.actions) or bool((codes == Action.LINEAR).any()):
                 dropped.append(round(replaces, 4))
                 continue
             kept.append(plan_with_fallbacks(codes[rows]).actions)
             replaced.append(here.cached_share(self.unit_flops))
         if dropped:
-            warnings.warn(f"Resampling to {self.num_steps} steps leaves no step of the budget level(s) skipping "
-                          f"{dropped} of the FLOPs; their refined plans are dropped and those budgets get the "
-                          "nearest nested plan. Search a router for this step count for refined plans at it.",
+            warnings.warn(f"Resampling to {self.num_steps} steps drops the refined plans skipping {dropped} of the "
+                          "FLOPs (no step of their budget level is left, or they hold learned LINEAR weights, "
+                          "which belong to the original timesteps); those budgets get the nearest nested plan. "
+                          "Search a router for this step count for refined plans at it.",
                           stacklevel=3)
         if kept:
             self.metadata["refined_shares"] = replaced
-            self.refined_plans = self._checked_refined_plans(torch.stack(kept))
+            self.refined_plans, self.refined_weights = self._checked_refined_plans(torch.stack(kept))
 
     def with_refined_plans(self, source: "CacheRouter", shares) -> "CacheRouter":
         """A copy whose plans at the FLOP shares ``shares`` are ``source``'s refined plans there, replacing this
@@ -311,7 +332,8 @@ class CacheRouter(torch.nn.Module):
             raise ValueError("with_refined_plans needs a source router with this router's order (logits, fixed rows, "
                              "cheap actions and unit FLOPs equal): one searched with search.order_from set to "
                              "this router's file.")
-        offered = [] if source.refined_plans is None else list(zip(source.refined_shares, source.refined_plans))
+        offered = [] if source.refined_plans is None else [(share, source.refined_plan(i))
+                                                           for i, share in enumerate(source.refined_shares)]
         taken = []
         for share in shares:
             match = [(s, codes) for s, codes in offered if abs(s - float(share)) < 1e-6]
@@ -319,8 +341,9 @@ class CacheRouter(torch.nn.Module):
                 raise ValueError(f"The source router has no refined plan at {share} of the FLOPs skipped; it has "
                                  f"them at {[round(s, 6) for s, _ in offered]}.")
             taken.append(match[0])
-        own = [] if self.refined_plans is None else list(zip(self.refined_shares, self.refined_plans))
-        kept = [(s, codes) for s, codes in own if all(abs(s - t) >= 1e-6 for t, _ in taken)]
+        own = [] if self.refined_plans is None else [(share, self.refined_plan(i))
+                                                     for i, share in enumerate(self.refined_shares)]
+        kept = [(s, plan) for s, plan in own if all(abs(s - t) >= 1e-6 for t, _ in taken)]
         plans = sorted(kept + taken, key=lambda entry: entry[0])
         metadata = copy.deepcopy(self.metadata)
         metadata["refined_shares"] = [float(s) for s, _ in plans]
@@ -332,9 +355,48 @@ class CacheRouter(torch.nn.Module):
         metadata["refined_errors"] = [errors[key] for key in sorted(errors)]
         metadata.setdefault("refined_plans_from", []).append(
             {"shares": [round(float(s), 6) for s, _ in taken], "search": source.metadata.get("search")})
+        return self._with_plans(plans, metadata)
+
+    def with_learned_forecasts(self, plans, **provenance) -> "CacheRouter":
+        """A copy whose plan at each of ``plans``' budgets is that plan: the same computed entries as this router's
+        plan skipping the same share, with skipped entries forecast by learned LINEAR weights
+        (``training/forecast_weights.fit_forecast_weights``). ``provenance`` is recorded in the metadata
+        (``learned_forecasts``: how the weights were fitted)."""
+        # (the nested share it replaces, plan) per refined plan, the learned ones taking the place of the plan
+        # they were fitted on
+        entries = [(share, self.refined_plan(i)) for i, share in enumerate(self.refined_shares)]
+        for plan in plans:
+            share = plan.cached_share(self.unit_flops)
+            own = self.plan(skip_flops=share)
+            if (abs(own.cached_share(self.unit_flops) - share) > 1e-9
+                    or not torch.equal(plan.actions == Action.COMPUTE, own.actions == Action.COMPUTE)):
+                raise ValueError(f"A learned plan skipping {share:.4f} of the FLOPs does not compute where this "
+                                 "router's plan at that budget does: fit its weights on router.plan(skip_flops=...) "
+                                 "of this router.")
+            refined = [i for i, (_, entry) in enumerate(entries) if torch.equal(entry.actions, own.actions)]
+            if refined:
+                entries[refined[0]] = (entries[refined[0]][0], plan)
+            else:
+                entries.append((share, plan))
+        entries.sort(key=lambda entry: entry[0])
+        metadata = copy.deepcopy(self.metadata)
+        metadata["refined_shares"] = [float(share) for share, _ in entries]
+        metadata.setdefault("learned_forecasts", []).append(
+            {"shares": sorted(round(plan.cached_share(self.unit_flops), 6) for plan in plans), **provenance})
+        return self._with_plans(entries, metadata)
+
+    def _with_plans(self, plans: list[tuple[float, CachePlan]], metadata: dict) -> "CacheRouter":
+        """This router's order with ``plans`` (share, plan) as its refined plans."""
+        width = max((plan.linear_weights.shape[2] for _, plan in plans if plan.linear_weights is not None), default=0)
+        weights = None
+        if width:
+            weights = torch.zeros(len(plans), self.num_steps, self.num_units, width)
+            for index, (_, plan) in enumerate(plans):
+                if plan.linear_weights is not None:
+                    weights[index, ..., :plan.linear_weights.shape[2]] = plan.linear_weights
         merged = CacheRouter(self.num_steps, self.num_units, threshold=self.threshold, fixed_rows=self.fixed_rows.cpu(),
                              metadata=metadata, cheap_actions=self.cheap_actions, unit_flops=self.unit_flops,
-                             refined_plans=torch.stack([codes for _, codes in plans]))
+                             refined_plans=torch.stack([plan.actions for _, plan in plans]), refined_weights=weights)
         with torch.no_grad():
             merged.logits.copy_(self.logits.detach().cpu())
         return merged
@@ -352,6 +414,8 @@ class CacheRouter(torch.nn.Module):
             tensors["unit_flops"] = self.unit_flops.contiguous()
         if self.refined_plans is not None:
             tensors["refined_plans"] = self.refined_plans.contiguous()
+        if self.refined_weights is not None:
+            tensors["refined_weights"] = self.refined_weights.contiguous()
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
@@ -424,7 +488,7 @@ def check_threshold(threshold) -> float:
     return value
 
 
-ROUTER_TENSORS = {"cheap_actions", "unit_flops", "refined_plans"}  # besides logits and fixed_rows
+ROUTER_TENSORS = {"cheap_actions", "unit_flops", "refined_plans", "refined_weights"}  # besides logits and fixed_rows
 
 
 def check_router_file(path: str | Path) -> tuple[torch.Tensor, dict]:
@@ -442,6 +506,10 @@ def check_router_file(path: str | Path) -> tuple[torch.Tensor, dict]:
     if unit_flops is not None and not bool((unit_flops > 0).all()):
         check.fail("tensor 'unit_flops'", f"holds {unit_flops.tolist()}, positive FLOP counts (one per unit) expected")
     refined_plans = check.tensor(tensors, "refined_plans", "int", (None, steps, units))
+    count = None if refined_plans is None else len(refined_plans)
+    refined_weights = check.tensor(tensors, "refined_weights", "float", (count, steps, units, None))
+    if refined_weights is not None and refined_plans is None:
+        check.fail("tensor 'refined_weights'", "needs the tensor 'refined_plans' it holds the LINEAR weights of")
 
     fields = check.json_fields(header)
     threshold = check.number(fields, "threshold", 0.0, 1.0, open_low=True, open_high=True)
@@ -467,7 +535,7 @@ def check_router_file(path: str | Path) -> tuple[torch.Tensor, dict]:
         check.numbers(fields, "refined_shares", count, 0.0, 1.0)
     options = dict(threshold=DEFAULT_THRESHOLD if threshold is None else threshold, fixed_rows=fixed_rows,
                    metadata={k: v for k, v in fields.items() if k != "threshold"}, cheap_actions=cheap_actions,
-                   unit_flops=unit_flops, refined_plans=refined_plans)
+                   unit_flops=unit_flops, refined_plans=refined_plans, refined_weights=refined_weights)
     return logits, options
 
 

@@ -8,9 +8,11 @@ from fractions import Fraction
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from dit_cache import CacheRouter, CacheSchedule, apply_cache, cache_units
+import dit_cache
+from dit_cache import CachePlan, CacheRouter, CacheSchedule, apply_cache, cache_units
+from dit_cache.plan import Action
 from dit_cache.router import LOGIT_LIMIT
 from dit_cache.testing import step_inputs, tiny_pixart
 
@@ -438,7 +440,7 @@ def test_a_resampled_router_saves_and_loads_with_the_same_plans(tmp_path):
 
 
 def test_resampling_down_drops_a_refined_plan_whose_level_has_no_step_left_and_says_so():
-    with pytest.warns(UserWarning, match="Resampling to 10 steps leaves no step of the budget level"):
+    with pytest.warns(UserWarning, match="Resampling to 10 steps drops the refined plans skipping"):
         resampled = _shipped().resample(10)
     assert resampled.refined_plans is None or len(resampled.refined_plans) < 2
 
@@ -447,3 +449,61 @@ def test_resampling_down_drops_a_refined_plan_whose_level_has_no_step_left_and_s
 def test_resample_refuses_a_step_count_that_is_not_a_whole_number(bad):
     with pytest.raises(ValueError, match="resample needs a whole number of steps >= 1"):
         _router().resample(bad)
+
+
+# ---- learned forecasts merged into a router (refined plans with LINEAR weights) -----------------------------
+def _learned(plan: CachePlan) -> CachePlan:
+    """``plan`` with every skipped entry that has two computed outputs behind it LINEAR, weights by step."""
+    from dit_cache.training.forecast_weights import learnable_entries
+
+    learn = learnable_entries(plan)
+    actions = plan.actions.clone()
+    actions[learn] = int(Action.LINEAR)
+    weights = torch.zeros(*actions.shape, 2)
+    steps = torch.arange(plan.num_steps, dtype=torch.float32)[:, None].expand(learn.shape)
+    weights[..., 0], weights[..., 1] = 1.2 + 0.01 * steps, -0.2 - 0.01 * steps
+    return CachePlan(actions, weights * learn[..., None])
+
+
+def test_learned_forecasts_replace_the_plan_they_were_fitted_on_and_survive_a_file(tmp_path):
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    learned = _learned(shipped.plan(skip_flops=0.75))  # a refined plan of the shipped router
+    nested = _learned(shipped.plan(skip_flops=0.6))  # a nested one
+    merged = shipped.with_learned_forecasts([learned, nested], epochs=3)
+    assert merged.plan(skip_flops=0.75) == learned and merged.plan(skip_flops=0.6) == nested
+    assert merged.plan(skip_flops=0.75).linear_weights is not None
+    assert all(merged.plan(skip_flops=f) == shipped.plan(skip_flops=f) for f in (0.5, 0.55, 0.65, 0.7, 0.8))
+    assert merged.metadata["learned_forecasts"][-1] == {"shares": [0.6, 0.75], "epochs": 3}
+    merged.save(tmp_path / "learned.safetensors")
+    loaded = CacheRouter.load(tmp_path / "learned.safetensors")
+    assert all(loaded.plan(skip_flops=f) == merged.plan(skip_flops=f) for f in (0.5, 0.6, 0.7, 0.75, 0.8))
+    assert shipped.plan(skip_flops=0.75) != learned  # the original is left as it was
+
+
+def test_a_learned_plan_that_computes_elsewhere_is_refused_and_resampling_drops_learned_weights():
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    wrong = _learned(shipped.plan(skip_flops=0.75))
+    actions = wrong.actions.clone()
+    computed, skipped = int(actions[4, 0] == Action.COMPUTE), 5
+    actions[4, :], actions[skipped, :] = int(Action.REUSE), int(Action.COMPUTE)  # the same share, elsewhere
+    assert computed
+    moved = CachePlan(actions, wrong.linear_weights * (actions == Action.LINEAR)[..., None])
+    with pytest.raises(ValueError, match="does not compute where this router's plan"):
+        shipped.with_learned_forecasts([moved])
+    merged = shipped.with_learned_forecasts([wrong])
+    with pytest.warns(UserWarning, match="hold learned LINEAR weights"):
+        resampled = merged.resample(25)
+    assert resampled.refined_weights is None or not bool((resampled.refined_plans == Action.LINEAR).any())
+
+
+def test_a_router_file_with_refined_weights_but_no_refined_plans_is_refused(tmp_path):
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    merged = shipped.with_learned_forecasts([_learned(shipped.plan(skip_flops=0.75))])
+    merged.save(tmp_path / "learned.safetensors")
+    tensors = load_file(tmp_path / "learned.safetensors")
+    del tensors["refined_plans"]
+    with safe_open(tmp_path / "learned.safetensors", "pt") as handle:
+        header = handle.metadata()
+    save_file(tensors, tmp_path / "broken.safetensors", metadata=header)
+    with pytest.raises(ValueError, match="refined_weights"):
+        CacheRouter.load(tmp_path / "broken.safetensors")

@@ -304,7 +304,7 @@ def test_image_error_proxy_rejects_an_unknown_kind():
 
 
 def _export(module, path):
-    ExportRouter(str(path)).on_train_end(SimpleNamespace(is_global_zero=True), module)
+    ExportRouter(str(path)).on_fit_end(SimpleNamespace(is_global_zero=True), module)
     return CacheRouter.load(path)
 
 
