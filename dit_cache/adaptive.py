@@ -35,7 +35,7 @@ import torch
 from .families import family_of
 from .plan import Action, CachePlan
 
-SIGNALS = ("cfg_gap", "output_scale")
+SIGNALS = ("cfg_gap", "output_scale", "prompt_tokens")
 ADAPTIVE_HOOK_ATTRIBUTE = "_dit_cache_adaptive_hook"
 
 
@@ -46,6 +46,19 @@ def step_signal(hidden_states: torch.Tensor, output: torch.Tensor, cfg_batch: bo
         first, second = output.chunk(2)
         return (first - second).abs().mean() / (first.abs().mean() + second.abs().mean() + 1e-12)
     return output.abs().mean() / (hidden_states.float().abs().mean() + 1e-12)
+
+
+def prompt_tokens(kwargs: dict, conditional_half: int | None) -> torch.Tensor:
+    """The ``prompt_tokens`` signal: the mean number of attended prompt tokens (the text encoder mask the transformer
+    is handed) over the images of a call, the conditional half of a CFG batch; a 0-d tensor (no host sync)."""
+    mask = kwargs.get("encoder_attention_mask")
+    if mask is None:
+        raise ValueError("The prompt_tokens signal reads the transformer's encoder_attention_mask, which this call "
+                         "does not pass: fit the rule on signal='cfg_gap' for this model.")
+    mask = mask.reshape(mask.shape[0], -1).float()
+    if conditional_half is not None and mask.shape[0] % 2 == 0:
+        mask = mask.chunk(2)[conditional_half]
+    return (mask > 0).sum(dim=1).float().mean()
 
 
 @dataclass
@@ -156,10 +169,12 @@ def ladder_plans(router, budgets) -> list[CachePlan]:
 class _AdaptiveSwitch:
     """The torch forward hook: after step 0 of each generation, reads the signal and switches the plan."""
 
-    def __init__(self, handle, rule: AdaptiveRule, plans: list[CachePlan], cfg_batch: bool):
+    def __init__(self, handle, rule: AdaptiveRule, plans: list[CachePlan], cfg_batch: bool,
+                 conditional_half: int | None = None):
         from .state import PreparedPlan
 
         self.handle, self.rule, self.cfg_batch = handle, rule, cfg_batch
+        self.conditional_half = conditional_half
         depth = max(max(p.history_depth) for p in plans)
         needs_time = any(p.uses(Action.FORECAST1, Action.FORECAST2) for p in plans)
         self.compiled = [PreparedPlan(p, depth) for p in plans]
@@ -182,7 +197,11 @@ class _AdaptiveSwitch:
             return None
         hidden_states = args[0] if args else kwargs["hidden_states"]
         sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        index = self.rule.pick(float(step_signal(hidden_states, sample, self.cfg_batch)))  # the one host sync
+        if self.rule.signal == "prompt_tokens":
+            signal = prompt_tokens(kwargs, self.conditional_half)
+        else:
+            signal = step_signal(hidden_states, sample, self.cfg_batch)
+        index = self.rule.pick(float(signal))  # the one host sync
         state.switch_plan(self.compiled[index])
         self.picks.append(index)
         return None
@@ -219,7 +238,8 @@ def apply_adaptive(pipe, router, rule: AdaptiveRule):
         fallback = ladder_plans(router, [rule.budget])[0]
     if any(int(code) != int(Action.COMPUTE) for p in plans for code in p.actions[0]):
         raise ValueError("every ladder plan must compute step 0 in full: the switch happens after it.")
-    switch = _AdaptiveSwitch(None, rule, plans + [fallback], cfg_batch=_has_cfg_batch(pipe))
+    switch = _AdaptiveSwitch(None, rule, plans + [fallback], cfg_batch=_has_cfg_batch(pipe),
+                             conditional_half=family_of(pipe.transformer).cfg.conditional_half)
     switch.compiled, fallback_compiled = switch.compiled[:-1], switch.compiled[-1]
     accelerate(pipe, plan=fallback)
     handle = get_cache_handle(pipe.transformer)

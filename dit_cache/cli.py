@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="a training-free plan instead of a router: uniform:INTERVAL, taylor:INTERVAL:ORDER "
                                "(forecast between computed steps; e.g. taylor:3:1), cfg:INTERVAL, or a plan "
                                ".safetensors file")
+    generate.add_argument("--adaptive", default="auto", metavar="RULE",
+                          help="an adaptive rule file (dit_cache.adaptive), 'none' for the static plan, or 'auto' "
+                          "(default): the embedded router's shipped rule where it beats the static plan (--skip-flops "
+                          "0.5 or 0.55), else the static plan")
     generate.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the router's)")
     generate.add_argument("--guidance", type=_guidance, default=None,
                           help="guidance scale; <= 1 turns classifier-free guidance off (default: the router's)")
@@ -148,6 +152,15 @@ def _check_arguments(args) -> None:
         if ignored:
             raise ValueError(f"--no-cache conflicts with {', '.join(ignored)} (they only apply with the cache): "
                              f"drop --no-cache, or drop {', '.join(ignored)}")
+    if args.adaptive not in ("auto", "none"):
+        clashing = [flag for flag, given in (("--plan", args.plan is not None), ("--no-cache", args.no_cache),
+                                             ("--threshold", args.threshold is not None)) if given]
+        if clashing:
+            raise ValueError(f"--adaptive {args.adaptive} conflicts with {', '.join(clashing)}: an adaptive rule "
+                             "picks among the router's plans by --skip-flops (or the rule's own budget)")
+        if not Path(args.adaptive).is_file():
+            raise ValueError(f"--adaptive {args.adaptive}: no such rule file; pass a rule file, 'auto' or 'none'")
+    args.adaptive_rule = _adaptive_rule(args)  # a damaged rule file or a budget it was not fitted for: refused here
     if args.threshold is not None and args.flops is not None:
         raise ValueError("--threshold conflicts with --skip-flops (--skip-flops chooses the threshold): pass one of "
                          "them")
@@ -259,7 +272,13 @@ def _load(args):
     state = PartialState(cpu=on_cpu)
     pipe = pipe.to(args.device if args.device is not None else state.device)
     pipe.set_progress_bar_config(disable=True)
-    if router is not None:
+    rule = getattr(args, "adaptive_rule", None) if router is not None else None
+    if rule is not None:
+        from .adaptive import apply_adaptive
+
+        apply_adaptive(pipe, router, rule)
+        print(f"adaptive router ({rule.signal}): {rule.budget:.0%} of the FLOPs skipped on average")
+    elif router is not None:
         accelerate(pipe, router=router, threshold=args.threshold, skip_flops=args.flops)
     elif args.plan is not None:
         plan = _plan(args.plan, 20 if args.steps is None else args.steps, len(cache_units(pipe.transformer)))
@@ -267,6 +286,22 @@ def _load(args):
             args.steps = plan.num_steps
         accelerate(pipe, plan=plan)
     return pipe, router
+
+
+def _adaptive_rule(args):
+    """--adaptive: the rule to switch plans by, or None (the static plan)."""
+    from .adaptive import AdaptiveRule
+
+    if args.adaptive == "none" or args.threshold is not None or args.no_cache or args.plan is not None:
+        return None
+    if args.adaptive == "auto":
+        path = embedded.embedded_adaptive_rule_path(args.flops) if args.router is None and args.model == "embedded" else None
+        return None if path is None else AdaptiveRule.load(path)
+    rule = AdaptiveRule.load(args.adaptive)
+    if args.flops is not None and abs(args.flops - rule.budget) > 1e-9:
+        raise ValueError(f"--adaptive {args.adaptive} was fitted for {rule.budget:.0%} of the FLOPs skipped on "
+                         f"average, not --skip-flops {args.flops}: drop --skip-flops or fit a rule for it")
+    return rule
 
 
 def _plan(spec: str, steps: int, num_units: int):

@@ -1,4 +1,4 @@
-"""Locations of the assets shipped inside the package: the embedded model and its router."""
+"""Locations of the assets shipped inside the package: the embedded model, its router and its adaptive rules."""
 
 from pathlib import Path
 
@@ -42,6 +42,23 @@ def embedded_harmonica_router_path() -> str:
         "HarmoniCa router",
         "dit-cache-train fit --config training/configs/embedded_flops.yaml",
     )
+
+
+# The budgets where the adaptive router beats the static one on held-out images at matched FLOPs, in PSNR and
+# MSE and beyond the same plans handed out at random (docs/adaptive_router.md): there it is the default.
+EMBEDDED_ADAPTIVE_BUDGETS = (0.5, 0.55)
+
+
+def embedded_adaptive_rule_path(skip_flops: float | None) -> str | None:
+    """The embedded router's adaptive rule (signal ``prompt_tokens``) for the budget ``skip_flops``, or None where
+    the static plan is the better default."""
+    for budget in EMBEDDED_ADAPTIVE_BUDGETS:
+        if skip_flops is not None and abs(skip_flops - budget) < 1e-9:
+            return _existing(ASSETS / "adaptive_rules" / f"prompt_tokens_{round(budget * 100)}.safetensors",
+                             "embedded adaptive rule",
+                             "python experiments/adaptive_router.py evaluate --signal prompt_tokens --objective mse "
+                             "(docs/adaptive_router.md)")
+    return None
 
 
 def resolve_model(model: str) -> str:

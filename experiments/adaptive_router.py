@@ -74,6 +74,12 @@ def _signal_of_uncached(pipe, call: dict) -> tuple[np.ndarray, float]:
     return image, seen[0]
 
 
+def _prompt_tokens(pipe, prompt: str) -> float:
+    """The prompt_tokens signal of a prompt: the attended tokens of the mask its pipeline hands the transformer."""
+    _, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, clean_caption=False)
+    return float(mask.sum())
+
+
 def _run_plan(pipe, plan, call: dict) -> np.ndarray:
     from dit_cache.pipelines import accelerate, decelerate
 
@@ -115,18 +121,24 @@ def evaluate(args) -> None:
     calibration, heldout = json.loads(Path(args.calibration).read_text()), json.loads(Path(args.heldout).read_text())
     ladder, skipped = calibration["ladder"], calibration["skipped"]
     router = dit_cache.CacheRouter.load(dit_cache.embedded_router_path())
-    pipe = _pipe() if args.static == "run" else None
+    pipe = _pipe() if args.static == "run" or args.signal == "prompt_tokens" else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = heldout["images"][: args.limit]
-    held_signals = [image["signal"] for image in images]
+    if args.signal == "prompt_tokens":  # what the switch reads at run time: the prompt's attended tokens
+        calibration_signals = [_prompt_tokens(pipe, i["prompt"]) for i in calibration["images"]]
+        held_signals = [_prompt_tokens(pipe, i["prompt"]) for i in images]
+    else:
+        calibration_signals = [i["signal"] for i in calibration["images"]]
+        held_signals = [image["signal"] for image in images]
     held_psnr = np.array([image["psnr"] for image in images])
     inputs = _inputs(len(heldout["images"]), heldout["images"][0]["seed"])
     rules, picks, static_plans = {}, {}, {}
+    name = args.objective if args.signal == "cfg_gap" else f"{args.signal}_{args.objective}"
     for budget in args.budgets:
-        rule = fit_rule([i["signal"] for i in calibration["images"]], [i["psnr"] for i in calibration["images"]],
-                        skipped, ladder, budget, bins=args.bins, tolerance=args.tolerance, objective=args.objective)
-        rule.save(out / f"rule_{args.objective}_{round(budget * 100)}.safetensors")
+        rule = fit_rule(calibration_signals, [i["psnr"] for i in calibration["images"]], skipped, ladder, budget,
+                        bins=args.bins, tolerance=args.tolerance, signal=args.signal, objective=args.objective)
+        rule.save(out / f"rule_{name}_{round(budget * 100)}.safetensors")
         rules[budget], picks[budget] = rule, [rule.pick(s) for s in held_signals]
         realised = float(np.mean([skipped[j] for j in picks[budget]]))
         static_plans[budget] = (realised, router.plan(flops=realised))  # the static router at the same mean FLOPs
@@ -180,10 +192,10 @@ def evaluate(args) -> None:
                         "adaptive_mse_mean": mse(adaptive_psnr), "static_mse_mean": mse(static_psnr[budget]),
                         "adaptive_psnr_median": float(np.median(adaptive_psnr)),
                         "static_psnr_median": float(np.median(static_psnr[budget]))})
-    (out / f"adaptive_router_{args.objective}_{args.static}.json").write_text(json.dumps({"ladder": ladder, "skipped": skipped,
+    (out / f"adaptive_router_{name}_{args.static}.json").write_text(json.dumps({"ladder": ladder, "skipped": skipped,
                                                           "calibration": args.calibration,
                                                           "heldout": args.heldout, "results": results}, indent=1))
-    lines = [f"objective {args.objective}, static router {'run at' if args.static == 'run' else 'ladder plan at or below'} "
+    lines = [f"signal {args.signal}, objective {args.objective}, static router {'run at' if args.static == 'run' else 'ladder plan at or below'} "
              f"the realised mean budget, {args.bins} bins, {len(calibration['images'])} calibration images, "
              f"{len(images)} held-out images", "",
              "| budget asked | held-out mean FLOPs skipped | adaptive PSNR mean / median | static router PSNR mean / "
@@ -197,7 +209,7 @@ def evaluate(args) -> None:
                      f"{r['shuffled_psnr_mean']:.2f} [{r['shuffled_psnr_interval'][0]:.2f}, "
                      f"{r['shuffled_psnr_interval'][1]:.2f}] | {r['adaptive_mse_mean']:.5f} / "
                      f"{r['static_mse_mean']:.5f} |")
-    (out / f"adaptive_router_{args.objective}_{args.static}.md").write_text("\n".join(lines) + "\n")
+    (out / f"adaptive_router_{name}_{args.static}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -221,6 +233,8 @@ def main() -> None:
                    help="run: the static router at the realised mean budget, on the held-out images; ladder: its "
                    "table column at the ladder budget at or below that mean (no pipeline runs)")
     e.add_argument("--objective", choices=("psnr", "mse"), default="psnr")
+    e.add_argument("--signal", choices=("cfg_gap", "prompt_tokens"), default="cfg_gap",
+                   help="cfg_gap: the table's step-0 signal; prompt_tokens: the prompt's attended tokens")
     e.add_argument("--limit", type=int, default=None, help="only the first N held-out images")
     e.add_argument("--resamples", type=int, default=10_000)
     e.add_argument("--out", required=True)

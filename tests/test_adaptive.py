@@ -151,3 +151,40 @@ def test_a_ladder_plan_that_skips_at_step_zero_is_refused():
     with pytest.raises(ValueError, match="step 0 in full"):
         apply_adaptive(pipe, {0.0: plan}, rule)
     assert _stock_everywhere(pipe.transformer)
+
+
+def test_the_prompt_tokens_signal_counts_the_conditional_halfs_attended_tokens():
+    from dit_cache.adaptive import prompt_tokens
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])  # [unconditional, conditional]: 2 and 3 tokens
+    assert float(prompt_tokens({"encoder_attention_mask": mask}, conditional_half=1)) == 3.0
+    assert float(prompt_tokens({"encoder_attention_mask": mask}, conditional_half=0)) == 2.0
+    assert float(prompt_tokens({"encoder_attention_mask": mask}, conditional_half=None)) == 2.5
+    with pytest.raises(ValueError, match="signal='cfg_gap'"):
+        prompt_tokens({}, conditional_half=1)
+
+
+def test_a_prompt_tokens_rule_picks_by_the_prompts_length_and_runs_that_plan_bitwise():
+    pipe = tiny_pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    ladder = _ladder(_units(pipe))
+    short, long = "a red circle", "a red circle and a blue square and a green triangle"
+    lengths = []
+    for prompt in (short, long):
+        _, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, clean_caption=False)
+        lengths.append(float(mask.sum()))
+    assert lengths[0] < lengths[1]
+    rule = AdaptiveRule(budgets=list(ladder), edges=[sum(lengths) / 2], choice=[1, 2], budget=0.5,
+                        signal="prompt_tokens")
+    expected = {}
+    for prompt, budget in ((short, 0.5), (long, 0.6)):
+        chosen = dit_cache.accelerate(pipe, plan=ladder[budget])
+        expected[prompt] = torch.as_tensor(chosen(**_call(pipe, prompt=prompt)).images)
+        dit_cache.decelerate(pipe)
+    switch = apply_adaptive(pipe, ladder, rule)
+    try:
+        for prompt in (short, long):
+            assert torch.equal(torch.as_tensor(pipe(**_call(pipe, prompt=prompt)).images), expected[prompt])
+        assert switch.picks == [1, 2]
+    finally:
+        remove_adaptive(pipe)

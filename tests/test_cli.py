@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,37 @@ def test_bad_plan_flags_fail_before_the_model_loads(tmp_path, capsys, flags, exp
     code = main(["generate", "a red circle", "--model", str(tmp_path / "no-model-here"), "--out",
                  str(tmp_path / "o"), *flags])
     assert code == 2 and expected in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_embedded_default_is_adaptive_where_it_is_better_and_static_elsewhere(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import dit_cache
+    from diffusers import PixArtAlphaPipeline
+
+    common = ["generate", "a red circle", "--overwrite", "--seed", "3"]
+    assert main([*common, "--skip-flops", "0.5", "--out", str(tmp_path / "auto")]) == 0
+    assert "adaptive router (prompt_tokens): 50%" in capsys.readouterr().out
+    assert main([*common, "--skip-flops", "0.5", "--adaptive", "none", "--out", str(tmp_path / "none")]) == 0
+    assert main([*common, "--skip-flops", "0.6", "--out", str(tmp_path / "static")]) == 0
+    assert "adaptive" not in capsys.readouterr().out
+    # a one-object prompt is short: the 50% rule gives it the router's 40% plan
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    dit_cache.accelerate(pipe, router=dit_cache.embedded_router_path(), skip_flops=0.4)
+    expected = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=20,
+                    guidance_scale=dit_cache.EMBEDDED_GUIDANCE_SCALE, clean_caption=False).images[0]
+    stem = output_stem("a red circle", 3)
+    image = np.asarray(Image.open(tmp_path / "auto" / f"{stem}.png"))
+    assert np.array_equal(image, np.asarray(expected))
+    assert not np.array_equal(image, np.asarray(Image.open(tmp_path / "none" / f"{stem}.png")))
+
+
+def test_an_adaptive_rule_for_another_budget_is_refused_before_the_model_loads(tmp_path, capsys):
+    rule = str(Path(__file__).parents[1] / "dit_cache/assets/adaptive_rules/prompt_tokens_55.safetensors")
+    code = main(["generate", "a red circle", "--skip-flops", "0.5", "--adaptive", rule, "--out", str(tmp_path)])
+    assert code == 2 and "fitted for 55%" in capsys.readouterr().err
+    code = main(["generate", "a red circle", "--adaptive", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
+    assert code == 2 and "no such rule file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
