@@ -177,3 +177,30 @@ def test_mag_cache_ratios_of_another_calibration_are_not_reused(tmp_path):
     ratios = peers.calibrate_mag_cache(pipe, [_call(pipe)], STEPS, path, source={"calibration_seed": 2})
     assert ratios[0] == 1.0 and ratios != [0.5] * STEPS
     assert json.loads(path.read_text())["source"] == {"calibration_seed": 2}
+
+
+def test_the_adaptive_family_runs_the_embedded_rules_and_removes_itself():
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    setup = peers.BenchSetup(pipe, 20, step_flops(pipe.transformer)[0], peers.StepMeter(pipe.transformer),
+                             {"shipped": dit_cache.embedded_router_path()})
+    setup.meter.remove()
+    call = {"prompt": "a red circle", "clean_caption": False, "num_inference_steps": 20, "guidance_scale": 2.0,
+            "output_type": "latent"}
+    stock = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    signature = peers.module_signature(pipe.transformer)
+    candidates = peers.adaptive_family(setup)
+    assert [c.settings["flop_budget"] for c in candidates] == [0.5, 0.55]
+    for candidate in candidates:
+        candidate.apply(pipe)
+        try:
+            cached = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        finally:
+            candidate.remove(pipe)
+        assert not torch.equal(cached, stock)
+        assert peers.module_signature(pipe.transformer) == signature and _stock_everywhere(pipe.transformer)
+    assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, stock)
+    other = peers.BenchSetup(pipe, 20, setup.unit_flops, setup.meter, {"shipped": "elsewhere.safetensors"})
+    assert peers.adaptive_family(other) == [] and "embedded router" in other.left_out["adaptive"]

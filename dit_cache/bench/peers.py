@@ -104,6 +104,25 @@ def router_family(setup: BenchSetup, budgets=ROUTER_FLOP_BUDGETS) -> list[Candid
     return candidates
 
 
+def adaptive_family(setup: BenchSetup) -> list[Candidate]:
+    """The embedded router's adaptive rules, at the budgets where they are its default (``dit-cache generate``)."""
+    from .. import embedded
+    from ..adaptive import AdaptiveRule, apply_adaptive, remove_adaptive
+
+    router = setup.routers.get("shipped")
+    if router is None or Path(router).resolve() != Path(embedded.embedded_router_path()).resolve():
+        return setup.leave_out("adaptive", "its rules are fitted for the embedded router and model")
+    candidates = []
+    for budget in embedded.EMBEDDED_ADAPTIVE_BUDGETS:
+        rule_path = embedded.embedded_adaptive_rule_path(budget)
+        rule = AdaptiveRule.load(rule_path)
+        candidates.append(Candidate(
+            "router adaptive", f"router adaptive {budget:.0%} FLOPs ({rule.signal})",
+            apply=lambda pipe, rule=rule: apply_adaptive(pipe, router, rule), remove=remove_adaptive,
+            settings={"router": str(router), "rule": rule_path, "flop_budget": budget}, group="dit-cache"))
+    return candidates
+
+
 # --- diffusers' caches -----------------------------------------------------------------------------------------
 
 
@@ -350,6 +369,7 @@ FAMILIES: dict[str, Callable[[BenchSetup], list[Candidate]]] = {
     "uniform": uniform_family,
     "taylor": taylor_family,
     "router": router_family,
+    "adaptive": adaptive_family,
     "first_block_cache": first_block_cache_family,
     "taylorseer": taylorseer_family,
     "magcache": mag_cache_family,
