@@ -1,8 +1,8 @@
 """dit-cache: learned feature caching for diffusers diffusion transformers."""
 
 from .cache import CacheHandle, CacheStats, apply_cache, compile_units, get_cache_handle, remove_cache
-from .embedded import (EMBEDDED_GUIDANCE_SCALE, embedded_harmonica_router_path, embedded_model_path,
-                       embedded_router_path)
+from .embedded import (EMBEDDED_GUIDANCE_SCALE, embedded_adaptive_rule_path, embedded_harmonica_router_path,
+                       embedded_model_path, embedded_router_path)
 from .flops import unit_flops
 from .linear_fit import fit_linear_forecaster
 from .plan import Action, CachePlan
@@ -36,6 +36,7 @@ __all__ = [
     "cache_units",
     "compile_units",
     "decelerate",
+    "embedded_adaptive_rule_path",
     "embedded_harmonica_router_path",
     "embedded_model_path",
     "embedded_router_path",

@@ -63,8 +63,8 @@ def fit_linear_forecaster(pipe, plan, prompts, *, order: int | None = None, seed
 
     cache_handle = get_cache_handle(pipe.transformer)
     call = {"num_inference_steps": plan.num_steps, **call_kwargs}
-    if hasattr(pipe, "_dit_cache_plan"):
-        call["cache"] = False  # an accelerated pipeline: record the uncached model
+    if getattr(pipe, "_dit_cache_plan", None) is not None:
+        call["cache"] = False  # an accelerated pipeline (a decelerated one keeps the attribute, as None)
     elif cache_handle is not None and cache_handle.engine_level:
         raise RuntimeError("The transformer has an engine-level cache applied; fit on the uncached model: "
                            "dit_cache.remove_cache(pipe.transformer) first.")

@@ -7,7 +7,7 @@ import torch
 import dit_cache
 from dit_cache import Action, CachePlan, CacheSchedule, apply_cache, cache_units, remove_cache
 from dit_cache.forecast import lagrange_weights
-from dit_cache.testing import run_steps, step_inputs, tiny_dit, tiny_pixart, tiny_pixart_pipeline
+from dit_cache.testing import run_steps, step_inputs, tiny_dit, tiny_dit_pipeline, tiny_pixart, tiny_pixart_pipeline
 
 STEPS = 6
 C, R, F1, F2, L, H = (int(a) for a in (Action.COMPUTE, Action.REUSE, Action.FORECAST1, Action.FORECAST2,
@@ -144,6 +144,17 @@ def test_least_squares_recovers_the_weights_of_synthetic_trajectories():
         expected = torch.linalg.solve(basis, target).float()
         torch.testing.assert_close(fitted.linear_weights[step, unit], expected, rtol=1e-3, atol=1e-3)
     assert fitted.linear_weights[:3].abs().sum() == 0  # only LINEAR entries get weights
+
+
+def test_a_decelerated_pipeline_fits_like_a_stock_one():
+    pipe = tiny_dit_pipeline()  # DiTPipeline.__call__ takes no stray keywords: a leftover cache=False would fail
+    pipe.set_progress_bar_config(disable=True)
+    units = len(cache_units(pipe.transformer))
+    plan = CachePlan.linear(STEPS, units, interval=3)
+    stock = dit_cache.fit_linear_forecaster(pipe, plan, [1], progress=False)
+    dit_cache.decelerate(dit_cache.accelerate(pipe, plan=plan))  # leaves _dit_cache_plan = None behind
+    assert torch.equal(dit_cache.fit_linear_forecaster(pipe, plan, [1], progress=False).linear_weights,
+                       stock.linear_weights)
 
 
 class _Directions(torch.nn.Module):
