@@ -152,3 +152,14 @@ def test_fronts_are_compared_level_by_level_on_the_fastest_configuration_reachin
     assert table[23]["dit-cache"] == "a" and table[23]["ratio"] == pytest.approx(2.0 / 2.5)
     assert table[25]["diffusers"] is None and table[25]["ratio"] is None
     assert table[26]["dit-cache"] is None
+
+
+def test_the_speedup_is_the_total_time_ratio_so_a_mix_of_plans_is_not_flattered():
+    from dit_cache.bench.peer_bench import score
+
+    # half the images at 1.25x, half at 2.5x: the median per-image ratio (1.875x) lies between the two speeds
+    mixed = peers.Candidate("router adaptive", "mix", apply=None, remove=None)
+    counts = [{"cache_ratio": 0.5, "skipped_flop_share": 0.5, "engine_cache_ratio": None}] * 4
+    records = {"uncached": {"seconds": [2.0] * 4}, "mix": {"seconds": [1.6, 1.6, 0.8, 0.8], "counts": counts}}
+    row = score([mixed], records, [{"prompt": "p"}] * 4, [0, 1, 2, 3], None, BenchConfig(quality=False))["rows"][0]
+    assert row["speedup"] == pytest.approx(8.0 / 4.8) and row["speedup_median"] == pytest.approx(1.875)
