@@ -236,6 +236,9 @@ def apply_adaptive(pipe, router, rule: AdaptiveRule):
             router = CacheRouter.load(router)
         plans = ladder_plans(router, rule.budgets)
         fallback = ladder_plans(router, [rule.budget])[0]
+    if rule.signal == "prompt_tokens" and not _takes_text_mask(pipe.transformer):
+        raise ValueError(f"The prompt_tokens signal reads the encoder_attention_mask a transformer is handed; "
+                         f"{type(pipe.transformer).__name__} takes none: fit the rule on signal='cfg_gap'.")
     if any(int(code) != int(Action.COMPUTE) for p in plans for code in p.actions[0]):
         raise ValueError("every ladder plan must compute step 0 in full: the switch happens after it.")
     switch = _AdaptiveSwitch(None, rule, plans + [fallback], cfg_batch=_has_cfg_batch(pipe),
@@ -258,6 +261,13 @@ def remove_adaptive(pipe) -> None:
     if switch is not None:
         switch.remove()
     decelerate(pipe)
+
+
+def _takes_text_mask(transformer) -> bool:
+    import inspect
+
+    forward = type(getattr(transformer, "_orig_mod", transformer)).forward
+    return "encoder_attention_mask" in inspect.signature(forward).parameters
 
 
 def _has_cfg_batch(pipe) -> bool:

@@ -188,3 +188,13 @@ def test_a_prompt_tokens_rule_picks_by_the_prompts_length_and_runs_that_plan_bit
         assert switch.picks == [1, 2]
     finally:
         remove_adaptive(pipe)
+
+
+def test_a_prompt_tokens_rule_on_a_transformer_without_a_text_mask_is_refused_before_anything_changes():
+    pipe = tiny_flux_pipeline()
+    signature = module_signature(pipe.transformer)
+    units = _units(pipe)
+    rule = AdaptiveRule(budgets=[0.0], edges=[], choice=[0], budget=0.0, signal="prompt_tokens")
+    with pytest.raises(ValueError, match="takes none: fit the rule on signal='cfg_gap'"):
+        apply_adaptive(pipe, {0.0: CachePlan.full(STEPS, units)}, rule)
+    assert module_signature(pipe.transformer) == signature and _stock_everywhere(pipe.transformer)
