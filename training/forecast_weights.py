@@ -185,8 +185,10 @@ class _PatchedLoop(contextlib.AbstractContextManager):
 
     def _forward(self, unit: int, original):
         def forward(*args, **kwargs):
+            if not self.cached:  # the reference pass: the stock unit, nothing kept
+                return original(*args, **kwargs)
             code = int(self.plan.actions[self.step, unit])
-            if not self.cached or code == Action.COMPUTE:
+            if code == Action.COMPUTE:
                 output = original(*args, **kwargs)
                 self.history[unit].append(output)
                 return output
