@@ -336,7 +336,7 @@ class CacheRouter(torch.nn.Module):
                                                            for i, share in enumerate(source.refined_shares)]
         taken = []
         for share in shares:
-            match = [(s, codes) for s, codes in offered if abs(s - float(share)) < 1e-6]
+            match = [(s, plan) for s, plan in offered if abs(s - float(share)) < 1e-6]
             if not match:
                 raise ValueError(f"The source router has no refined plan at {share} of the FLOPs skipped; it has "
                                  f"them at {[round(s, 6) for s, _ in offered]}.")
