@@ -169,12 +169,11 @@ def ladder_plans(router, budgets) -> list[CachePlan]:
 class _AdaptiveSwitch:
     """The torch forward hook: after step 0 of each generation, reads the signal and switches the plan."""
 
-    def __init__(self, handle, rule: AdaptiveRule, plans: list[CachePlan], cfg_batch: bool,
-                 conditional_half: int | None = None):
+    def __init__(self, handle, rule: AdaptiveRule, plans: list[CachePlan], conditional_half: int | None):
         from .state import PreparedPlan
 
-        self.handle, self.rule, self.cfg_batch = handle, rule, cfg_batch
-        self.conditional_half = conditional_half
+        self.handle, self.rule, self.conditional_half = handle, rule, conditional_half
+        self.cfg_batch = conditional_half is not None
         depth = max(max(p.history_depth) for p in plans)
         needs_time = any(p.uses(Action.FORECAST1, Action.FORECAST2) for p in plans)
         self.compiled = [PreparedPlan(p, depth) for p in plans]
@@ -241,8 +240,7 @@ def apply_adaptive(pipe, router, rule: AdaptiveRule):
                          f"{type(pipe.transformer).__name__} takes none: fit the rule on signal='cfg_gap'.")
     if any(int(code) != int(Action.COMPUTE) for p in plans for code in p.actions[0]):
         raise ValueError("every ladder plan must compute step 0 in full: the switch happens after it.")
-    switch = _AdaptiveSwitch(None, rule, plans + [fallback], cfg_batch=_has_cfg_batch(pipe),
-                             conditional_half=family_of(pipe.transformer).cfg.conditional_half)
+    switch = _AdaptiveSwitch(None, rule, plans + [fallback], family_of(pipe.transformer).cfg.conditional_half)
     switch.compiled, fallback_compiled = switch.compiled[:-1], switch.compiled[-1]
     accelerate(pipe, plan=fallback)
     handle = get_cache_handle(pipe.transformer)
@@ -266,9 +264,6 @@ def remove_adaptive(pipe) -> None:
 def _takes_text_mask(transformer) -> bool:
     import inspect
 
-    forward = type(getattr(transformer, "_orig_mod", transformer)).forward
-    return "encoder_attention_mask" in inspect.signature(forward).parameters
+    from .units import _unwrap
 
-
-def _has_cfg_batch(pipe) -> bool:
-    return family_of(pipe.transformer).cfg.conditional_half is not None
+    return "encoder_attention_mask" in inspect.signature(type(_unwrap(transformer)).forward).parameters

@@ -295,7 +295,9 @@ def _adaptive_rule(args):
     if args.adaptive == "none" or args.threshold is not None or args.no_cache or args.plan is not None:
         return None
     if args.adaptive == "auto":
-        path = embedded.embedded_adaptive_rule_path(args.flops) if args.router is None and args.model == "embedded" else None
+        if args.router is not None or args.model != "embedded":
+            return None
+        path = embedded.embedded_adaptive_rule_path(args.flops)
         return None if path is None else AdaptiveRule.load(path)
     rule = AdaptiveRule.load(args.adaptive)
     if args.flops is not None and abs(args.flops - rule.budget) > 1e-9:

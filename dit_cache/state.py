@@ -42,6 +42,7 @@ class PreparedPlan:
         self.needs_time = plan.uses(*FORECASTS)
         self._replay_rows: dict[tuple, list[tuple[bool, ...]]] = {}
         self._fold_rows: list[int | None] | None = None
+        self._fold_weights: list[list[float] | None] = [None] * self.num_steps  # set with the fold rows
 
     def replay_rows(self, blocks: tuple[tuple[int, ...], ...]) -> list[tuple[bool, ...]]:
         """Per step, per block of ``blocks`` (each the units of one replayable block): whether none of its units
@@ -60,8 +61,10 @@ class PreparedPlan:
             rows, computed = [], [frozenset()] * self.num_units
             for step, row in enumerate(self.rows):
                 order = _SHARED_WEIGHTS.get(row[0]) if step > 0 and len(set(row)) == 1 else None
-                if order is None and step > 0 and set(row) == {LINEAR} and self._shared_linear(step) is not None:
-                    order = len(self.linear[step][0]) - 1
+                if step > 0 and set(row) == {LINEAR}:
+                    shared = self.linear[step][0]
+                    if all(weights == shared for weights in self.linear[step]):
+                        order, self._fold_weights[step] = len(shared) - 1, shared
                 rows.append(order if len(set(computed)) == 1 else None)
                 computed = [steps | {step} if code == COMPUTE else steps for steps, code in zip(computed, row)]
             self._fold_rows = rows
@@ -69,12 +72,9 @@ class PreparedPlan:
 
     def fold_weights(self, step: int) -> list[float] | None:
         """The LINEAR weights (newest first) a folded ``step`` combines its sums with; None: a REUSE or FORECAST
-        step, whose weights are the Lagrange ones of its computed steps' timesteps."""
-        return self._shared_linear(step) if self.rows[step][0] == LINEAR else None
-
-    def _shared_linear(self, step: int) -> list[float] | None:
-        weights = self.linear[step]
-        return weights[0] if all(w == weights[0] for w in weights) else None
+        step, whose weights are the Lagrange ones of its computed steps' timesteps. Found with the fold rows."""
+        self.fold_rows()
+        return self._fold_weights[step]
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def fit_forecast_weights(pipe, plan: CachePlan, prompts, seeds, *, share: str = 
     times = [float(t) for t in pipe.scheduler.timesteps]
     start = _initial_weights(plan, learn, times, groups)
     weights = torch.nn.Parameter(start.clone())
-    loop = _PatchedLoop(pipe, call, plan, learn, groups, weights)
+    loop = _PatchedLoop(pipe, call, units, plan, learn, groups, weights)
     call_kwargs = {"num_inference_steps": plan.num_steps, **call_kwargs}
     batches = [(prompts[i:i + batch_size], seeds[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     with loop:
@@ -154,11 +154,11 @@ class _PatchedLoop(contextlib.AbstractContextManager):
     """The pipeline's loop with each unit's forward replaced for the fit: computed entries run and keep their
     output (with its graph), learnable ones return the weighted pair, others reuse. Restored on exit."""
 
-    def __init__(self, pipe, call, plan, learn, groups, weights):
-        self.pipe, self.call, self.plan, self.learn, self.groups, self.weights = pipe, call, plan, learn, groups, weights
+    def __init__(self, pipe, call, units, plan, learn, groups, weights):
+        self.pipe, self.call, self.units = pipe, call, units
+        self.plan, self.learn, self.groups, self.weights = plan, learn, groups, weights
         self.cached, self.step, self.history = True, -1, []
         self.root = _unwrap(pipe.transformer)
-        self.units = cache_units(pipe.transformer)
         self.patched = []
 
     def __enter__(self):
