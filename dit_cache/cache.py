@@ -30,6 +30,7 @@ from .actions import ACTIONS, BYPASSED, GATED, Action
 from .compile import compile_hooks, compile_options
 from .families import family_of
 from .fold import step_fold
+from .step_invariant import install_step_invariant
 from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
@@ -250,7 +251,13 @@ class CacheHandle:
 
     @property
     def cache_bytes(self) -> int:
+        """Bytes of the units' kept outputs (and step-fold sums) of the engine-level generation."""
         return sum(state.cache_bytes for state in self._engine_states)
+
+    @property
+    def invariant_bytes(self) -> int:
+        """Bytes of the step-invariant outputs it keeps besides (caption projection, cross-attention K / V)."""
+        return sum(state.invariant_bytes for state in self._engine_states)
 
     @contextmanager
     def _mode(self, mode: str):
@@ -290,7 +297,16 @@ class CacheHandle:
         for hook in self._step_hooks:
             hook.remove()
         self._step_hooks.clear()
+        self._unregister()
+        self._block_registries.clear()
+
+    def _unregister(self, only: str | None = None) -> None:
+        """Remove the hooks this handle registered (``only``: those registered under that name)."""
+        kept = []
         for module, name, had_registry in reversed(self._hooked):
+            if only is not None and name != only:
+                kept.append((module, name, had_registry))
+                continue
             registry = module._diffusers_hook
             registry.remove_hook(name, recurse=False)
             if not had_registry and not registry.hooks:
@@ -299,8 +315,7 @@ class CacheHandle:
                 instance_forward = module.__dict__.get("forward")
                 if getattr(instance_forward, "__func__", None) is type(module).forward:
                     del module.forward
-        self._hooked.clear()
-        self._block_registries.clear()
+        self._hooked = kept[::-1]
         _invalidate_hook_lookup(self.transformer)
 
     def __repr__(self) -> str:
@@ -354,6 +369,8 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             handle._register(root.get_submodule(path), hook, BLOCK_HOOK)
             handle._block_registries.append(root.get_submodule(path)._diffusers_hook)
         handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
+        if options is None:  # compiled units call these modules inside their graphs (dit_cache.step_invariant)
+            install_step_invariant(handle, root, family_of(transformer).step_invariant)
         _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_hooks(handle, options)

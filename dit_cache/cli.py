@@ -22,6 +22,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from . import embedded
+from .flops import percent
 from .families.prompts import can_clean_captions
 
 
@@ -277,7 +278,7 @@ def _load(args):
         from .adaptive import apply_adaptive
 
         apply_adaptive(pipe, router, rule)
-        print(f"adaptive router ({rule.signal}): {rule.budget:.0%} of the FLOPs skipped on average")
+        print(f"adaptive router ({rule.signal}): {percent(rule.budget)} of the FLOPs skipped on average")
     elif router is not None:
         accelerate(pipe, router=router, threshold=args.threshold, skip_flops=args.flops)
     elif args.plan is not None:
@@ -301,7 +302,7 @@ def _adaptive_rule(args):
         return None if path is None else AdaptiveRule.load(path)
     rule = AdaptiveRule.load(args.adaptive)
     if args.flops is not None and abs(args.flops - rule.budget) > 1e-9:
-        raise ValueError(f"--adaptive {args.adaptive} was fitted for {rule.budget:.0%} of the FLOPs skipped on "
+        raise ValueError(f"--adaptive {args.adaptive} was fitted for {percent(rule.budget)} of the FLOPs skipped on "
                          f"average, not --skip-flops {args.flops}: drop --skip-flops or fit a rule for it")
     return rule
 

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .families import family_of
 from .hooks import UNIT_HOOK, UnitCacheHook
+from .step_invariant import STEP_INVARIANT_HOOK, install_step_invariant
 from .units import _unwrap
 
 if TYPE_CHECKING:  # the handle imports this module (apply_cache(..., compile=True))
@@ -66,6 +68,8 @@ def compile_hooks(handle: "CacheHandle", options: dict) -> None:
     compiled = [_compiled(hook.fn_ref.original_forward, options) for hook in hooks]
     for hook, forward in zip(hooks, compiled):
         hook.compiled_forward = forward
+    # The compiled units call the step-invariant modules inside their graphs, where an eager hook breaks them.
+    handle._unregister(STEP_INVARIANT_HOOK)
     handle.compile_options = options
 
 
@@ -73,6 +77,8 @@ def uncompile_units(handle: "CacheHandle") -> None:
     """Back to the eager computation (the compiled code is dropped with the functions)."""
     for hook in unit_hooks(handle):
         hook.compiled_forward = None
+    if handle.compile_options is not None:
+        install_step_invariant(handle, _unwrap(handle.transformer), family_of(handle.transformer).step_invariant)
     handle.compile_options = None
 
 

@@ -71,3 +71,8 @@ def step_flops(transformer: torch.nn.Module, text_tokens: int | None = None,
     inputs = step_inputs(transformer, batch=family.cfg.batch, text_tokens=text_tokens or family.text_tokens,
                          sample_size=sample_size)
     return unit_flops(transformer, **inputs)
+
+
+def percent(share: float) -> str:
+    """A share of FLOPs as a percent, with a tenth where it has one: 0.5 -> '50%', 0.525 -> '52.5%'."""
+    return f"{round(share * 100, 1):g}%"

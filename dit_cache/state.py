@@ -145,6 +145,7 @@ class CacheState:
         self.fold_order: int | None = None  # this step can fold (dit_cache.fold), forecasting to this order
         self.folded = False  # the first block folded this step: the others pass its output on
         self.fold_sums: dict[int, object] = {}  # a computed step -> its outputs' sums, as a StepFold forms them
+        self.invariant: dict[int, tuple] = {}  # step-invariant modules' kept outputs (dit_cache.step_invariant)
         for history in self.outputs:
             history.clear()
 
@@ -266,6 +267,11 @@ class CacheState:
     def cache_bytes(self) -> int:
         stored = sum(_nbytes(output) for history in self.outputs for _, output in history)
         return stored + sum(_nbytes(sums) for sums in self.fold_sums.values())
+
+    @property
+    def invariant_bytes(self) -> int:
+        """The step-invariant outputs kept besides (dit_cache.step_invariant), not in ``cache_bytes``."""
+        return sum(_nbytes(output) for _, _, output, _ in self.invariant.values())
 
 
 def _first_tensor(output) -> torch.Tensor:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dit_cache.flops import percent
+
 LADDER = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 ... 0.80, the shipped router's coarse range
 
 
@@ -138,7 +140,7 @@ def evaluate(args) -> None:
     for budget in args.budgets:
         rule = fit_rule(calibration_signals, [i["psnr"] for i in calibration["images"]], skipped, ladder, budget,
                         bins=args.bins, tolerance=args.tolerance, signal=args.signal, objective=args.objective)
-        rule.save(out / f"rule_{name}_{round(budget * 100)}.safetensors")
+        rule.save(out / f"rule_{name}_{percent(budget)[:-1]}.safetensors")
         rules[budget], picks[budget] = rule, [rule.pick(s) for s in held_signals]
         realised = float(np.mean([skipped[j] for j in picks[budget]]))
         static_plans[budget] = (realised, router.plan(flops=realised))  # the static router at the same mean FLOPs
@@ -203,7 +205,7 @@ def evaluate(args) -> None:
              "[95%] | MSE adaptive / static |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = r["difference"]
-        lines.append(f"| {r['budget']:.0%} | {r['realised_skipped']:.1%} | {r['adaptive_psnr_mean']:.2f} / "
+        lines.append(f"| {percent(r['budget'])} | {r['realised_skipped']:.1%} | {r['adaptive_psnr_mean']:.2f} / "
                      f"{r['adaptive_psnr_median']:.2f} | {r['static_psnr_mean']:.2f} / {r['static_psnr_median']:.2f} "
                      f"| {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | {r['better_share']:.0%} | "
                      f"{r['shuffled_psnr_mean']:.2f} [{r['shuffled_psnr_interval'][0]:.2f}, "

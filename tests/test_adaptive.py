@@ -198,3 +198,17 @@ def test_a_prompt_tokens_rule_on_a_transformer_without_a_text_mask_is_refused_be
     with pytest.raises(ValueError, match="takes none: fit the rule on signal='cfg_gap'"):
         apply_adaptive(pipe, {0.0: CachePlan.full(STEPS, units)}, rule)
     assert module_signature(pipe.transformer) == signature and _stock_everywhere(pipe.transformer)
+
+
+def test_the_embedded_rules_between_whole_step_levels_are_found_by_their_budget():
+    import dit_cache
+    from dit_cache.flops import percent
+
+    assert (percent(0.5), percent(0.525), percent(0.725)) == ("50%", "52.5%", "72.5%")
+    for budget in (0.525, 0.725):
+        rule = AdaptiveRule.load(dit_cache.embedded_adaptive_rule_path(budget))
+        assert rule.budget == budget and rule.signal == "prompt_tokens"
+        # the two plans it mixes sit on both sides of the budget: neither alone skips what was asked
+        shares = sorted(rule.budgets[c] for c in rule.choice)
+        assert shares[0] < budget < shares[-1]
+    assert dit_cache.embedded_adaptive_rule_path(0.7) is None

@@ -140,13 +140,15 @@ def test_cfg_batch_and_batch_sizes_share_one_decision_per_unit():
     torch.testing.assert_close(batched_out[-1][:1], alone_out[-1], rtol=1e-5, atol=1e-5)
 
 
-def test_cache_bytes_counts_one_output_per_unit():
+def test_cache_bytes_counts_one_output_per_unit_and_the_kept_text_projections_apart():
     transformer = tiny_pixart()
     handle = apply_cache(transformer, CacheSchedule.full(2, 6))
-    run_steps(transformer, 1, batch=2)
+    run_steps(transformer, 1, batch=2, text_tokens=6)
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     tokens = (transformer.config.sample_size // 2) ** 2
     assert handle.cache_bytes == 6 * 2 * tokens * hidden * 4
+    # the caption projection and 2 blocks' cross-attention keys and values, of the 6 text tokens
+    assert handle.invariant_bytes == 5 * 2 * 6 * hidden * 4
 
 
 def test_history_keeps_the_last_outputs_with_their_steps():

@@ -12,8 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dit_cache
 from dit_cache import CachePlan, CacheRouter, CacheSchedule, apply_cache, cache_units, remove_cache
-from dit_cache.families import FAMILIES, CFGLayout
+from dit_cache.families import FAMILIES, CFGLayout, family_of
 from dit_cache.pipelines import decelerate
+from dit_cache.step_invariant import STEP_INVARIANT_HOOK
 from dit_cache.testing import TINY_FAMILIES, run_steps
 from dit_cache.units import unit_layout
 
@@ -59,10 +60,14 @@ def test_full_plan_is_bitwise_stock_uniform_skips_the_units_and_removal_restores
     remove_cache(transformer)
 
     schedule = CacheSchedule.uniform(STEPS, num_units, interval=2)
-    apply_cache(transformer, schedule)
+    handle = apply_cache(transformer, schedule)
+    _, reused_flops = _unit_flops_of_run(transformer, STEPS)  # with the step-invariant work done once
+    handle._unregister(STEP_INVARIANT_HOOK)  # the plan's skipping alone
     cached, cached_flops = _unit_flops_of_run(transformer, STEPS)
     assert [c * STEPS for c in cached_flops] == [s * STEPS // 2 for s in stock_flops]  # each unit: 2 of 4 steps
     assert torch.equal(stock[0], cached[0]) and not torch.equal(stock[-1], cached[-1])
+    saves = bool(family_of(transformer).step_invariant)  # its cross-attention keys and values once, not per step
+    assert all(r <= c for r, c in zip(reused_flops, cached_flops)) and (sum(reused_flops) < sum(cached_flops)) == saves
 
     assert remove_cache(transformer) and _is_stock(transformer)
     assert all(torch.equal(a, b) for a, b in zip(stock, run_steps(transformer, STEPS)))

@@ -192,7 +192,8 @@ def test_the_adaptive_family_runs_the_embedded_rules_and_removes_itself():
     stock = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     signature = peers.module_signature(pipe.transformer)
     candidates = peers.adaptive_family(setup)
-    assert [c.settings["flop_budget"] for c in candidates] == [0.5, 0.55]
+    assert [c.settings["flop_budget"] for c in candidates] == [0.5, 0.525, 0.55, 0.725]
+    assert [c.label for c in candidates][1] == "router adaptive 52.5% FLOPs (prompt_tokens)"
     for candidate in candidates:
         candidate.apply(pipe)
         try:

@@ -33,6 +33,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..families import CFGLayout
+from ..flops import percent
 from ..units import _unwrap
 
 
@@ -117,7 +118,7 @@ def adaptive_family(setup: BenchSetup) -> list[Candidate]:
         rule_path = embedded.embedded_adaptive_rule_path(budget)
         rule = AdaptiveRule.load(rule_path)
         candidates.append(Candidate(
-            "router adaptive", f"router adaptive {budget:.0%} FLOPs ({rule.signal})",
+            "router adaptive", f"router adaptive {percent(budget)} FLOPs ({rule.signal})",
             apply=lambda pipe, rule=rule: apply_adaptive(pipe, router, rule), remove=remove_adaptive,
             settings={"router": str(router), "rule": rule_path, "flop_budget": budget}, group="dit-cache"))
     return candidates

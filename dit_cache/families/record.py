@@ -113,6 +113,9 @@ class ModelFamily:
     aliases: tuple[str, ...] = field(default=())  # model names users know it by (README's table)
     replays: Mapping[str, Callable] = field(default_factory=dict)
     fold: object | None = None  # the step fold of its blocks (dit_cache.fold), where their gates allow one
+    # Modules (fnmatch patterns of their names under the transformer) whose one input is the same tensor at every
+    # step of a generation, computed once per generation (dit_cache.step_invariant; a wrong name costs nothing).
+    step_invariant: tuple[str, ...] = ()
 
     def branches_of(self, block: torch.nn.Module) -> tuple[Branch, ...] | None:
         for cls in type(block).__mro__:

@@ -84,6 +84,11 @@ def _hunyuan_image_guider(pipe) -> str:
             "call skips the first steps and its cache would follow the plan shifted. Use a guider with start=0.")
 
 
+# The prompt's projection and the keys and values every cross-attention takes from it: one input through a generation.
+_CAPTION_AND_CROSS_ATTENTION = ("caption_projection", "transformer_blocks.*.attn2.to_k",
+                                "transformer_blocks.*.attn2.to_v")
+
+
 FAMILIES = FamilyRegistry([
     ModelFamily(
         "dit", "DiTTransformer2DModel", ("transformer_blocks",),
@@ -99,7 +104,7 @@ FAMILIES = FamilyRegistry([
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode=prompts.pixart_encode,
         conditioning=prompts.masked_text_conditioning, bench_inputs="captions", concept_scored=True,
         replays={"BasicTransformerBlock": replays.basic_transformer_block}, fold=replays.TableGatedFold(),
-        aliases=("PixArt-α", "PixArt-Σ")),
+        step_invariant=_CAPTION_AND_CROSS_ATTENTION, aliases=("PixArt-α", "PixArt-Σ")),
     ModelFamily(
         "sd3", "SD3Transformer2DModel", ("transformer_blocks",),
         # SD3.5-medium blocks outside dual_attention_layers have no attn2; the last block no ff_context.
@@ -129,6 +134,7 @@ FAMILIES = FamilyRegistry([
         {"SanaTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.sana, B.UNCONDITIONAL_FIRST,  # SanaPipeline batches [negative, prompt]
         replays={"SanaTransformerBlock": replays.sana_block}, fold=replays.SanaFold(),
+        step_invariant=(*_CAPTION_AND_CROSS_ATTENTION, "caption_norm"),
         timestep=_sana_timestep, timestep_dtype=torch.float32, text_tokens=300,
         pipelines=("SanaPipeline",), encode=prompts.pixart_encode, conditioning=prompts.sana_conditioning,
         concepts_refusal=("Sana prepends a complex human instruction to every prompt and keeps only the last "

@@ -1,0 +1,76 @@
+"""Exact reuse of the work whose input stays the same through a generation: the caption projection of the prompt
+and every cross-attention's keys and values (PixArt, Sana: the text tokens are the same tensor at every step).
+
+A pipeline encodes the prompt once and hands the transformer the same ``prompt_embeds`` at every denoising step,
+so the projections of those tokens give the same result at every step. A :class:`StepInvariantHook` on such a
+module (the family record names them: ``ModelFamily.step_invariant``) keeps its output for the generation and
+returns it while the input is provably unchanged: the same memory (data pointer, shape, strides, dtype), which the
+hook keeps alive, not written since (its version counter), and the output not written either. Anything else
+computes, so a module named wrongly costs a comparison, never exactness: the cached model stays bitwise the model
+that recomputes them. Inference-mode tensors carry no version counter; they always compute.
+
+The kept outputs belong to the generation's ``CacheState`` (``state.invariant``), like the units' outputs, and go
+with it. Compiled units (``dit_cache.compile_units``) call these modules inside their graphs, where an eager hook
+would break the graph: the hooks are removed while the units are compiled.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .actions import BYPASSED
+from .hooks import _EAGER
+
+STEP_INVARIANT_HOOK = "dit_cache.step_invariant"
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor._version)
+
+
+class StepInvariantHook(ModelHook):
+    """On a module whose one tensor input is the same through a generation: computes it once per generation."""
+
+    def __init__(self, handle, key: int):
+        super().__init__()
+        self.handle = handle
+        self.key = key  # this module's slot in state.invariant
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module  # what it keeps belongs to generations (CacheState.invariant)
+
+    @_EAGER
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        state = self.handle.active_state()
+        if state is None or state.mode == BYPASSED or kwargs or len(args) != 1 or not torch.is_tensor(args[0]) \
+                or args[0].is_inference():
+            return forward(*args, **kwargs)
+        (given,) = args
+        kept = state.invariant.get(self.key)
+        if kept is not None:
+            kept_input, fingerprint, output, output_version = kept
+            if _fingerprint(given) == fingerprint and output._version == output_version:
+                return output
+        output = forward(given)
+        if torch.is_tensor(output) and not output.requires_grad and not output.is_inference():
+            # the input itself is kept: its memory cannot be reused by another tensor while the entry lives
+            state.invariant[self.key] = (given, _fingerprint(given), output, output._version)
+        return output
+
+
+def step_invariant_modules(root: torch.nn.Module, patterns: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The submodules of ``root`` whose names match one of ``patterns`` (``fnmatch``, e.g.
+    ``"transformer_blocks.*.attn2.to_k"``), in module order."""
+    return [module for name, module in root.named_modules() if name and any(fnmatchcase(name, p) for p in patterns)]
+
+
+def install_step_invariant(handle, root: torch.nn.Module, patterns: tuple[str, ...]) -> int:
+    """Hook every module of ``root`` matching ``patterns``; returns how many."""
+    modules = step_invariant_modules(root, patterns)
+    for key, module in enumerate(modules):
+        handle._register(module, StepInvariantHook(handle, key), STEP_INVARIANT_HOOK)
+    return len(modules)
