@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 
 def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds: int = 3, seed: int = 70_000,
-         out: Path | None = None) -> None:
+         out: str = "outputs/step_invariant_speed_cpu.txt") -> None:
     from diffusers import PixArtAlphaPipeline
 
     import dit_cache
@@ -69,8 +69,8 @@ def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds
         lines.append(f"| {name} | {seconds[name]:.2f} | {seconds['stock'] / seconds[name]:.3f}x | {same} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if out is not None:
-        out.write_text(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
 
 
 if __name__ == "__main__":
