@@ -96,12 +96,17 @@ def test_an_input_that_may_have_changed_is_recomputed(change):
     remove_cache(transformer)
 
 
-def test_a_kept_output_written_in_place_is_recomputed():
+def _cached_first_key_projection():
+    """A tiny PixArt under a full plan, its first block's cross-attention key projection and an input for it."""
     transformer = tiny_pixart()
     handle = apply_cache(transformer, CachePlan.full(STEPS, len(cache_units(transformer))))
     to_k = transformer.transformer_blocks[0].attn2.to_k
+    return transformer, handle, to_k, torch.randn(2, 4, to_k.in_features)
+
+
+def test_a_kept_output_written_in_place_is_recomputed():
+    transformer, handle, to_k, x = _cached_first_key_projection()
     hook = to_k._diffusers_hook.get_hook(STEP_INVARIANT_HOOK)
-    x = torch.randn(2, 4, to_k.in_features)
     with handle.generation() as states:
         states.current().begin_step(torch.tensor(900))
         assert to_k(x) is not to_k(x)  # an output with a graph (weights that train) is never kept
@@ -116,11 +121,8 @@ def test_a_kept_output_written_in_place_is_recomputed():
 
 
 def test_bypassed_inference_mode_and_outside_a_generation_compute_every_time():
-    transformer = tiny_pixart()
-    handle = apply_cache(transformer, CachePlan.full(STEPS, len(cache_units(transformer))))
+    transformer, handle, to_k, x = _cached_first_key_projection()
     handle.idle_bypassed()  # outside a generation: the stock model
-    to_k = transformer.transformer_blocks[0].attn2.to_k
-    x = torch.randn(2, 4, to_k.in_features)
     with _Computations(handle) as counts:
         to_k(x), to_k(x)
         assert counts.calls == 2
@@ -136,10 +138,7 @@ def test_bypassed_inference_mode_and_outside_a_generation_compute_every_time():
 
 
 def test_the_engine_level_cache_keeps_them_and_bypassed_computes():
-    transformer = tiny_pixart()
-    handle = apply_cache(transformer, CachePlan.full(STEPS, len(cache_units(transformer))))
-    to_k = transformer.transformer_blocks[0].attn2.to_k
-    x = torch.randn(2, 4, to_k.in_features)
+    transformer, handle, to_k, x = _cached_first_key_projection()
     with _Computations(handle) as counts, torch.no_grad():
         with handle.bypassed():
             to_k(x), to_k(x)
