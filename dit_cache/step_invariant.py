@@ -1,5 +1,6 @@
 """Exact reuse of the work whose input stays the same through a generation: the caption projection of the prompt
-and every cross-attention's keys and values (PixArt, Sana: the text tokens are the same tensor at every step).
+and every cross-attention's keys and values (PixArt, Sana, Wan: the text tokens are the same tensor at every
+step).
 
 A pipeline encodes the prompt once and hands the transformer the same ``prompt_embeds`` at every denoising step,
 so the projections of those tokens give the same result at every step. A :class:`StepInvariantHook` on such a

@@ -7,7 +7,7 @@ import torch
 import dit_cache
 from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
 from dit_cache.step_invariant import STEP_INVARIANT_HOOK, step_invariant_modules
-from dit_cache.testing import run_steps, step_inputs, tiny_pixart, tiny_sana
+from dit_cache.testing import run_steps, step_inputs, tiny_pixart, tiny_sana, tiny_wan
 
 STEPS = 6
 
@@ -36,7 +36,7 @@ class _Computations:
             hook.fn_ref.original_forward = hook._uncounted
 
 
-@pytest.mark.parametrize("build,expected", [(tiny_pixart, 5), (tiny_sana, 6)])
+@pytest.mark.parametrize("build,expected", [(tiny_pixart, 5), (tiny_sana, 6), (tiny_wan, 5)])
 def test_computed_once_per_generation_and_bitwise_the_recomputed_model(build, expected):
     transformer = build()
     units = len(cache_units(transformer))
@@ -48,7 +48,7 @@ def test_computed_once_per_generation_and_bitwise_the_recomputed_model(build, ex
 
     handle = apply_cache(transformer, plan)
     hooked = [m for m, name, _ in handle._hooked if name == STEP_INVARIANT_HOOK]
-    assert len(hooked) == expected  # caption projection (+ Sana's caption norm) and 2 blocks' to_k, to_v
+    assert len(hooked) == expected  # caption projection / Wan's text embedder (+ Sana's caption norm) and 2 blocks' to_k, to_v
     with _Computations(handle) as counts:
         kept = run_steps(transformer, STEPS, seed=3)
         assert counts.calls == expected  # once each in the whole generation, not once per step
@@ -167,3 +167,19 @@ def test_patterns_match_module_names():
     found = step_invariant_modules(transformer, ("transformer_blocks.*.attn2.to_k",))
     assert found == [block.attn2.to_k for block in transformer.transformer_blocks]
     assert step_invariant_modules(transformer, ("no_such_module",)) == []
+
+
+def test_two_calls_per_step_keep_one_each_and_the_pipeline_stays_bitwise_stock():
+    from dit_cache.testing import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle", negative_prompt="", num_inference_steps=STEPS, height=16, width=16,
+                num_frames=1, guidance_scale=3.0, output_type="latent")
+    stock = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    dit_cache.accelerate(pipe, plan=CachePlan.full(STEPS, len(cache_units(pipe.transformer))))
+    with _Computations(dit_cache.get_cache_handle(pipe.transformer)) as counts:
+        cached = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    assert torch.equal(cached, stock)
+    assert counts.calls == 2 * 5  # the cond and the uncond call (each its own cache context), once per generation
+    dit_cache.decelerate(pipe)

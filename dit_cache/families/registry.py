@@ -154,6 +154,8 @@ FAMILIES = FamilyRegistry([
         {"WanTransformerBlock": (A("attn1"), A("attn2"), A("ffn"))},
         inputs.wan, B.SEPARATE_CALLS, timestep=_float, timestep_dtype=torch.float32, text_tokens=512,
         replays={"WanTransformerBlock": replays.wan_block},
+        # Its text embedder's output is the cross-attention's input (Wan 2.1 T2V; I2V prepends image tokens anew).
+        step_invariant=("condition_embedder.text_embedder", "blocks.*.attn2.to_k", "blocks.*.attn2.to_v"),
         sample_size=8, latent_layout="video", pipelines=("WanPipeline",), check_pipeline=_one_wan_transformer,
         encode=prompts.empty_negative_encode, conditioning=prompts.two_call_conditioning,
         concepts_refusal=_no_concepts("WanPipeline"), aliases=("Wan 2.1", "Wan 2.2")),
