@@ -370,7 +370,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
             handle._block_registries.append(root.get_submodule(path)._diffusers_hook)
         handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         if options is None:  # compiled units call these modules inside their graphs (dit_cache.step_invariant)
-            install_step_invariant(handle, root, family_of(transformer).step_invariant)
+            install_step_invariant(handle)
         _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_hooks(handle, options)

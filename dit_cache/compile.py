@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .families import family_of
 from .hooks import UNIT_HOOK, UnitCacheHook
 from .step_invariant import STEP_INVARIANT_HOOK, install_step_invariant
 from .units import _unwrap
@@ -78,7 +77,7 @@ def uncompile_units(handle: "CacheHandle") -> None:
     for hook in unit_hooks(handle):
         hook.compiled_forward = None
     if handle.compile_options is not None:
-        install_step_invariant(handle, _unwrap(handle.transformer), family_of(handle.transformer).step_invariant)
+        install_step_invariant(handle)
     handle.compile_options = None
 
 

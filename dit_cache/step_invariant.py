@@ -23,7 +23,9 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .actions import BYPASSED
+from .families import family_of
 from .hooks import _EAGER
+from .units import _unwrap
 
 STEP_INVARIANT_HOOK = "dit_cache.step_invariant"
 
@@ -53,7 +55,7 @@ class StepInvariantHook(ModelHook):
         (given,) = args
         kept = state.invariant.get(self.key)
         if kept is not None:
-            kept_input, fingerprint, output, output_version = kept
+            _, fingerprint, output, output_version = kept  # (the input is only held, to keep its memory)
             if _fingerprint(given) == fingerprint and output._version == output_version:
                 return output
         output = forward(given)
@@ -69,9 +71,8 @@ def step_invariant_modules(root: torch.nn.Module, patterns: tuple[str, ...]) -> 
     return [module for name, module in root.named_modules() if name and any(fnmatchcase(name, p) for p in patterns)]
 
 
-def install_step_invariant(handle, root: torch.nn.Module, patterns: tuple[str, ...]) -> int:
-    """Hook every module of ``root`` matching ``patterns``; returns how many."""
-    modules = step_invariant_modules(root, patterns)
+def install_step_invariant(handle) -> None:
+    """Hook the modules the transformer's family record names (``ModelFamily.step_invariant``)."""
+    modules = step_invariant_modules(_unwrap(handle.transformer), family_of(handle.transformer).step_invariant)
     for key, module in enumerate(modules):
         handle._register(module, StepInvariantHook(handle, key), STEP_INVARIANT_HOOK)
-    return len(modules)

@@ -45,10 +45,9 @@ def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds
     for _ in tqdm(range(rounds), desc="rounds"):
         for name, budget, kept in configurations:
             if budget is not None:
-                plan = (dit_cache.CachePlan.full(20, len(dit_cache.cache_units(pipe.transformer))) if budget == 0
-                        else None)
-                dit_cache.accelerate(pipe, plan=plan) if plan is not None else dit_cache.accelerate(
-                    pipe, router=dit_cache.embedded_router_path(), skip_flops=budget)
+                cache = ({"plan": dit_cache.CachePlan.full(20, len(dit_cache.cache_units(pipe.transformer)))}
+                         if budget == 0 else {"router": dit_cache.embedded_router_path(), "skip_flops": budget})
+                dit_cache.accelerate(pipe, **cache)
                 if not kept:
                     get_cache_handle(pipe.transformer)._unregister(STEP_INVARIANT_HOOK)
             try:
