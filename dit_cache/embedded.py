@@ -59,7 +59,7 @@ def embedded_adaptive_rule_path(skip_flops: float | None) -> str | None:
 
     for budget in EMBEDDED_ADAPTIVE_BUDGETS:
         if skip_flops is not None and abs(skip_flops - budget) < 1e-9:
-            return _existing(ASSETS / "adaptive_rules" / f"prompt_tokens_{percent(budget)[:-1]}.safetensors",
+            return _existing(ASSETS / "adaptive_rules" / f"prompt_tokens_{percent(budget, sign=False)}.safetensors",
                              "embedded adaptive rule",
                              "python experiments/adaptive_router.py evaluate --signal prompt_tokens --objective mse "
                              "(docs/adaptive_router.md)")

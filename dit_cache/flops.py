@@ -73,6 +73,7 @@ def step_flops(transformer: torch.nn.Module, text_tokens: int | None = None,
     return unit_flops(transformer, **inputs)
 
 
-def percent(share: float) -> str:
-    """A share of FLOPs as a percent, with a tenth where it has one: 0.5 -> '50%', 0.525 -> '52.5%'."""
-    return f"{round(share * 100, 1):g}%"
+def percent(share: float, sign: bool = True) -> str:
+    """A share of FLOPs as a percent, with a tenth where it has one: 0.5 -> '50%', 0.525 -> '52.5%'; without the
+    sign (``sign=False``: '52.5') for file names."""
+    return f"{round(share * 100, 1):g}" + ("%" if sign else "")

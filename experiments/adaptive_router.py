@@ -140,7 +140,7 @@ def evaluate(args) -> None:
     for budget in args.budgets:
         rule = fit_rule(calibration_signals, [i["psnr"] for i in calibration["images"]], skipped, ladder, budget,
                         bins=args.bins, tolerance=args.tolerance, signal=args.signal, objective=args.objective)
-        rule.save(out / f"rule_{name}_{percent(budget)[:-1]}.safetensors")
+        rule.save(out / f"rule_{name}_{percent(budget, sign=False)}.safetensors")
         rules[budget], picks[budget] = rule, [rule.pick(s) for s in held_signals]
         realised = float(np.mean([skipped[j] for j in picks[budget]]))
         static_plans[budget] = (realised, router.plan(flops=realised))  # the static router at the same mean FLOPs

@@ -205,6 +205,7 @@ def test_the_embedded_rules_between_whole_step_levels_are_found_by_their_budget(
     from dit_cache.flops import percent
 
     assert (percent(0.5), percent(0.525), percent(0.725)) == ("50%", "52.5%", "72.5%")
+    assert (percent(0.5, sign=False), percent(0.725, sign=False)) == ("50", "72.5")  # rule file names
     for budget in (0.525, 0.725):
         rule = AdaptiveRule.load(dit_cache.embedded_adaptive_rule_path(budget))
         assert rule.budget == budget and rule.signal == "prompt_tokens"
