@@ -1,0 +1,138 @@
+"""Every whole-step plan with a given set of computed steps in a window, scored on a few tuning images: is there
+a plan at the shipped router's 75% budget (5 computed steps of 20) that the greedy search and its +-1 refinement
+missed? Each skipped step forecasts (FORECAST1, REUSE where a unit has computed once); the score is the final-latent
+MSE against uncached (the search's own error), its mean and mean log10 over the images:
+
+    OMP_NUM_THREADS=1 python experiments/plan_enumeration.py search --actions '[forecast_two]' --shard 0 \
+        --shards 2 --output outputs/enum_75_0.json     # and --shard 1 beside it
+
+``forecast_two`` (FORECAST1 on the two steps after a computed one, REUSE further on) scores the shipped plan's
+computed steps as well as its searched actions do. ``verify`` then scores the best plans of those files by the
+final images' PSNR on other tuning images, paired per image against the shipped 75% plan:
+
+    OMP_NUM_THREADS=2 python experiments/plan_enumeration.py verify --results '[outputs/enum_75_0.json,
+        outputs/enum_75_1.json]' --top 6 --count 16 --seed 70000 --output outputs/enum_75_verify.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import PixArtAlphaPipeline
+from jsonargparse import CLI
+
+import dit_cache
+from dit_cache.plan import Action
+from dit_cache.router import plan_with_fallbacks
+from dit_cache.metrics import paired_difference
+from dit_cache.toy.evaluation import generate, image_error, prompt_set
+
+
+# What each skipped step does, by its distance to the last computed step (1: the step right after it).
+ACTION_RULES = {
+    "forecast": lambda distance: Action.FORECAST1,
+    "reuse": lambda distance: Action.REUSE,
+    "forecast_first": lambda distance: Action.FORECAST1 if distance == 1 else Action.REUSE,
+    "forecast_two": lambda distance: Action.FORECAST1 if distance <= 2 else Action.REUSE,
+    "reuse_first": lambda distance: Action.REUSE if distance == 1 else Action.FORECAST1,
+}
+
+
+def plan_of(computed: tuple[int, ...], num_steps: int, num_units: int, actions: str = "forecast"):
+    codes = torch.full((num_steps, num_units), int(Action.COMPUTE), dtype=torch.int8)
+    last = 0
+    for step in range(1, num_steps):
+        if step in computed:
+            last = step
+        else:
+            codes[step] = int(ACTION_RULES[actions](step - last))
+    return plan_with_fallbacks(codes)
+
+
+def latents(pipe, prompts, seeds, steps):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, generator=generators, num_inference_steps=steps, output_type="latent",
+                guidance_scale=dit_cache.EMBEDDED_GUIDANCE_SCALE, clean_caption=False).images
+
+
+def search(windows: list[list[int]] = ([2, 6], [5, 10], [8, 14], [14, 18]), count: int = 4, seed: int = 70_100,
+         steps: int = 20, actions: list[str] = ("forecast",), shard: int = 0, shards: int = 1, output: str = "outputs/plan_enumeration.json") -> None:
+    torch.set_num_threads(1)
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    units = len(dit_cache.cache_units(pipe.transformer))
+    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
+    seeds = list(range(seed, seed + count))
+    reference = latents(pipe, prompts, seeds, steps)
+    combos = [c for c in itertools.combinations(range(1, steps), len(windows))
+              if all(low <= step <= high for step, (low, high) in zip(c, windows))]
+    shipped = dit_cache.CacheRouter.load(dit_cache.embedded_router_path()).plan(skip_flops=0.75)
+    candidates = {"shipped 75%": shipped} if shard == 0 else {}
+    candidates.update({f"{' '.join(map(str, c))} {rule}": plan_of(c, steps, units, rule)
+                       for c in combos[shard::shards] for rule in actions})
+    path = Path(output)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name, plan in candidates.items():
+        if name in results:
+            continue
+        dit_cache.accelerate(pipe, plan=plan)
+        try:
+            mse = ((latents(pipe, prompts, seeds, steps) - reference) ** 2).flatten(1).mean(1).double()
+        finally:
+            dit_cache.decelerate(pipe)
+        results[name] = {"mse": float(mse.mean()), "log_mse": float(mse.log10().mean()), "per_image": mse.tolist()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results))
+    best = sorted(results.items(), key=lambda item: item[1]["log_mse"])[:10]
+    for name, r in best:
+        print(f"{name:28s} log10 MSE {r['log_mse']:.3f}  MSE {r['mse']:.5f}")
+
+
+def _parse(name: str, steps: int, units: int):
+    *computed, rule = name.split()
+    return plan_of(tuple(int(step) for step in computed), steps, units, rule)
+
+
+def verify(results: list[str], top: int = 6, count: int = 16, seed: int = 70_000, steps: int = 20,
+           output: str = "outputs/plan_enumeration_verify.json") -> None:
+    scored = {}
+    for file in results:
+        scored.update(json.loads(Path(file).read_text()))
+    best = [name for name, _ in sorted(scored.items(), key=lambda item: item[1]["log_mse"]) if name != "shipped 75%"]
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    units = len(dit_cache.cache_units(pipe.transformer))
+    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
+    seeds = list(range(seed, seed + count))
+    call = dict(num_inference_steps=steps, guidance_scale=dit_cache.EMBEDDED_GUIDANCE_SCALE)
+    reference = generate(pipe, prompts, seeds, batch_size=8, **call)
+    router = dit_cache.CacheRouter.load(dit_cache.embedded_router_path())
+    plans = {"shipped 75%": router.plan(skip_flops=0.75), "shipped 70%": router.plan(skip_flops=0.7),
+             **{name: _parse(name, steps, units) for name in best[:top]}}
+    path = Path(output)
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for name, plan in plans.items():
+        if name not in done:
+            dit_cache.accelerate(pipe, plan=plan)
+            try:
+                error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
+            finally:
+                dit_cache.decelerate(pipe)
+            psnr = (10 * np.log10(1 / np.maximum(error["per_image_mse"], 1e-10))).tolist()
+            done[name] = {"flops": plan.cached_share(router.unit_flops), "mean_psnr": float(np.mean(psnr)),
+                          "per_image_psnr": psnr, "codes": plan.actions.tolist()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(done))
+        line = f"{name:28s} {done[name]['flops']:.3f} {done[name]['mean_psnr']:6.2f} dB"
+        if name != "shipped 75%":
+            d = paired_difference(done[name]["per_image_psnr"], done["shipped 75%"]["per_image_psnr"])
+            line += f"  vs shipped 75%: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    CLI([search, verify], as_positional=False)
