@@ -3,8 +3,9 @@
 ``cfg``: one step CFG_SHARE (the conditional half of the CFG batch computed, the unconditional half rebuilt from the
 newest computed difference): a computed step of the 70% plan, or a skipped step of the 75% plan (72.5% either way).
 ``drop``: one branch (attn1, attn2 or ff, in every block) forecast instead of computed at one computed step of the
-70% plan, or at all of them but the first. ``add``: one branch computed at one skipped step of the 75% plan. Mean PSNR of the final images against uncached, on tuning seeds
-(70000+, half two-object prompts), and on how many images each candidate beats the 75% plan:
+70% plan, or at all of them but the first. ``add``: one branch computed at one skipped step of the 75% plan.
+Mean PSNR of the final images against uncached, on tuning seeds (70000+, half two-object prompts), and on how many
+images each candidate beats the 75% plan:
 
     OMP_NUM_THREADS=2 python experiments/partial_steps.py --count 16 --output outputs/partial_steps.json
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
@@ -22,6 +22,7 @@ import dit_cache
 from dit_cache import CachePlan
 from dit_cache.plan import Action
 from dit_cache.router import plan_with_fallbacks
+from dit_cache.metrics import psnr as image_psnr
 from dit_cache.toy.evaluation import generate, image_error, prompt_set
 
 
@@ -92,7 +93,7 @@ def main(count: int = 16, seed: int = 70_000, steps: int = 20, kinds: list[str] 
             error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
         finally:
             dit_cache.decelerate(pipe)
-        psnrs = (10 * np.log10(1 / np.maximum(error["per_image_mse"], 1e-10))).tolist()
+        psnrs = image_psnr(error["per_image_mse"]).tolist()
         results[name] = {"flops": plan.cached_share(router.unit_flops), "mean_psnr": error["mean_psnr"],
                          "mse": error["mse"], "per_image_psnr": psnrs}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from jsonargparse import CLI
 import dit_cache
 from dit_cache.plan import Action
 from dit_cache.router import plan_with_fallbacks
-from dit_cache.metrics import paired_difference
+from dit_cache.metrics import paired_difference, psnr as image_psnr
 from dit_cache.toy.evaluation import generate, image_error, prompt_set
 
 
@@ -122,7 +122,7 @@ def verify(results: list[str], top: int = 6, count: int = 16, seed: int = 70_000
                 error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
             finally:
                 dit_cache.decelerate(pipe)
-            psnr = (10 * np.log10(1 / np.maximum(error["per_image_mse"], 1e-10))).tolist()
+            psnr = image_psnr(error["per_image_mse"]).tolist()
             done[name] = {"flops": plan.cached_share(router.unit_flops), "mean_psnr": float(np.mean(psnr)),
                           "per_image_psnr": psnr, "codes": plan.actions.tolist()}
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 import dit_cache
-from dit_cache.metrics import paired_difference
+from dit_cache.metrics import paired_difference, psnr as image_psnr
 from dit_cache.toy.evaluation import generate, image_error, prompt_set
 
 
@@ -41,7 +41,7 @@ def main(objects: int, routers: dict[str, str], budgets: list[float], count: int
                     error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
                 finally:
                     dit_cache.decelerate(pipe)
-                psnr = (10 * np.log10(1 / np.maximum(error["per_image_mse"], 1e-10))).tolist()
+                psnr = image_psnr(error["per_image_mse"]).tolist()
                 results[key] = {"router": file, "budget": budget, "mean_psnr": float(np.mean(psnr)),
                                 "per_image_psnr": psnr}
                 path.parent.mkdir(parents=True, exist_ok=True)
