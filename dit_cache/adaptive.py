@@ -162,7 +162,7 @@ def fit_rule(signals, psnr, skipped, budgets, budget: float, bins: int = 3, tole
 
 def ladder_plans(router, budgets) -> list[CachePlan]:
     """The static router's plan at each ladder budget (``CachePlan.full`` for a budget of 0)."""
-    return [CachePlan.full(router.num_steps, router.num_units) if b == 0 else router.plan(flops=b)
+    return [CachePlan.full(router.num_steps, router.num_units) if b == 0 else router.plan(skip_flops=b)
             for b in budgets]
 
 

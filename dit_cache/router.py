@@ -357,22 +357,24 @@ class CacheRouter(torch.nn.Module):
             {"shares": [round(float(s), 6) for s, _ in taken], "search": source.metadata.get("search")})
         return self._with_plans(plans, metadata)
 
-    def with_learned_forecasts(self, plans, **provenance) -> "CacheRouter":
-        """A copy whose plan at each of ``plans``' budgets is that plan: the same computed entries as this router's
-        plan skipping the same share, with skipped entries forecast by learned LINEAR weights
-        (``training/forecast_weights.fit_forecast_weights``). ``provenance`` is recorded in the metadata
-        (``learned_forecasts``: how the weights were fitted)."""
-        # (the nested share it replaces, plan) per refined plan, the learned ones taking the place of the plan
-        # they were fitted on
+    def with_plans(self, plans, provenance_key: str = "replaced_plans", **provenance) -> "CacheRouter":
+        """A copy whose plan at each of ``plans``' budgets is that plan: any plan skipping the FLOP share of one of
+        this router's budget levels replaces the plan there (nested or refined), e.g. one a wider enumeration of
+        its computed steps found better on held-out seeds; the other budgets keep this router's plans.
+        ``provenance`` is recorded in the metadata under ``provenance_key``, with the shares replaced."""
+        # (the nested share it replaces, plan) per refined plan, the new ones taking the place of the plan skipping
+        # their share
         entries = [(share, self.refined_plan(i)) for i, share in enumerate(self.refined_shares)]
+        _, levels = self._budget_levels()
         for plan in plans:
+            if (plan.num_steps, plan.num_units) != (self.num_steps, self.num_units):
+                raise ValueError(f"A plan of {plan.num_steps} steps x {plan.num_units} units cannot replace a plan of "
+                                 f"this router ({self.num_steps} x {self.num_units}).")
             share = plan.cached_share(self.unit_flops)
+            if not bool(((levels - share).abs() < 1e-9).any()):
+                raise ValueError(f"A plan skipping {share:.4f} of the FLOPs matches none of this router's budget "
+                                 "levels (router.plan(skip_flops=...)): it can only replace a plan skipping as much.")
             own = self.plan(skip_flops=share)
-            if (abs(own.cached_share(self.unit_flops) - share) > 1e-9
-                    or not torch.equal(plan.actions == Action.COMPUTE, own.actions == Action.COMPUTE)):
-                raise ValueError(f"A learned plan skipping {share:.4f} of the FLOPs does not compute where this "
-                                 "router's plan at that budget does: fit its weights on router.plan(skip_flops=...) "
-                                 "of this router.")
             refined = [i for i, (_, entry) in enumerate(entries) if torch.equal(entry.actions, own.actions)]
             if refined:
                 entries[refined[0]] = (entries[refined[0]][0], plan)
@@ -381,9 +383,24 @@ class CacheRouter(torch.nn.Module):
         entries.sort(key=lambda entry: entry[0])
         metadata = copy.deepcopy(self.metadata)
         metadata["refined_shares"] = [float(share) for share, _ in entries]
-        metadata.setdefault("learned_forecasts", []).append(
+        metadata.setdefault(provenance_key, []).append(
             {"shares": sorted(round(plan.cached_share(self.unit_flops), 6) for plan in plans), **provenance})
         return self._with_plans(entries, metadata)
+
+    def with_learned_forecasts(self, plans, **provenance) -> "CacheRouter":
+        """A copy whose plan at each of ``plans``' budgets is that plan: the same computed entries as this router's
+        plan skipping the same share, with skipped entries forecast by learned LINEAR weights
+        (``training/forecast_weights.fit_forecast_weights``). ``provenance`` is recorded in the metadata
+        (``learned_forecasts``: how the weights were fitted)."""
+        for plan in plans:
+            share = plan.cached_share(self.unit_flops)
+            own = self.plan(skip_flops=share)
+            if (abs(own.cached_share(self.unit_flops) - share) > 1e-9
+                    or not torch.equal(plan.actions == Action.COMPUTE, own.actions == Action.COMPUTE)):
+                raise ValueError(f"A learned plan skipping {share:.4f} of the FLOPs does not compute where this "
+                                 "router's plan at that budget does: fit its weights on router.plan(skip_flops=...) "
+                                 "of this router.")
+        return self.with_plans(plans, "learned_forecasts", **provenance)
 
     def _with_plans(self, plans: list[tuple[float, CachePlan]], metadata: dict) -> "CacheRouter":
         """This router's order with ``plans`` (share, plan) as its refined plans."""

@@ -104,6 +104,8 @@ def table(args) -> None:
     done["skipped"] = skipped
     pipe = _pipe()
     inputs = _inputs(args.count, args.seed)
+    if args.refresh:
+        _refresh(pipe, done, plans, args.refresh, inputs, args.seed, out)
     for index in range(len(done["images"]), args.count):
         seed = args.seed + index
         call = _call(inputs[index], seed)
@@ -113,6 +115,25 @@ def table(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(done, indent=1))
         print(f"{index + 1}/{args.count} signal {signal:.4f} psnr {' '.join(f'{p:.1f}' for p in psnr)}", flush=True)
+
+
+def _refresh(pipe, done: dict, plans, budgets: list[float], inputs: list[dict], seed: int, out: Path) -> None:
+    """Recompute the columns of ``budgets`` in a table whose router's plans there changed (resumable: each image's
+    refreshed budgets are recorded)."""
+    columns = [LADDER.index(round(b, 2)) for b in budgets]
+    for index, image in enumerate(done["images"]):
+        if image["prompt"] != inputs[index]["prompt"] or image["seed"] != seed + index:
+            raise ValueError(f"{out} was made with other --seed / --count than given: image {index} differs.")
+        todo = [j for j in columns if LADDER[j] not in image.setdefault("refreshed", [])]
+        if not todo:
+            continue
+        reference, _ = _signal_of_uncached(pipe, _call(inputs[index], seed + index))
+        for j in todo:
+            image["psnr"][j] = _psnr(_run_plan(pipe, plans[j], _call(inputs[index], seed + index)), reference)
+            image["refreshed"].append(LADDER[j])
+        out.write_text(json.dumps(done, indent=1))
+        scores = " ".join(f"{image['psnr'][j]:.1f}" for j in todo)
+        print(f"refreshed {index + 1}/{len(done['images'])}: {scores}", flush=True)
 
 
 def evaluate(args) -> None:
@@ -224,6 +245,9 @@ def main() -> None:
     t.add_argument("--seed", type=int, required=True)
     t.add_argument("--count", type=int, required=True)
     t.add_argument("--out", required=True)
+    t.add_argument("--refresh", type=float, nargs="*", default=[],
+                   help="ladder budgets whose columns of the table at --out are recomputed (the router's plans there "
+                   "changed), before any new images are added")
     e = commands.add_parser("evaluate")
     e.add_argument("--calibration", required=True)
     e.add_argument("--heldout", required=True)

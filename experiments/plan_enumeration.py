@@ -97,12 +97,14 @@ def _parse(name: str, steps: int, units: int):
     return plan_of(tuple(int(step) for step in computed), steps, units, rule)
 
 
-def verify(results: list[str], top: int = 6, count: int = 16, seed: int = 70_000, steps: int = 20,
-           output: str = "outputs/plan_enumeration_verify.json") -> None:
+def verify(results: list[str] = (), top: int = 6, count: int = 16, seed: int = 70_000, steps: int = 20,
+           plans: list[str] = (), output: str = "outputs/plan_enumeration_verify.json") -> None:
+    """``plans``: plan names to score (e.g. ``"4 6 9 16 forecast_two"``) instead of the ``top`` of ``results``."""
     scored = {}
     for file in results:
         scored.update(json.loads(Path(file).read_text()))
-    best = [name for name, _ in sorted(scored.items(), key=lambda item: item[1]["log_mse"]) if name != "shipped 75%"]
+    best = list(plans) or [name for name, _ in sorted(scored.items(), key=lambda item: item[1]["log_mse"])
+                           if name != "shipped 75%"]
     pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     units = len(dit_cache.cache_units(pipe.transformer))
@@ -111,11 +113,11 @@ def verify(results: list[str], top: int = 6, count: int = 16, seed: int = 70_000
     call = dict(num_inference_steps=steps, guidance_scale=dit_cache.EMBEDDED_GUIDANCE_SCALE)
     reference = generate(pipe, prompts, seeds, batch_size=8, **call)
     router = dit_cache.CacheRouter.load(dit_cache.embedded_router_path())
-    plans = {"shipped 75%": router.plan(skip_flops=0.75), "shipped 70%": router.plan(skip_flops=0.7),
-             **{name: _parse(name, steps, units) for name in best[:top]}}
+    candidates = {"shipped 75%": router.plan(skip_flops=0.75), "shipped 70%": router.plan(skip_flops=0.7),
+                  **{name: _parse(name, steps, units) for name in best[:top]}}
     path = Path(output)
     done = json.loads(path.read_text()) if path.exists() else {}
-    for name, plan in plans.items():
+    for name, plan in candidates.items():
         if name not in done:
             dit_cache.accelerate(pipe, plan=plan)
             try:
@@ -134,5 +136,18 @@ def verify(results: list[str], top: int = 6, count: int = 16, seed: int = 70_000
         print(line, flush=True)
 
 
+def adopt(plans: list[str], base: str = "dit_cache/assets/embedded_router.safetensors",
+          output: str = "outputs/router_with_enumerated_plans.safetensors", steps: int = 20) -> None:
+    """A copy of the router ``base`` whose plans at the budgets of ``plans`` (names as ``verify`` prints them) are
+    those plans (``CacheRouter.with_plans``); ``output`` may be ``base``."""
+    router = dit_cache.CacheRouter.load(base)
+    adopted = [_parse(name, steps, router.num_units) for name in plans]
+    merged = router.with_plans(adopted, found_by="experiments/plan_enumeration.py", names=list(plans))
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    merged.save(output)
+    for name, plan in zip(plans, adopted):
+        print(f"{output}: {name} at {plan.cached_share(router.unit_flops):.0%} of the FLOPs skipped")
+
+
 if __name__ == "__main__":
-    CLI([search, verify], as_positional=False)
+    CLI([search, verify, adopt], as_positional=False)

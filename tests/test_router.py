@@ -506,3 +506,30 @@ def test_a_router_file_with_refined_weights_but_no_refined_plans_is_refused(tmp_
     save_file(tensors, tmp_path / "broken.safetensors", metadata=header)
     with pytest.raises(ValueError, match="refined_weights"):
         CacheRouter.load(tmp_path / "broken.safetensors")
+
+
+def test_with_plans_replaces_the_plan_of_a_budget_with_one_computing_elsewhere(tmp_path):
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    own = shipped.plan(skip_flops=0.75)
+    actions = own.actions.clone()
+    computed = [step for step in range(1, own.num_steps) if bool((actions[step] == Action.COMPUTE).all())]
+    moved_from = computed[-1]
+    actions[moved_from], actions[moved_from - 1] = actions[moved_from - 1].clone(), int(Action.COMPUTE)
+    moved = CachePlan(actions)  # the same share, its last computed step one earlier
+    merged = shipped.with_plans([moved], found_by="a test")
+    assert merged.plan(skip_flops=0.75) == moved and moved != own
+    assert all(merged.plan(skip_flops=f) == shipped.plan(skip_flops=f) for f in (0.5, 0.6, 0.65, 0.7, 0.8))
+    assert merged.metadata["replaced_plans"][-1] == {"shares": [0.75], "found_by": "a test"}
+    merged.save(tmp_path / "replaced.safetensors")
+    assert CacheRouter.load(tmp_path / "replaced.safetensors").plan(skip_flops=0.75) == moved
+    assert shipped.plan(skip_flops=0.75) == own  # the original is left as it was
+
+
+def test_with_plans_refuses_a_share_that_is_no_budget_level_or_another_shape():
+    shipped = CacheRouter.load(dit_cache.embedded_router_path())
+    between = shipped.plan(skip_flops=0.75).actions.clone()
+    between[1, : between.shape[1] // 2] = int(Action.COMPUTE)  # half a step more: between two levels
+    with pytest.raises(ValueError, match="matches none of this router's budget levels"):
+        shipped.with_plans([CachePlan(between)])
+    with pytest.raises(ValueError, match="cannot replace a plan of this router"):
+        shipped.with_plans([CachePlan.full(shipped.num_steps, shipped.num_units + 1)])
