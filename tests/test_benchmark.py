@@ -1,13 +1,17 @@
 """``run_benchmark`` / ``dit-cache bench`` end to end on a tiny pipeline, its refusal to report a run whose
 configurations do not restore the stock model, and its one-line errors."""
 
+import contextlib
+import gc
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dit_cache.bench import peers
 from dit_cache.bench.peer_bench import BenchConfig, RestorationError, pareto_front, run_benchmark
+from dit_cache.bench.speed import collector_paused
 from dit_cache.cli import main
 from dit_cache.testing import tiny_pixart_pipeline
 
@@ -109,6 +113,35 @@ def test_the_run_times_on_one_torch_thread_and_restores_the_callers_setting(work
         assert results["meta"]["workers"] == workers and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_calls_are_timed_with_the_garbage_collector_paused_and_it_is_restored(tmp_path):
+    seen = []
+
+    def call_context(pipe):
+        handle = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(gc.isenabled()))
+        return contextlib.closing(SimpleNamespace(close=handle.remove))
+
+    probe = peers.Candidate("probe", "probe", lambda pipe: None, lambda pipe: None, call_context=call_context)
+    assert gc.isenabled()
+    run_benchmark(tiny_pixart_pipeline(), BenchConfig(plot=False, workers=1, **SMALL), tmp_path,
+                  candidates=[peers.UNCACHED, probe])
+    assert len(seen) == (1 + SMALL["count"]) * SMALL["steps"] and not any(seen)  # warm-up and timed calls
+    assert gc.isenabled()
+
+
+def test_the_collector_pause_keeps_a_collector_the_caller_turned_off_off():
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError), collector_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("inside the timed region")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
 
 
 def test_two_workers_measure_the_same_images_and_cache_ratios_as_one(tmp_path):

@@ -10,6 +10,7 @@ workers on a 2-core machine halve the run time without mixing timings (docs/benc
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .speed import collector_paused
 
 
 class RestorationError(RuntimeError):
@@ -86,10 +89,17 @@ def measure(rounds: Rounds, workers: int, tick: Callable[[], None]) -> tuple[lis
     """
     inputs = list(range(rounds.count))
     workers = min(workers, rounds.count)
-    if workers == 1:
-        shares = [_measure_share(rounds, inputs, tick)]
-    else:
-        shares = _in_workers(rounds, [inputs[w::workers] for w in range(workers)], tick)
+    # The loaded pipeline's objects out of every later collection (the collections between calls scan only what
+    # the calls make) and, before forking, left unscanned so the workers do not copy their pages.
+    gc.collect()
+    gc.freeze()
+    try:
+        if workers == 1:
+            shares = [_measure_share(rounds, inputs, tick)]
+        else:
+            shares = _in_workers(rounds, [inputs[w::workers] for w in range(workers)], tick)
+    finally:
+        gc.unfreeze()
     return _merge(rounds, shares)
 
 
@@ -105,7 +115,7 @@ def _measure_share(rounds: Rounds, indices: list[int], tick: Callable[[], None])
         meter.reset()
         candidate.apply(pipe)
         try:
-            with candidate.call_context(pipe):
+            with candidate.call_context(pipe), collector_paused():
                 start = time.perf_counter()
                 image = first_sample(pipe(**rounds.call(index)))
                 seconds = time.perf_counter() - start
