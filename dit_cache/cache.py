@@ -31,6 +31,7 @@ from .compile import compile_hooks, compile_options
 from .families import family_of
 from .fold import step_fold
 from .step_invariant import install_step_invariant
+from .timestep_memo import install_timestep_memo
 from .units import CacheUnit, _unwrap, cache_units, replayable_blocks
 
 _HANDLE_ATTRIBUTE = "_dit_cache_handle"
@@ -371,6 +372,7 @@ def apply_cache(transformer: torch.nn.Module, plan, *, history: int = 1, compile
         handle._step_hooks = DenoisingStepHook(handle, family_of(transformer)).attach(transformer)
         if options is None:  # compiled units call these modules inside their graphs (dit_cache.step_invariant)
             install_step_invariant(handle)
+        install_timestep_memo(handle)  # outside the blocks: no compiled unit calls it
         _invalidate_hook_lookup(transformer)
         if options is not None:
             compile_hooks(handle, options)

@@ -116,6 +116,10 @@ class ModelFamily:
     # Modules (fnmatch patterns of their names under the transformer) whose one input is the same tensor at every
     # step of a generation, computed once per generation (dit_cache.step_invariant; a wrong name costs nothing).
     step_invariant: tuple[str, ...] = ()
+    # Modules (fnmatch patterns) whose outputs follow from the values of their inputs alone (the timestep, fixed
+    # micro-conditions): kept by those values across generations (dit_cache.timestep_memo; a wrong name costs
+    # a comparison).
+    timestep_embedder: tuple[str, ...] = ()
 
     def branches_of(self, block: torch.nn.Module) -> tuple[Branch, ...] | None:
         for cls in type(block).__mro__:

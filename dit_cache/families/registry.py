@@ -104,7 +104,8 @@ FAMILIES = FamilyRegistry([
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), encode=prompts.pixart_encode,
         conditioning=prompts.masked_text_conditioning, bench_inputs="captions", concept_scored=True,
         replays={"BasicTransformerBlock": replays.basic_transformer_block}, fold=replays.TableGatedFold(),
-        step_invariant=_CAPTION_AND_CROSS_ATTENTION, aliases=("PixArt-α", "PixArt-Σ")),
+        step_invariant=_CAPTION_AND_CROSS_ATTENTION, timestep_embedder=("adaln_single",),
+        aliases=("PixArt-α", "PixArt-Σ")),
     ModelFamily(
         "sd3", "SD3Transformer2DModel", ("transformer_blocks",),
         # SD3.5-medium blocks outside dual_attention_layers have no attn2; the last block no ff_context.
@@ -134,7 +135,7 @@ FAMILIES = FamilyRegistry([
         {"SanaTransformerBlock": (A("attn1"), A("attn2"), A("ff"))},
         inputs.sana, B.UNCONDITIONAL_FIRST,  # SanaPipeline batches [negative, prompt]
         replays={"SanaTransformerBlock": replays.sana_block}, fold=replays.SanaFold(),
-        step_invariant=(*_CAPTION_AND_CROSS_ATTENTION, "caption_norm"),
+        step_invariant=(*_CAPTION_AND_CROSS_ATTENTION, "caption_norm"), timestep_embedder=("time_embed",),
         timestep=_sana_timestep, timestep_dtype=torch.float32, text_tokens=300,
         pipelines=("SanaPipeline",), encode=prompts.pixart_encode, conditioning=prompts.sana_conditioning,
         concepts_refusal=("Sana prepends a complex human instruction to every prompt and keeps only the last "
