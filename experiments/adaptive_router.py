@@ -164,7 +164,7 @@ def evaluate(args) -> None:
         rule.save(out / f"rule_{name}_{percent(budget, sign=False)}.safetensors")
         rules[budget], picks[budget] = rule, [rule.pick(s) for s in held_signals]
         realised = float(np.mean([skipped[j] for j in picks[budget]]))
-        static_plans[budget] = (realised, router.plan(flops=realised))  # the static router at the same mean FLOPs
+        static_plans[budget] = (realised, router.plan(skip_flops=realised))  # the static router at the same mean FLOPs
     static_psnr = {budget: [] for budget in args.budgets}
     if args.static == "ladder":
         # No pipeline runs: the static router at the ladder budget at or below the adaptive router's realised mean

@@ -26,7 +26,7 @@ from diffusers import PixArtAlphaPipeline
 from jsonargparse import CLI
 
 import dit_cache
-from dit_cache.plan import Action
+from dit_cache.plan import Action, CachePlan
 from dit_cache.router import plan_with_fallbacks
 from dit_cache.metrics import paired_difference, psnr as image_psnr
 from dit_cache.toy.evaluation import generate, image_error, prompt_set
@@ -92,19 +92,81 @@ def search(windows: list[list[int]] = ([2, 6], [5, 10], [8, 14], [14, 18]), coun
         print(f"{name:28s} log10 MSE {r['log_mse']:.3f}  MSE {r['mse']:.5f}")
 
 
-def _parse(name: str, steps: int, units: int):
+def _parse(name: str, steps: int, units: int, known: dict | None = None):
+    """The plan a name stands for: ``"4 6 9 16 forecast_two"`` (computed steps and an action rule), or a name
+    ``known`` holds the action codes of (a ``refine`` output)."""
+    if known and "codes" in known.get(name, {}):
+        return CachePlan(torch.tensor(known[name]["codes"], dtype=torch.int8))
     *computed, rule = name.split()
     return plan_of(tuple(int(step) for step in computed), steps, units, rule)
 
 
+def _known(files: list[str]) -> dict:
+    known = {}
+    for file in files:
+        known.update(json.loads(Path(file).read_text()))
+    return known
+
+
+def refine(start: str, count: int = 8, seed: int = 70_100, steps: int = 20, passes: int = 2,
+           output: str = "outputs/plan_refinement.json") -> None:
+    """Coordinate descent on the skipped steps' actions of the plan ``start`` (a name as ``verify`` takes): each
+    skipped step in turn tries REUSE, FORECAST1 and FORECAST2 for all its units (a step every unit skips alike
+    stays foldable) and keeps the one with the lowest mean log10 final-latent MSE on ``count`` tuning images.
+    Writes ``{name: {"codes", "log_mse"}}`` with the name ``"<start> refined"``, which ``verify`` and ``adopt``
+    take with ``--known``."""
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    units = len(dit_cache.cache_units(pipe.transformer))
+    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
+    seeds = list(range(seed, seed + count))
+    reference = latents(pipe, prompts, seeds, steps)
+    scores: dict[bytes, float] = {}
+
+    def score(codes: torch.Tensor) -> float:
+        plan = plan_with_fallbacks(codes)
+        key = plan.actions.numpy().tobytes()
+        if key not in scores:
+            dit_cache.accelerate(pipe, plan=plan)
+            try:
+                mse = ((latents(pipe, prompts, seeds, steps) - reference) ** 2).flatten(1).mean(1).double()
+            finally:
+                dit_cache.decelerate(pipe)
+            scores[key] = float(mse.log10().mean())
+        return scores[key]
+
+    codes = _parse(start, steps, units).actions.clone()
+    best = score(codes)
+    print(f"{start}: log10 MSE {best:.3f}", flush=True)
+    skipped = [step for step in range(1, steps) if not bool((codes[step] == Action.COMPUTE).all())]
+    for round_ in range(passes):
+        changed = False
+        for step in skipped:
+            for action in (Action.REUSE, Action.FORECAST1, Action.FORECAST2):
+                trial = codes.clone()
+                trial[step] = int(action)
+                value = score(trial)
+                if value < best - 1e-4:
+                    best, codes, changed = value, plan_with_fallbacks(trial).actions.clone(), True
+                    print(f"pass {round_ + 1} step {step} -> {action.name}: log10 MSE {best:.3f}", flush=True)
+        if not changed:
+            break
+    result = {f"{start} refined": {"codes": codes.tolist(), "log_mse": best, "start": start,
+                                   "start_log_mse": score(_parse(start, steps, units).actions)}}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result))
+
+
 def verify(results: list[str] = (), top: int = 6, count: int = 16, seed: int = 70_000, steps: int = 20,
-           plans: list[str] = (), output: str = "outputs/plan_enumeration_verify.json") -> None:
-    """``plans``: plan names to score (e.g. ``"4 6 9 16 forecast_two"``) instead of the ``top`` of ``results``."""
+           plans: list[str] = (), baseline: str = "shipped 75%", known: list[str] = (),
+           output: str = "outputs/plan_enumeration_verify.json") -> None:
+    """``plans``: plan names to score (e.g. ``"4 6 9 16 forecast_two"``) instead of the ``top`` of ``results``;
+    each is compared with ``baseline`` ("shipped 75%" or "shipped 70%"), paired per image."""
     scored = {}
     for file in results:
         scored.update(json.loads(Path(file).read_text()))
     best = list(plans) or [name for name, _ in sorted(scored.items(), key=lambda item: item[1]["log_mse"])
-                           if name != "shipped 75%"]
+                           if not name.startswith("shipped")]
     pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
     pipe.set_progress_bar_config(disable=True)
     units = len(dit_cache.cache_units(pipe.transformer))
@@ -114,7 +176,7 @@ def verify(results: list[str] = (), top: int = 6, count: int = 16, seed: int = 7
     reference = generate(pipe, prompts, seeds, batch_size=8, **call)
     router = dit_cache.CacheRouter.load(dit_cache.embedded_router_path())
     candidates = {"shipped 75%": router.plan(skip_flops=0.75), "shipped 70%": router.plan(skip_flops=0.7),
-                  **{name: _parse(name, steps, units) for name in best[:top]}}
+                  **{name: _parse(name, steps, units, _known(known)) for name in best[:top]}}
     path = Path(output)
     done = json.loads(path.read_text()) if path.exists() else {}
     for name, plan in candidates.items():
@@ -129,19 +191,21 @@ def verify(results: list[str] = (), top: int = 6, count: int = 16, seed: int = 7
                           "per_image_psnr": psnr, "codes": plan.actions.tolist()}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(done))
+    for name in candidates:
         line = f"{name:28s} {done[name]['flops']:.3f} {done[name]['mean_psnr']:6.2f} dB"
-        if name != "shipped 75%":
-            d = paired_difference(done[name]["per_image_psnr"], done["shipped 75%"]["per_image_psnr"])
-            line += f"  vs shipped 75%: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        if name != baseline:
+            d = paired_difference(done[name]["per_image_psnr"], done[baseline]["per_image_psnr"])
+            line += f"  vs {baseline}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
         print(line, flush=True)
 
 
 def adopt(plans: list[str], base: str = "dit_cache/assets/embedded_router.safetensors",
-          output: str = "outputs/router_with_enumerated_plans.safetensors", steps: int = 20) -> None:
+          output: str = "outputs/router_with_enumerated_plans.safetensors", steps: int = 20,
+          known: list[str] = ()) -> None:
     """A copy of the router ``base`` whose plans at the budgets of ``plans`` (names as ``verify`` prints them) are
     those plans (``CacheRouter.with_plans``); ``output`` may be ``base``."""
     router = dit_cache.CacheRouter.load(base)
-    adopted = [_parse(name, steps, router.num_units) for name in plans]
+    adopted = [_parse(name, steps, router.num_units, _known(known)) for name in plans]
     merged = router.with_plans(adopted, found_by="experiments/plan_enumeration.py", names=list(plans))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     merged.save(output)
@@ -150,4 +214,4 @@ def adopt(plans: list[str], base: str = "dit_cache/assets/embedded_router.safete
 
 
 if __name__ == "__main__":
-    CLI([search, verify, adopt], as_positional=False)
+    CLI([search, verify, refine, adopt], as_positional=False)

@@ -1,10 +1,14 @@
-"""What reusing the step-invariant work (dit_cache.step_invariant: the caption projection and the cross-attention
-keys and values, computed once per generation) is worth on the embedded model: the shipped router's plans with it
-and without it, against the stock pipeline, interleaved in one run (whole pipeline calls: text encoder, 20 steps,
-VAE decode), and a check that both give the same images bitwise.
+"""What an exact reuse is worth on the embedded model: the step-invariant work (``--reuse step_invariant``,
+dit_cache.step_invariant: the caption projection and the cross-attention keys and values, computed once per
+generation) or the timestep embedding kept across generations (``--reuse timestep_memo``,
+dit_cache.timestep_memo). The shipped router's plans with it and without it, against the stock pipeline,
+interleaved in one run (whole pipeline calls: text encoder, 20 steps, VAE decode), and a check that both give the
+same images bitwise.
 
     OMP_NUM_THREADS=1 python experiments/step_invariant_speed.py --rounds 3 \
         --out docs/results/step_invariant_speed_cpu.txt
+    OMP_NUM_THREADS=1 python experiments/step_invariant_speed.py --reuse timestep_memo --budgets '[0.0,0.7,0.75]' \
+        --rounds 3 --out docs/results/timestep_memo_speed_cpu.txt
 """
 
 from __future__ import annotations
@@ -18,13 +22,20 @@ from tqdm.auto import tqdm
 
 
 def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds: int = 3, seed: int = 70_000,
-         out: str = "outputs/step_invariant_speed_cpu.txt") -> None:
+         reuse: str = "step_invariant", out: str = "outputs/step_invariant_speed_cpu.txt") -> None:
     from diffusers import PixArtAlphaPipeline
 
     import dit_cache
     from dit_cache.cache import get_cache_handle
     from dit_cache.flops import percent
     from dit_cache.step_invariant import STEP_INVARIANT_HOOK
+    from dit_cache.timestep_memo import TIMESTEP_MEMO_HOOK
+
+    hooks = {"step_invariant": (STEP_INVARIANT_HOOK, "step-invariant reuse"),
+             "timestep_memo": (TIMESTEP_MEMO_HOOK, "timestep memo")}
+    if reuse not in hooks:
+        raise ValueError(f"--reuse must be one of {', '.join(hooks)}, got {reuse!r}.")
+    hook, reuse_name = hooks[reuse]
     from dit_cache.toy.evaluation import prompt_set
 
     torch.set_num_threads(1)
@@ -38,7 +49,7 @@ def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds
                     clean_caption=False).images
 
     configurations = [("stock", None, False)] + [
-        (f"router {percent(b)} {'with' if kept else 'without'} step-invariant reuse", b, kept)
+        (f"router {percent(b)} {'with' if kept else 'without'} {reuse_name}", b, kept)
         for b in budgets for kept in (True, False)]
     seconds = {name: 0.0 for name, _, _ in configurations}
     images: dict[str, list] = {}
@@ -49,7 +60,7 @@ def main(budgets: tuple[float, ...] = (0.0, 0.5, 0.75), prompts: int = 4, rounds
                          if budget == 0 else {"router": dit_cache.embedded_router_path(), "skip_flops": budget})
                 dit_cache.accelerate(pipe, **cache)
                 if not kept:
-                    get_cache_handle(pipe.transformer)._unregister(STEP_INVARIANT_HOOK)
+                    get_cache_handle(pipe.transformer)._unregister(hook)
             try:
                 generate(texts[0], 0)  # untimed warm-up of this configuration
                 start = time.perf_counter()
