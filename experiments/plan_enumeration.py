@@ -53,6 +53,26 @@ def plan_of(computed: tuple[int, ...], num_steps: int, num_units: int, actions: 
     return plan_with_fallbacks(codes)
 
 
+def _tuning_images(count: int, seed: int, steps: int):
+    """The embedded pipeline, its unit count, ``count`` tuning captions (half two-object) and seeds, and their
+    uncached final latents."""
+    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    units = len(dit_cache.cache_units(pipe.transformer))
+    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
+    seeds = list(range(seed, seed + count))
+    return pipe, units, prompts, seeds, latents(pipe, prompts, seeds, steps)
+
+
+def _latent_mse(pipe, plan, prompts, seeds, steps, reference) -> torch.Tensor:
+    """Per image, the final latent's MSE under ``plan`` against ``reference``."""
+    dit_cache.accelerate(pipe, plan=plan)
+    try:
+        return ((latents(pipe, prompts, seeds, steps) - reference) ** 2).flatten(1).mean(1).double()
+    finally:
+        dit_cache.decelerate(pipe)
+
+
 def latents(pipe, prompts, seeds, steps):
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     return pipe(prompts, generator=generators, num_inference_steps=steps, output_type="latent",
@@ -62,12 +82,7 @@ def latents(pipe, prompts, seeds, steps):
 def search(windows: list[list[int]] = ([2, 6], [5, 10], [8, 14], [14, 18]), count: int = 4, seed: int = 70_100,
          steps: int = 20, actions: list[str] = ("forecast",), shard: int = 0, shards: int = 1, output: str = "outputs/plan_enumeration.json") -> None:
     torch.set_num_threads(1)
-    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
-    pipe.set_progress_bar_config(disable=True)
-    units = len(dit_cache.cache_units(pipe.transformer))
-    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
-    seeds = list(range(seed, seed + count))
-    reference = latents(pipe, prompts, seeds, steps)
+    pipe, units, prompts, seeds, reference = _tuning_images(count, seed, steps)
     combos = [c for c in itertools.combinations(range(1, steps), len(windows))
               if all(low <= step <= high for step, (low, high) in zip(c, windows))]
     shipped = dit_cache.CacheRouter.load(dit_cache.embedded_router_path()).plan(skip_flops=0.75)
@@ -79,11 +94,7 @@ def search(windows: list[list[int]] = ([2, 6], [5, 10], [8, 14], [14, 18]), coun
     for name, plan in candidates.items():
         if name in results:
             continue
-        dit_cache.accelerate(pipe, plan=plan)
-        try:
-            mse = ((latents(pipe, prompts, seeds, steps) - reference) ** 2).flatten(1).mean(1).double()
-        finally:
-            dit_cache.decelerate(pipe)
+        mse = _latent_mse(pipe, plan, prompts, seeds, steps, reference)
         results[name] = {"mse": float(mse.mean()), "log_mse": float(mse.log10().mean()), "per_image": mse.tolist()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results))
@@ -115,24 +126,14 @@ def refine(start: str, count: int = 8, seed: int = 70_100, steps: int = 20, pass
     stays foldable) and keeps the one with the lowest mean log10 final-latent MSE on ``count`` tuning images.
     Writes ``{name: {"codes", "log_mse"}}`` with the name ``"<start> refined"``, which ``verify`` and ``adopt``
     take with ``--known``."""
-    pipe = PixArtAlphaPipeline.from_pretrained(dit_cache.embedded_model_path())
-    pipe.set_progress_bar_config(disable=True)
-    units = len(dit_cache.cache_units(pipe.transformer))
-    prompts = prompt_set(2, count // 2, seed) + prompt_set(1, count - count // 2, seed)
-    seeds = list(range(seed, seed + count))
-    reference = latents(pipe, prompts, seeds, steps)
+    pipe, units, prompts, seeds, reference = _tuning_images(count, seed, steps)
     scores: dict[bytes, float] = {}
 
     def score(codes: torch.Tensor) -> float:
         plan = plan_with_fallbacks(codes)
         key = plan.actions.numpy().tobytes()
         if key not in scores:
-            dit_cache.accelerate(pipe, plan=plan)
-            try:
-                mse = ((latents(pipe, prompts, seeds, steps) - reference) ** 2).flatten(1).mean(1).double()
-            finally:
-                dit_cache.decelerate(pipe)
-            scores[key] = float(mse.log10().mean())
+            scores[key] = float(_latent_mse(pipe, plan, prompts, seeds, steps, reference).log10().mean())
         return scores[key]
 
     codes = _parse(start, steps, units).actions.clone()
