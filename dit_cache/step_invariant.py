@@ -17,15 +17,13 @@ would break the graph: the hooks are removed while the units are compiled.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 import torch
 from diffusers.hooks import ModelHook
 
 from .actions import BYPASSED
 from .families import family_of
 from .hooks import _EAGER
-from .units import _unwrap
+from .units import _unwrap, modules_matching
 
 STEP_INVARIANT_HOOK = "dit_cache.step_invariant"
 
@@ -65,14 +63,8 @@ class StepInvariantHook(ModelHook):
         return output
 
 
-def step_invariant_modules(root: torch.nn.Module, patterns: tuple[str, ...]) -> list[torch.nn.Module]:
-    """The submodules of ``root`` whose names match one of ``patterns`` (``fnmatch``, e.g.
-    ``"transformer_blocks.*.attn2.to_k"``), in module order."""
-    return [module for name, module in root.named_modules() if name and any(fnmatchcase(name, p) for p in patterns)]
-
-
 def install_step_invariant(handle) -> None:
     """Hook the modules the transformer's family record names (``ModelFamily.step_invariant``)."""
-    modules = step_invariant_modules(_unwrap(handle.transformer), family_of(handle.transformer).step_invariant)
+    modules = modules_matching(_unwrap(handle.transformer), family_of(handle.transformer).step_invariant)
     for key, module in enumerate(modules):
         handle._register(module, StepInvariantHook(handle, key), STEP_INVARIANT_HOOK)

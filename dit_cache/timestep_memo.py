@@ -24,8 +24,7 @@ from diffusers.hooks import ModelHook
 from .actions import BYPASSED
 from .families import family_of
 from .hooks import _EAGER
-from .step_invariant import step_invariant_modules
-from .units import _unwrap
+from .units import _unwrap, modules_matching
 
 TIMESTEP_MEMO_HOOK = "dit_cache.timestep_memo"
 MAX_KEYED_ELEMENTS = 64  # a tensor input larger than this is not keyed by value (the module computes)
@@ -67,8 +66,7 @@ class TimestepMemoHook(ModelHook):
         self.kept: OrderedDict = OrderedDict()  # key -> (output, its tensors' versions)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.kept.clear()
-        return module
+        return module  # what it keeps outlives generations: that is its point
 
     @_EAGER
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -99,5 +97,5 @@ class TimestepMemoHook(ModelHook):
 def install_timestep_memo(handle) -> None:
     """Hook the modules the transformer's family record names (``ModelFamily.timestep_embedder``)."""
     root = _unwrap(handle.transformer)
-    for module in step_invariant_modules(root, family_of(handle.transformer).timestep_embedder):
+    for module in modules_matching(root, family_of(handle.transformer).timestep_embedder):
         handle._register(module, TimestepMemoHook(handle), TIMESTEP_MEMO_HOOK)

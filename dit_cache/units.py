@@ -9,6 +9,7 @@ branch. Which lists and branches a transformer has is its family record's (:mod:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -97,3 +98,9 @@ def unit_layout(transformer: torch.nn.Module) -> str:
                    if getattr(block, branch.name, None) is not None}
         terms.append(f"{len(blocks)}x{'+'.join(b for b in order if b in present)}")
     return f"{type(_unwrap(transformer)).__name__}:{','.join(terms) or '0x'}"
+
+
+def modules_matching(root: torch.nn.Module, patterns: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The submodules of ``root`` whose names match one of ``patterns`` (``fnmatch``, e.g.
+    ``"transformer_blocks.*.attn2.to_k"``), in module order."""
+    return [module for name, module in root.named_modules() if name and any(fnmatchcase(name, p) for p in patterns)]

@@ -19,7 +19,7 @@ from jsonargparse import CLI
 
 import dit_cache
 from dit_cache import CachePlan
-from dit_cache.toy.evaluation import generate, image_error, prompt_set
+from dit_cache.toy.evaluation import generate, plan_error, prompt_set
 from dit_cache.training.forecast_weights import fit_forecast_weights
 
 CALL = dict(num_inference_steps=20, guidance_scale=dit_cache.EMBEDDED_GUIDANCE_SCALE)
@@ -60,10 +60,8 @@ def evaluate(plans: Path, seed: int = 70_000, count: int = 16, resamples: int = 
         budget = float(path.stem.split("_")[1])
         psnr = {}
         for name, plan in [("shipped", router.plan(skip_flops=budget)), ("learned", CachePlan.load(path))]:
-            cached = dit_cache.accelerate(pipe, plan=plan)
-            run = generate(cached, prompts, seeds, batch_size=8, **CALL)
-            dit_cache.decelerate(cached)
-            psnr[name] = -10 * np.log10(np.array(image_error(run, reference)["per_image_mse"]))
+            error = plan_error(pipe, plan, prompts, seeds, reference, **CALL)
+            psnr[name] = -10 * np.log10(np.array(error["per_image_mse"]))
         gain = psnr["learned"] - psnr["shipped"]
         means = gain[rng.integers(0, count, (resamples, count))].mean(1)
         row = {"budget": budget, "shipped_psnr": float(psnr["shipped"].mean()),

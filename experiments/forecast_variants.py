@@ -16,7 +16,7 @@ from jsonargparse import CLI
 import dit_cache
 from dit_cache import CachePlan
 from dit_cache.plan import Action
-from dit_cache.toy.evaluation import generate, image_error, prompt_set
+from dit_cache.toy.evaluation import generate, plan_error, prompt_set
 
 
 def second_order(plan: CachePlan) -> CachePlan:
@@ -61,9 +61,7 @@ def main(budgets: list[float] = (0.6, 0.65, 0.7, 0.75, 0.8), dampings: list[floa
                     **{f"damped {d}": damped(plan, d, timesteps) for d in dampings}}
         line, base = f"{budget:.0%}:", None
         for name, variant in variants.items():
-            cached = dit_cache.accelerate(pipe, plan=variant)
-            error = image_error(generate(cached, prompts, seeds, batch_size=count, **call), reference)
-            dit_cache.decelerate(cached)
+            error = plan_error(pipe, variant, prompts, seeds, reference, batch_size=count, **call)
             mse = np.array(error["per_image_mse"])
             base = mse if base is None else base
             line += f" | {name} {error['psnr']:.2f} dB ({int((mse < base).sum())}/{count} better)"

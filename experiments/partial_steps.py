@@ -23,7 +23,7 @@ from dit_cache import CachePlan
 from dit_cache.plan import Action
 from dit_cache.router import plan_with_fallbacks
 from dit_cache.metrics import psnr as image_psnr
-from dit_cache.toy.evaluation import generate, image_error, prompt_set
+from dit_cache.toy.evaluation import generate, plan_error, prompt_set
 
 
 BRANCHES = ("attn1", "attn2", "ff")  # a PixArt block's units, in the engine's unit order
@@ -88,11 +88,7 @@ def main(count: int = 16, seed: int = 70_000, steps: int = 20, kinds: list[str] 
     for name, plan in candidates(router, kinds).items():
         if name in results or (only and name not in only):
             continue
-        dit_cache.accelerate(pipe, plan=plan)
-        try:
-            error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
-        finally:
-            dit_cache.decelerate(pipe)
+        error = plan_error(pipe, plan, prompts, seeds, reference, **call)
         psnrs = image_psnr(error["per_image_mse"]).tolist()
         results[name] = {"flops": plan.cached_share(router.unit_flops), "mean_psnr": error["mean_psnr"],
                          "mse": error["mse"], "per_image_psnr": psnrs}

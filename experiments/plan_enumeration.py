@@ -29,7 +29,7 @@ import dit_cache
 from dit_cache.plan import Action, CachePlan
 from dit_cache.router import plan_with_fallbacks
 from dit_cache.metrics import paired_difference, psnr as image_psnr
-from dit_cache.toy.evaluation import generate, image_error, prompt_set
+from dit_cache.toy.evaluation import generate, plan_error, prompt_set
 
 
 # What each skipped step does, by its distance to the last computed step (1: the step right after it).
@@ -182,11 +182,7 @@ def verify(results: list[str] = (), top: int = 6, count: int = 16, seed: int = 7
     done = json.loads(path.read_text()) if path.exists() else {}
     for name, plan in candidates.items():
         if name not in done:
-            dit_cache.accelerate(pipe, plan=plan)
-            try:
-                error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
-            finally:
-                dit_cache.decelerate(pipe)
+            error = plan_error(pipe, plan, prompts, seeds, reference, **call)
             psnr = image_psnr(error["per_image_mse"]).tolist()
             done[name] = {"flops": plan.cached_share(router.unit_flops), "mean_psnr": float(np.mean(psnr)),
                           "per_image_psnr": psnr, "codes": plan.actions.tolist()}

@@ -19,7 +19,7 @@ from jsonargparse import CLI
 
 import dit_cache
 from dit_cache.metrics import paired_difference, psnr as image_psnr
-from dit_cache.toy.evaluation import generate, image_error, prompt_set
+from dit_cache.toy.evaluation import generate, plan_error, prompt_set
 
 
 def main(objects: int, routers: dict[str, str], budgets: list[float], count: int = 16, seed: int = 70_000,
@@ -36,11 +36,7 @@ def main(objects: int, routers: dict[str, str], budgets: list[float], count: int
         for budget in budgets:
             key = f"{name} {budget:.0%}"
             if key not in results:
-                dit_cache.accelerate(pipe, router=router, skip_flops=budget)
-                try:
-                    error = image_error(generate(pipe, prompts, seeds, batch_size=8, **call), reference)
-                finally:
-                    dit_cache.decelerate(pipe)
+                error = plan_error(pipe, router.plan(skip_flops=budget), prompts, seeds, reference, **call)
                 psnr = image_psnr(error["per_image_mse"]).tolist()
                 results[key] = {"router": file, "budget": budget, "mean_psnr": float(np.mean(psnr)),
                                 "per_image_psnr": psnr}

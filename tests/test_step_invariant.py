@@ -6,7 +6,8 @@ import torch
 
 import dit_cache
 from dit_cache import CachePlan, apply_cache, cache_units, remove_cache
-from dit_cache.step_invariant import STEP_INVARIANT_HOOK, step_invariant_modules
+from dit_cache.step_invariant import STEP_INVARIANT_HOOK
+from dit_cache.units import modules_matching
 from dit_cache.testing import run_steps, step_inputs, tiny_pixart, tiny_sana, tiny_wan
 
 STEPS = 6
@@ -164,9 +165,9 @@ def test_compiled_units_drop_the_hooks_and_uncompiling_restores_them():
 
 def test_patterns_match_module_names():
     transformer = tiny_pixart(num_layers=3)
-    found = step_invariant_modules(transformer, ("transformer_blocks.*.attn2.to_k",))
+    found = modules_matching(transformer, ("transformer_blocks.*.attn2.to_k",))
     assert found == [block.attn2.to_k for block in transformer.transformer_blocks]
-    assert step_invariant_modules(transformer, ("no_such_module",)) == []
+    assert modules_matching(transformer, ("no_such_module",)) == []
 
 
 def test_two_calls_per_step_keep_one_each_and_the_pipeline_stays_bitwise_stock():

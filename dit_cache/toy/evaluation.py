@@ -47,6 +47,19 @@ def image_error(run: GenerationRun, reference: GenerationRun) -> dict:
             "mean_psnr": float(psnr(per_image).mean()), "per_image_mse": per_image.tolist()}
 
 
+def plan_error(pipe, plan, prompts: list[str], seeds: list[int], reference: GenerationRun, batch_size: int = 8,
+               **call) -> dict:
+    """:func:`image_error` of ``pipe`` accelerated with ``plan`` (a ``CachePlan``) against ``reference``; the
+    pipeline is left stock again, also when the generation fails."""
+    from ..pipelines import accelerate, decelerate
+
+    accelerate(pipe, plan=plan)
+    try:
+        return image_error(generate(pipe, prompts, seeds, batch_size=batch_size, **call), reference)
+    finally:
+        decelerate(pipe)
+
+
 def prompt_set(num_objects: int, count: int, seed: int) -> list[str]:
     """``count`` captions with one or two objects, cycling through all concept combinations in a seeded order."""
     rng = np.random.default_rng(seed)
